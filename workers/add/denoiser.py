@@ -14,16 +14,18 @@ from workers.add.conditioning import Conditioning
 from workers.add.schedule import NoiseSchedule
 
 
+def is_diffusers_unet(net: nn.Module) -> bool:
+    return isinstance(net, (UNet2DModel, UNet2DConditionModel))
+
+
 def unet_inputs(unet: nn.Module, cond: Conditioning) -> dict:
-    """The keyword arguments ``unet`` takes for this conditioning, checked for what it needs."""
+    """The keyword arguments a diffusers UNet takes for this conditioning, checked for what it needs."""
     config = unet.config
-    if isinstance(unet, UNet2DModel) or config.get("_class_name") == "UNet2DModel":
+    if isinstance(unet, UNet2DModel):
         needs_labels = config.get("num_class_embeds") is not None or config.get("class_embed_type")
         if needs_labels and cond.class_labels is None:
             raise ValueError("this UNet2DModel is class-conditioned: Conditioning.class_labels is required")
         return {"class_labels": cond.class_labels if needs_labels else None}
-    if not isinstance(unet, UNet2DConditionModel) and config.get("_class_name") != "UNet2DConditionModel":
-        raise TypeError(f"unsupported denoiser {type(unet).__name__}: use UNet2DModel or UNet2DConditionModel")
     if cond.prompt_embeds is None:
         raise ValueError("UNet2DConditionModel needs Conditioning.prompt_embeds (encoder_hidden_states)")
     kwargs = {"encoder_hidden_states": cond.prompt_embeds, "class_labels": cond.class_labels}
@@ -35,7 +37,11 @@ def unet_inputs(unet: nn.Module, cond: Conditioning) -> dict:
 
 
 class Denoiser(nn.Module):
-    """A diffusers UNet plus its noise schedule, returning x0-estimates."""
+    """A diffusers UNet plus its noise schedule, returning x0-estimates.
+
+    Any other network that takes ``(x_t, t, cond)`` and returns a model output works too (the
+    toy problem's MLPs and its closed-form denoiser).
+    """
 
     def __init__(self, unet: nn.Module, schedule: NoiseSchedule):
         super().__init__()
@@ -45,6 +51,8 @@ class Denoiser(nn.Module):
     def model_output(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """The UNet's raw output (ε, v or x0, per the schedule's prediction type)."""
         t = t.to(x_t.device).reshape(-1).expand(x_t.shape[0])
+        if not is_diffusers_unet(self.unet):
+            return self.unet(x_t, t, cond)
         return self.unet(x_t, t, **unet_inputs(self.unet, cond), return_dict=False)[0]
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:

@@ -46,7 +46,8 @@ class Student(nn.Module):
 
     Full fine-tuning by default; with ``lora_rank`` only peft LoRA adapters train. Its schedule is
     its own: the teacher's betas rescaled to zero terminal SNR, so τ1 = T − 1 starts from pure
-    noise.
+    noise. ``network`` replaces the copy of the teacher's network where the teacher has none to
+    copy (the toy problem's closed-form teacher); ``prediction_type`` defaults to the teacher's.
     """
 
     def __init__(
@@ -54,15 +55,19 @@ class Student(nn.Module):
         teacher: Teacher,
         timesteps: list[int] | None = None,
         zero_terminal_snr: bool = True,
+        prediction_type: str | None = None,
+        network: nn.Module | None = None,
         lora_rank: int | None = None,
         lora_alpha: float | None = None,
         lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
     ):
         super().__init__()
-        schedule = NoiseSchedule.from_scheduler_config(teacher.scheduler_config, zero_terminal_snr=zero_terminal_snr)
+        schedule = NoiseSchedule.from_scheduler_config(
+            teacher.scheduler_config, zero_terminal_snr=zero_terminal_snr, prediction_type=prediction_type
+        )
         T = schedule.num_train_timesteps
         timesteps = student_timesteps(4, T) if timesteps is None else check_student_timesteps(list(timesteps), T)
-        unet = copy.deepcopy(teacher.unet)
+        unet = copy.deepcopy(teacher.unet if network is None else network)
         unet.requires_grad_(True)
         self.lora_rank = lora_rank
         if lora_rank is not None:

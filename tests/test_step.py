@@ -1,0 +1,138 @@
+"""The ADD step on tiny SD-style teachers: who gets gradients from which loss."""
+
+import pytest
+import torch
+
+from tests.tiny_models import PIXEL_SIZE, save_tiny_pixel_unet, save_tiny_sd, tiny_dinov2
+from workers.add.components import load_teacher
+from workers.add.discriminator import build_discriminator
+from workers.add.losses import DistillationLoss, R1Penalty
+from workers.add.step import ADDBatch, ADDModels, ADDObjective, discriminator_step, student_step
+from workers.add.student import Student
+
+B = 2
+
+
+@pytest.fixture(scope="module")
+def sd_teacher(tmp_path_factory):
+    return load_teacher(str(save_tiny_sd(tmp_path_factory.mktemp("sd") / "teacher")))
+
+
+def make(teacher, backbone="dinov2", lora_rank=None, image_conditioning=False):
+    student = Student(teacher, lora_rank=lora_rank)
+    if backbone == "dinov2":
+        D = build_discriminator(
+            "dinov2", cond_dim=teacher.prompt_encoder.pooled_dim, dinov2=tiny_dinov2(), resolution=32,
+            image_conditioning=image_conditioning,
+        )
+    else:
+        D = build_discriminator("teacher", cond_dim=teacher.prompt_encoder.pooled_dim, teacher=teacher)
+    models = ADDModels(student, teacher, D)
+    opt_g = torch.optim.SGD(student.trainable_parameters(), lr=0.0)  # lr 0: inspect gradients, keep weights
+    opt_d = torch.optim.SGD(D.trainable_parameters(), lr=0.0)
+    return models, opt_g, opt_d
+
+
+def batch_for(teacher):
+    pixels = torch.rand(B, 3, PIXEL_SIZE, PIXEL_SIZE) * 2 - 1
+    return ADDBatch.from_pixels(teacher, pixels, teacher.encode_prompts(["a photo of a sneaker", "a dress"]))
+
+
+def frozen_parameters(models):
+    teacher, D = models.teacher, models.discriminator
+    parts = {
+        "teacher unet": teacher.unet,
+        "text encoder": teacher.prompt_encoder,
+        "vae": teacher.codec,
+        "feature network": D.feature_network,
+    }
+    return {name: list(module.parameters()) for name, module in parts.items()}
+
+
+def has_grad(params):
+    return any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+@pytest.mark.parametrize("backbone", ["dinov2", "teacher"])
+@pytest.mark.parametrize(
+    "weights", [{}, {"lambda_distill": 0.0}, {"lambda_adv": 0.0}], ids=["both", "adversarial only", "distill only"]
+)
+def test_student_step_gradients(sd_teacher, backbone, weights):
+    models, opt_g, _ = make(sd_teacher, backbone)
+    objective = ADDObjective(**weights)
+    metrics, fake = student_step(models, objective, batch_for(sd_teacher), opt_g, torch.Generator().manual_seed(0))
+    # each loss alone reaches θ: the student's output is not detached on either path
+    assert has_grad(models.student.trainable_parameters())
+    for name, params in frozen_parameters(models).items():
+        assert all(p.grad is None for p in params), f"{name} got gradients"
+        assert all(not p.requires_grad for p in params), f"{name} is trainable"
+    assert not has_grad(models.discriminator.trainable_parameters()), "L_G must not update the heads"
+    assert not fake.requires_grad
+    assert {"loss/G_adv", "loss/distill", "grad_norm/student", "logits/fake_G"} <= metrics.keys()
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+
+
+def test_adversarial_gradient_is_the_discriminators(sd_teacher):
+    """With only L_G, the student's gradient changes when the heads change: it flows through D."""
+    models, opt_g, _ = make(sd_teacher)
+    batch = batch_for(sd_teacher)
+    grads = []
+    for _ in range(2):
+        student_step(models, ADDObjective(lambda_distill=0.0), batch, opt_g, torch.Generator().manual_seed(0))
+        grads.append(torch.cat([p.grad.flatten() for p in models.student.trainable_parameters()]))
+        with torch.no_grad():
+            for p in models.discriminator.trainable_parameters():
+                p.mul_(-1)
+    assert not torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("backbone", ["dinov2", "teacher"])
+def test_discriminator_step_updates_heads_only(sd_teacher, backbone):
+    models, opt_g, opt_d = make(sd_teacher, backbone, image_conditioning=backbone == "dinov2")
+    batch = batch_for(sd_teacher)
+    g = torch.Generator().manual_seed(0)
+    _, fake = student_step(models, ADDObjective(), batch, opt_g, g)
+    models.student.zero_grad(set_to_none=True)
+    objective = ADDObjective(r1=R1Penalty(gamma=1.0))
+    metrics = discriminator_step(models, objective, batch, fake, opt_d, step=0, generator=g)
+    assert has_grad(models.discriminator.trainable_parameters())
+    assert all(p.grad is None for p in models.student.parameters())
+    for name, params in frozen_parameters(models).items():
+        assert all(p.grad is None for p in params), f"{name} got gradients"
+    assert metrics["loss/R1"] > 0
+    assert {"loss/D_real", "loss/D_fake", "logits/real", "logits/fake", "grad_norm/discriminator"} <= metrics.keys()
+
+
+def test_lora_student_trains_adapters_only(sd_teacher):
+    models, opt_g, _ = make(sd_teacher, "teacher", lora_rank=4)
+    trainable = dict(models.student.named_parameters())
+    names = [n for n, p in trainable.items() if p.requires_grad]
+    assert names and all("lora" in n for n in names)
+    student_step(models, ADDObjective(), batch_for(sd_teacher), opt_g)
+    assert has_grad(models.student.trainable_parameters())
+    assert all(p.grad is None for n, p in trainable.items() if "lora" not in n)
+
+
+@pytest.mark.parametrize("weighting", ["exponential", "sds", "nfsd"])
+def test_pixel_teacher_step_runs_for_each_weighting(tmp_path, weighting):
+    teacher = load_teacher(str(save_tiny_pixel_unet(tmp_path / "t", conditioning="class")))
+    models, opt_g, opt_d = make(teacher, "teacher")
+    pixels = torch.rand(B, 3, PIXEL_SIZE, PIXEL_SIZE) * 2 - 1
+    batch = ADDBatch.from_pixels(teacher, pixels, teacher.encode_prompts([1, 7]))
+    objective = ADDObjective(distill=DistillationLoss(weighting))
+    metrics, fake = student_step(models, objective, batch, opt_g)
+    metrics |= discriminator_step(models, objective, batch, fake, opt_d, 0)
+    assert metrics["loss/distill"] > 0 and has_grad(models.student.trainable_parameters())
+
+
+def test_non_finite_loss_fails_with_the_values(sd_teacher):
+    models, opt_g, _ = make(sd_teacher, "teacher")
+    batch = batch_for(sd_teacher)
+    batch.x0[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite student loss"):
+        student_step(models, ADDObjective(), batch, opt_g)
+
+
+def test_unknown_distill_space_is_named():
+    with pytest.raises(ValueError, match="unknown distill_space 'rgb'.*pixel, latent"):
+        ADDObjective(distill_space="rgb")

@@ -1,0 +1,193 @@
+"""One ADD iteration: ``student_step()`` then ``discriminator_step()``.
+
+Numbered comments follow "One training iteration" in ADD_METHOD.md. Sections are labelled with
+``torch.profiler.record_function`` ("add/student", "add/teacher", "add/discriminator") so a
+profiler splits the step's time at no cost when none is running.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.profiler import record_function
+
+from workers.add.conditioning import Conditioning
+from workers.add.losses import DistillationLoss, HingeLoss, R1Penalty
+from workers.add.student import Student
+from workers.add.teacher import Teacher
+
+DISTILL_SPACES = ("pixel", "latent")
+
+
+@dataclass
+class ADDModels:
+    """θ, ψ and D = (F, D_φ,k)."""
+
+    student: Student
+    teacher: Teacher
+    discriminator: nn.Module
+
+
+@dataclass
+class ADDObjective:
+    """The loss terms of one iteration and how they are weighted (ADD §3)."""
+
+    distill: DistillationLoss = field(default_factory=DistillationLoss)
+    hinge: HingeLoss = field(default_factory=HingeLoss)
+    r1: R1Penalty = field(default_factory=R1Penalty)
+    lambda_distill: float = 2.5  # λ, the paper's value
+    lambda_adv: float = 1.0  # weight of L_G (ours: 0 gives the distillation-only ablation)
+    guidance_scale: float = 3.0  # teacher CFG scale for the distillation target (ours: not in the paper)
+    distill_space: str = "pixel"  # latent teachers: distance on decoded pixels (paper) or on latents
+    max_grad_norm: float | None = None  # clip θ and φ gradients to this total norm
+
+    def __post_init__(self):
+        if self.distill_space not in DISTILL_SPACES:
+            raise ValueError(f"unknown distill_space {self.distill_space!r}: allowed are {', '.join(DISTILL_SPACES)}")
+
+
+@dataclass
+class ADDBatch:
+    """Real data for one iteration: x0 in the model's space, the pixels, and the captions' c."""
+
+    x0: Tensor
+    pixels: Tensor
+    cond: Conditioning
+
+    @classmethod
+    def from_pixels(cls, teacher: Teacher, pixels: Tensor, cond: Conditioning) -> ADDBatch:
+        """Encode pixels in [-1, 1] to the teacher's latents when it has a VAE."""
+        if teacher.codec is None:
+            return cls(pixels, pixels, cond)
+        with torch.no_grad():
+            return cls(teacher.codec.encode(pixels), pixels, cond)
+
+
+def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(like.shape, generator=generator, device="cpu", dtype=torch.float32).to(like)
+
+
+def _to_pixels(teacher: Teacher, x: Tensor) -> Tensor:
+    return x if teacher.codec is None else teacher.codec.decode(x)
+
+
+def _discriminator_input(models: ADDModels, x: Tensor) -> Tensor:
+    """D sees decoded pixels when its feature network works on pixels (DINOv2), else model space."""
+    return _to_pixels(models.teacher, x) if models.discriminator.input_space == "pixel" else x
+
+
+def _real_for_discriminator(models: ADDModels, batch: ADDBatch) -> Tensor:
+    return batch.pixels if models.discriminator.input_space == "pixel" else batch.x0
+
+
+def _update(loss: Tensor, params: list[nn.Parameter], optimizer, max_grad_norm: float | None) -> float:
+    """Backpropagate into ``params`` only, clip, step; returns the gradient norm before clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward(inputs=params)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf)
+    optimizer.step()
+    return float(norm)
+
+
+def student_step(
+    models: ADDModels,
+    objective: ADDObjective,
+    batch: ADDBatch,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator | None = None,
+) -> tuple[dict[str, float], Tensor]:
+    """Update θ on L_G + λ·L_distill; returns metrics and sg(x̂θ) in D's input space."""
+    student, teacher, D = models.student, models.teacher, models.discriminator
+    x0, cond = batch.x0, batch.cond
+    with record_function("add/student"):
+        # 2. s ~ U(T_student)
+        s = student.sample_timesteps(x0.shape[0], generator).to(x0.device)
+        # 3. x_s = α_s·x0 + σ_s·ε with the student's own (zero-terminal-SNR) schedule
+        x_s = student.schedule.add_noise(x0, _randn(x0, generator), s)
+        # 4. x̂θ(x_s, s, c) as an x0-estimate; NOT detached: both losses must reach θ
+        x_hat_theta = student.denoise(x_s, s, cond)
+
+    with record_function("add/teacher"):
+        # 5. re-noise sg(x̂θ) to t ~ U(teacher timesteps) with fresh ε′; one teacher call
+        t = torch.randint(teacher.schedule.num_train_timesteps, (x0.shape[0],), generator=generator)
+        t = t.to(x0.device)
+        x_hat_theta_t = teacher.schedule.add_noise(x_hat_theta.detach(), _randn(x0, generator), t)
+        with torch.no_grad():
+            if objective.guidance_scale == 1.0 and objective.distill.weighting != "nfsd":
+                x0_cond = x0_uncond = teacher.denoise(x_hat_theta_t, t, cond)  # no guidance: one pass
+            else:
+                x0_cond, x0_uncond = teacher.denoise_cond_uncond(x_hat_theta_t, t, cond)
+            x_hat_psi = objective.distill.target(
+                x_hat_theta, x0_cond, x0_uncond, x_hat_theta_t, t, teacher.schedule, objective.guidance_scale
+            )
+        c_t = objective.distill.c(teacher.schedule, t, x0)
+        if objective.distill_space == "pixel" and teacher.codec is not None:
+            # the paper computes the distance on decoded pixels: "more stable gradients"
+            with torch.no_grad():
+                x_hat_psi = teacher.codec.decode(x_hat_psi)
+            l_distill = objective.distill(teacher.codec.decode(x_hat_theta), x_hat_psi, c_t)
+        else:
+            l_distill = objective.distill(x_hat_theta, x_hat_psi, c_t)
+
+    with record_function("add/discriminator"):
+        # 6. L_G = −Σ_k D_k(F_k(x̂θ), c): gradient flows through frozen F into x̂θ
+        fake = _discriminator_input(models, x_hat_theta)
+        fake_logits = D(fake, cond, x_real=_real_for_discriminator(models, batch), generator=generator)
+        l_g = objective.hinge.generator(fake_logits)
+
+    with record_function("add/student"):
+        # 7. update θ only: ψ, F and the heads get no gradient from this loss
+        loss = (objective.lambda_adv * l_g + objective.lambda_distill * l_distill).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite student loss: L_G={l_g.mean():.4g} L_distill={l_distill.mean():.4g}")
+        grad_norm = _update(loss, student.trainable_parameters(), optimizer, objective.max_grad_norm)
+
+    metrics = {
+        "loss/student": float(loss.detach()),
+        "loss/G_adv": float(l_g.detach().mean()),
+        "loss/distill": float(l_distill.detach().mean()),
+        "logits/fake_G": float(torch.stack([f.detach().mean() for f in fake_logits]).mean()),
+        "grad_norm/student": grad_norm,
+    }
+    return metrics, fake.detach()
+
+
+def discriminator_step(
+    models: ADDModels,
+    objective: ADDObjective,
+    batch: ADDBatch,
+    fake: Tensor,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """8. Update the heads φ on the hinge loss, plus γ·R1 at each head's input on lazy steps."""
+    D = models.discriminator
+    real = _real_for_discriminator(models, batch)
+    with record_function("add/discriminator"):
+        with torch.no_grad():  # F is frozen; R1 needs gradients at the heads' inputs only
+            feats_real, c_real = D.features(real, batch.cond, x_real=real, generator=generator)
+            feats_fake, c_fake = D.features(fake.detach(), batch.cond, x_real=real, generator=generator)
+        apply_r1 = objective.r1.due(step)
+        if apply_r1:
+            feats_real = [f.detach().requires_grad_(True) for f in feats_real]
+        real_logits = D.head_logits(feats_real, c_real)
+        fake_logits = D.head_logits(feats_fake, c_fake)
+        l_real, l_fake = objective.hinge.discriminator(real_logits, fake_logits)
+        r1 = objective.r1(feats_real, real_logits) if apply_r1 else torch.zeros_like(l_real)
+        loss = (l_real + l_fake + r1).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite discriminator loss: real={l_real.mean():.4g} fake={l_fake.mean():.4g}")
+        grad_norm = _update(loss, D.trainable_parameters(), optimizer, objective.max_grad_norm)
+    return {
+        "loss/D": float(loss.detach()),
+        "loss/D_real": float(l_real.detach().mean()),
+        "loss/D_fake": float(l_fake.detach().mean()),
+        "loss/R1": float(r1.detach().mean()),
+        "logits/real": float(torch.stack([r.detach().mean() for r in real_logits]).mean()),
+        "logits/fake": float(torch.stack([f.detach().mean() for f in fake_logits]).mean()),
+        "grad_norm/discriminator": grad_norm,
+    }

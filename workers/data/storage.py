@@ -1,0 +1,214 @@
+"""URI -> filesystem: one place that knows how to reach s3://, gs://, file:// and local paths.
+
+Every other data module asks ``resolve(uri)`` for a ``pyarrow.fs.FileSystem`` and a scheme-less
+path, so Ray Data readers (``filesystem=``), the shard writer and the reachability check all talk
+to storage the same way.
+
+Credentials never come from a job file. For S3 they come, in botocore's order, from the
+environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``), a named
+profile (``StorageOptions.profile`` or ``AWS_PROFILE``), the shared credentials/config files, or
+the instance/container role. The endpoint comes from ``StorageOptions.endpoint_url``, else
+``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``, else the profile's ``endpoint_url``; the
+region likewise from the options, ``AWS_REGION``/``AWS_DEFAULT_REGION`` or the profile.
+pyarrow is given the endpoint explicitly because some pyarrow versions ignore the environment.
+
+Errors raised here are ``StorageError``: they name the URI (with any ``user:password@`` part
+removed), pass through ``redact`` so that no credential value can appear, and are raised
+``from None`` so that an unredacted chained message is never logged either.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+
+__all__ = [
+    "StorageError",
+    "StorageOptions",
+    "check_reachable",
+    "display_uri",
+    "join_uri",
+    "list_files",
+    "redact",
+    "resolve",
+    "split_uri",
+]
+
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "GOOGLE_OAUTH_ACCESS_TOKEN")
+_known_secrets: set[str] = set()
+
+
+class StorageError(RuntimeError):
+    """Storage is unreachable, misconfigured or missing; the message names the URI, never a secret."""
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach object storage. Holds no credentials by design: those come from env or profile."""
+
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 (MinIO, moto); overrides the env vars
+    region: str | None = None  # S3 region; default from env/profile, else us-east-1
+    profile: str | None = None  # named AWS profile for credentials/region/endpoint
+    anonymous: bool = False  # unsigned requests (public buckets)
+    connect_timeout: float = 5.0  # seconds; small so an unreachable endpoint fails fast
+    request_timeout: float = 60.0  # seconds per request
+    max_attempts: int = 3  # S3 retry attempts per request
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``("s3", "bucket/key")``, ``("file", "/abs/path")``; a bare path is ``("file", abspath)``."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", uri):
+        parts = urlsplit(uri)
+        scheme = parts.scheme.lower()
+        if scheme == "file":
+            return "file", os.path.abspath(parts.netloc + parts.path if parts.netloc else parts.path)
+        # hostname drops any user:password@ and lower-cases; keep the bucket as written.
+        netloc = parts.netloc.rsplit("@", 1)[-1]
+        return scheme, (netloc + parts.path).rstrip("/")
+    return "file", os.path.abspath(os.path.expanduser(uri))
+
+
+def display_uri(uri: str) -> str:
+    """The URI as it may appear in messages: without any ``user:password@`` part."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1", uri)
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    """Join path components onto a URI or local path with ``/``."""
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def redact(text: str) -> str:
+    """Replace every credential value this process knows of with ``***``."""
+    secrets = set(_known_secrets)
+    secrets.update(v for k in _SECRET_ENV if (v := os.environ.get(k)))
+    for s in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
+        text = text.replace(s, "***")
+    return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@", r"\1", text)
+
+
+def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for ``uri`` and the path to pass to it (no scheme)."""
+    options = options or StorageOptions()
+    scheme, path = split_uri(uri)
+    if scheme == "file":
+        return pafs.LocalFileSystem(), path
+    if scheme in ("s3", "s3a"):
+        return _s3_filesystem(uri, options), path
+    if scheme in ("gs", "gcs"):
+        try:
+            import gcsfs  # noqa: F401  (optional dependency)
+        except ImportError:
+            raise StorageError(
+                f"{display_uri(uri)}: gs:// needs the gcsfs package (pip install gcsfs)"
+            ) from None
+    return _fsspec_filesystem(uri, scheme), path
+
+
+def _s3_filesystem(uri: str, options: StorageOptions) -> pafs.S3FileSystem:
+    import boto3
+    import botocore.exceptions
+
+    try:
+        session = boto3.Session(profile_name=options.profile) if options.profile else boto3.Session()
+        scoped = session._session.get_scoped_config()  # the active profile's section of ~/.aws/config
+    except botocore.exceptions.ProfileNotFound:
+        raise StorageError(f"{display_uri(uri)}: AWS profile {options.profile!r} not found") from None
+    endpoint = (
+        options.endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or scoped.get("endpoint_url")
+    )
+    region = options.region or session.region_name or "us-east-1"
+    kwargs: dict = dict(
+        region=region,
+        connect_timeout=options.connect_timeout,
+        request_timeout=options.request_timeout,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=options.max_attempts),
+        # Checked first, so that deleting a temporary shard leaves no empty "dir/" marker object.
+        check_directory_existence_before_creation=True,
+    )
+    if endpoint:
+        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs.update(endpoint_override=parts.netloc + parts.path.rstrip("/"), scheme=parts.scheme or "https")
+    if options.anonymous:
+        kwargs["anonymous"] = True
+    else:
+        creds = session.get_credentials()
+        if creds is not None:
+            frozen = creds.get_frozen_credentials()
+            _known_secrets.update(v for v in (frozen.access_key, frozen.secret_key, frozen.token) if v)
+            kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key)
+            if frozen.token:
+                kwargs["session_token"] = frozen.token
+    try:
+        return pafs.S3FileSystem(**kwargs)
+    except Exception as e:  # bad endpoint syntax and the like
+        raise StorageError(f"{display_uri(uri)}: cannot configure S3: {redact(str(e))}") from None
+
+
+def _fsspec_filesystem(uri: str, scheme: str) -> pafs.FileSystem:
+    import fsspec
+
+    try:
+        fs = fsspec.filesystem(scheme)
+    except (ImportError, ValueError) as e:
+        raise StorageError(
+            f"{display_uri(uri)}: unsupported storage scheme {scheme!r}: {redact(str(e))}"
+        ) from None
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def check_reachable(uri: str, options: StorageOptions | None = None, *, must_exist: bool = True) -> None:
+    """Fail with a ``StorageError`` naming ``uri`` unless its bucket (and, if asked, the path) exists."""
+    fs, path = resolve(uri, options)
+    shown = display_uri(uri)
+    scheme, _ = split_uri(uri)
+    try:
+        if scheme != "file":
+            bucket = path.split("/", 1)[0]
+            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise StorageError(f"{shown}: bucket {bucket!r} does not exist or is not accessible")
+        if must_exist and fs.get_file_info(path).type == pafs.FileType.NotFound:
+            raise StorageError(f"{shown}: nothing found at this location")
+    except StorageError:
+        raise
+    except Exception as e:
+        raise StorageError(f"{shown}: storage unreachable: {_hint(e)}") from None
+
+
+def list_files(uri: str, suffixes: tuple[str, ...], options: StorageOptions | None = None) -> list[str]:
+    """Scheme-less paths of the files under ``uri`` ending with one of ``suffixes``, sorted.
+
+    Names starting with ``_`` or ``.`` (temporary shards, manifests) are skipped.
+    """
+    fs, path = resolve(uri, options)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except FileNotFoundError:
+        raise StorageError(f"{display_uri(uri)}: nothing found at this location") from None
+    except Exception as e:
+        raise StorageError(f"{display_uri(uri)}: cannot list: {_hint(e)}") from None
+    return sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File
+        and i.base_name.endswith(suffixes)
+        and not i.base_name.startswith(("_", "."))
+    )
+
+
+def _hint(e: Exception) -> str:
+    msg = redact(str(e))
+    if "NETWORK_CONNECTION" in msg or "Could not connect" in msg or "curlCode" in msg:
+        return f"{msg} (check the endpoint: AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 and the network)"
+    if "NO_SUCH_BUCKET" in msg:
+        return f"{msg} (wrong bucket name?)"
+    if "ACCESS_DENIED" in msg or "InvalidAccessKeyId" in msg or "SignatureDoesNotMatch" in msg:
+        return f"{msg} (check the credentials in the environment or profile)"
+    return msg
