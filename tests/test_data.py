@@ -150,6 +150,16 @@ def test_s3_credentials_from_a_named_profile(s3_server, monkeypatch, tmp_path):
         resolve("s3://profbucket", StorageOptions(profile="nope"))
 
 
+def test_gs_without_its_package_is_a_clear_error():
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        with pytest.raises(StorageError, match=r"gs://bucket/x: gs:// needs the gcsfs package"):
+            resolve("gs://bucket/x")
+    else:
+        pytest.skip("gcsfs is installed")
+
+
 def _assert_no_secret(text: str, server) -> None:
     assert server.secret_key not in text
     assert server.access_key not in text
@@ -415,11 +425,31 @@ def test_epoch_order_is_a_pure_function_of_seed_and_epoch(ray_cluster, tmp_path,
     assert keys(seed=3, epoch=0, num_epochs=2) == first + other
 
 
+def test_streaming_split_gives_each_training_worker_a_disjoint_share(ray_cluster, tmp_path, ledger):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from workers.data.ingest import build_dataset
+
+    uri = str(tmp_path / "ds")
+    write_shards([(png(i), f"c{i}", 0) for i in range(64)], uri, rows_per_shard=8)
+    splits = build_dataset(uri, channels=1, batch_size=4, ledger=ledger).streaming_split(2, equal=True)
+
+    def consume(it) -> list[str]:  # both ranks must read in step, as Ray Train's workers do
+        return [k for batch in it.iter_batches(batch_size=4, batch_format="numpy") for k in batch["key"]]
+
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(consume, splits)
+    assert len(a) == len(b) == 32 and not set(a) & set(b)
+
+
 def _fake_encoder_factory(as_mapping: bool):
     """A picklable factory of a trivial text encoder: the embedding encodes each caption's length."""
 
     class FakeEncoder:
+        encoded: list[str] = []
+
         def encode(self, captions):
+            self.encoded.extend(captions)
             lengths = torch.tensor([float(len(c)) for c in captions])
             pooled = lengths[:, None].repeat(1, 4)
             if as_mapping:
@@ -432,14 +462,22 @@ def _fake_encoder_factory(as_mapping: bool):
     return FakeEncoder
 
 
-def test_caption_embedder_calls_the_encoder_from_its_factory():
+def test_caption_embedder_encodes_each_distinct_caption_once():
     from workers.data.ingest import CaptionEmbedder
 
-    embed = CaptionEmbedder(_fake_encoder_factory(as_mapping=True), device="cpu")
-    out = embed({"caption": np.array(["ab", "abcd"], dtype=object)})
+    factory = _fake_encoder_factory(as_mapping=True)
+    embed = CaptionEmbedder(factory, device="cpu")
+    out = embed({"caption": np.array(["ab", "abcd", "ab"], dtype=object)})
     assert out["text_embedding_pooled"].dtype == np.float32
-    np.testing.assert_array_equal(out["text_embedding_pooled"][:, 0], [2.0, 4.0])
-    assert out["text_embedding_prompt_embeds"].shape == (2, 3, 4)
+    np.testing.assert_array_equal(out["text_embedding_pooled"][:, 0], [2.0, 4.0, 2.0])
+    assert out["text_embedding_prompt_embeds"].shape == (3, 3, 4)
+    out = embed({"caption": np.array(["abcd", "abc"], dtype=object)})
+    np.testing.assert_array_equal(out["text_embedding_pooled"][:, 0], [4.0, 3.0])
+    assert factory.encoded == ["ab", "abcd", "abc"]
+
+    uncached = CaptionEmbedder(_fake_encoder_factory(as_mapping=False), cache_size=0, dtype="float16")
+    out = uncached({"caption": np.array(["ab", "ab"], dtype=object)})
+    assert out["text_embedding"].dtype == np.float16 and out["text_embedding"].shape == (2, 4)
 
 
 def test_caption_embeddings_in_an_actor_pool(ray_cluster, tmp_path, ledger):
@@ -469,7 +507,7 @@ def test_s3_ingest_end_to_end_without_credentials_in_logs(ray_cluster, s3_server
     assert sorted(batch["label"].tolist()) == sorted((np.arange(30) % 10).tolist())
     assert data_metrics(ledger)["data/records"] == 30
 
-    write_shards(bad_parquet_records(20), "s3://fmnist/bad")
+    write_shards(bad_parquet_records(30), "s3://fmnist/bad")
     with pytest.raises(BadRecordsError, match="shard s3://fmnist/bad/shard-00000.parquet: "):
         build_dataset("s3://fmnist/bad", channels=1, ledger=ledger).take_all()
 

@@ -10,12 +10,19 @@ from workers.add.student import Student, check_student_timesteps, student_timest
 from workers.add.teacher import Teacher
 from workers.add.toy import MLPDenoiser
 
-CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+}
 
 
 def test_alpha_sigma_match_hand_computed_scaled_linear_betas():
     s = NoiseSchedule.from_scheduler_config(CONFIG, prediction_type="epsilon")
-    betas = [(math.sqrt(0.00085) + i * (math.sqrt(0.012) - math.sqrt(0.00085)) / 999) ** 2 for i in range(1000)]
+    betas = [
+        (math.sqrt(0.00085) + i * (math.sqrt(0.012) - math.sqrt(0.00085)) / 999) ** 2 for i in range(1000)
+    ]
     alpha_bar_500 = math.prod(1 - b for b in betas[:501])
     x = torch.zeros(1, 1)
     assert s.alpha(torch.tensor([500]), x).item() == pytest.approx(math.sqrt(alpha_bar_500), rel=1e-5)

@@ -22,7 +22,10 @@ def make(teacher, backbone="dinov2", lora_rank=None, image_conditioning=False):
     student = Student(teacher, lora_rank=lora_rank)
     if backbone == "dinov2":
         D = build_discriminator(
-            "dinov2", cond_dim=teacher.prompt_encoder.pooled_dim, dinov2=tiny_dinov2(), resolution=32,
+            "dinov2",
+            cond_dim=teacher.prompt_encoder.pooled_dim,
+            dinov2=tiny_dinov2(),
+            resolution=32,
             image_conditioning=image_conditioning,
         )
     else:
@@ -55,12 +58,16 @@ def has_grad(params):
 
 @pytest.mark.parametrize("backbone", ["dinov2", "teacher"])
 @pytest.mark.parametrize(
-    "weights", [{}, {"lambda_distill": 0.0}, {"lambda_adv": 0.0}], ids=["both", "adversarial only", "distill only"]
+    "weights",
+    [{}, {"lambda_distill": 0.0}, {"lambda_adv": 0.0}],
+    ids=["both", "adversarial only", "distill only"],
 )
 def test_student_step_gradients(sd_teacher, backbone, weights):
     models, opt_g, _ = make(sd_teacher, backbone)
     objective = ADDObjective(**weights)
-    metrics, fake = student_step(models, objective, batch_for(sd_teacher), opt_g, torch.Generator().manual_seed(0))
+    metrics, fake = student_step(
+        models, objective, batch_for(sd_teacher), opt_g, torch.Generator().manual_seed(0)
+    )
     # each loss alone reaches θ: the student's output is not detached on either path
     assert has_grad(models.student.trainable_parameters())
     for name, params in frozen_parameters(models).items():
@@ -100,7 +107,13 @@ def test_discriminator_step_updates_heads_only(sd_teacher, backbone):
     for name, params in frozen_parameters(models).items():
         assert all(p.grad is None for p in params), f"{name} got gradients"
     assert metrics["loss/R1"] > 0
-    assert {"loss/D_real", "loss/D_fake", "logits/real", "logits/fake", "grad_norm/discriminator"} <= metrics.keys()
+    assert {
+        "loss/D_real",
+        "loss/D_fake",
+        "logits/real",
+        "logits/fake",
+        "grad_norm/discriminator",
+    } <= metrics.keys()
 
 
 def test_lora_student_trains_adapters_only(sd_teacher):

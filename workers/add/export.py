@@ -50,6 +50,7 @@ def student_scheduler(student: Student) -> LCMScheduler:
         clip_sample=False,
         set_alpha_to_one=True,
         timestep_spacing="trailing",
+        steps_offset=1,  # unused by LCM; SD pipelines warn about any other value
     )
 
 
@@ -62,7 +63,9 @@ def merged_unet(student: Student) -> torch.nn.Module:
     return unet.requires_grad_(False)
 
 
-def export_student(student: Student, teacher: Teacher, path: str | Path, metadata: dict | None = None) -> Path:
+def export_student(
+    student: Student, teacher: Teacher, path: str | Path, metadata: dict | None = None
+) -> Path:
     """Write the student to ``path`` atomically: a complete folder or none at all."""
     path = Path(path)
     if path.exists():
@@ -77,7 +80,11 @@ def export_student(student: Student, teacher: Teacher, path: str | Path, metadat
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         _save(unet, scheduler, teacher, tmp)
-        info = {"student_timesteps": student.timesteps.tolist(), "lora_rank": student.lora_rank, **(metadata or {})}
+        info = {
+            "student_timesteps": student.timesteps.tolist(),
+            "lora_rank": student.lora_rank,
+            **(metadata or {}),
+        }
         (tmp / STUDENT_FILE).write_text(json.dumps(info, indent=2))
         tmp.rename(path)
     except BaseException:
@@ -96,13 +103,26 @@ def _save(unet, scheduler: LCMScheduler, teacher: Teacher, folder: Path) -> None
     vae = codec.vae if codec is not None else None
     if isinstance(unet, UNet2DConditionModel) and isinstance(encoder, SDXLPromptEncoder) and vae is not None:
         StableDiffusionXLPipeline(
-            vae=vae, text_encoder=encoder.text_encoder, text_encoder_2=encoder.text_encoder_2,
-            tokenizer=encoder.tokenizers[0], tokenizer_2=encoder.tokenizers[1], unet=unet, scheduler=scheduler,
+            vae=vae,
+            text_encoder=encoder.text_encoder,
+            text_encoder_2=encoder.text_encoder_2,
+            tokenizer=encoder.tokenizers[0],
+            tokenizer_2=encoder.tokenizers[1],
+            unet=unet,
+            scheduler=scheduler,
         ).save_pretrained(folder)
-    elif isinstance(unet, UNet2DConditionModel) and isinstance(encoder, CLIPPromptEncoder) and vae is not None:
+    elif (
+        isinstance(unet, UNet2DConditionModel) and isinstance(encoder, CLIPPromptEncoder) and vae is not None
+    ):
         StableDiffusionPipeline(
-            vae=vae, text_encoder=encoder.text_encoder, tokenizer=encoder.tokenizer, unet=unet,
-            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=vae,
+            text_encoder=encoder.text_encoder,
+            tokenizer=encoder.tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         ).save_pretrained(folder)
     elif isinstance(unet, UNet2DModel) and encoder is None:
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
@@ -116,7 +136,9 @@ def _save(unet, scheduler: LCMScheduler, teacher: Teacher, folder: Path) -> None
             encoder.tokenizer.save_pretrained(folder / "tokenizer")
 
 
-def load_student(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Student, Teacher]:
+def load_student(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[Student, Teacher]:
     """Load an exported student for sampling; returns it with the frozen parts it needs."""
     path = Path(path)
     info_file = path / STUDENT_FILE

@@ -82,7 +82,9 @@ class DistillationLoss:
 
     def __post_init__(self):
         if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown distillation weighting {self.weighting!r}: allowed are {', '.join(WEIGHTINGS)}")
+            raise ValueError(
+                f"unknown distillation weighting {self.weighting!r}: allowed are {', '.join(WEIGHTINGS)}"
+            )
         if self.w not in ("uniform", "snr"):
             raise ValueError(f"unknown SDS w(t) {self.w!r}: allowed are uniform, snr")
 

@@ -32,7 +32,9 @@ def sampling_timesteps(student_timesteps: list[int], steps: int) -> list[int]:
     ``LCMScheduler`` picks them, so the exported pipeline samples exactly like this function."""
     n = len(student_timesteps)
     if not 1 <= steps <= n:
-        raise ValueError(f"the student samples in 1..{n} steps (its timesteps are {student_timesteps}), got {steps}")
+        raise ValueError(
+            f"the student samples in 1..{n} steps (its timesteps are {student_timesteps}), got {steps}"
+        )
     return list(student_timesteps[:: n // steps][:steps])
 
 

@@ -46,7 +46,9 @@ class ADDObjective:
 
     def __post_init__(self):
         if self.distill_space not in DISTILL_SPACES:
-            raise ValueError(f"unknown distill_space {self.distill_space!r}: allowed are {', '.join(DISTILL_SPACES)}")
+            raise ValueError(
+                f"unknown distill_space {self.distill_space!r}: allowed are {', '.join(DISTILL_SPACES)}"
+            )
 
 
 @dataclass
@@ -142,7 +144,9 @@ def student_step(
         # 7. update θ only: ψ, F and the heads get no gradient from this loss
         loss = (objective.lambda_adv * l_g + objective.lambda_distill * l_distill).mean()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite student loss: L_G={l_g.mean():.4g} L_distill={l_distill.mean():.4g}")
+            raise FloatingPointError(
+                f"non-finite student loss: L_G={l_g.mean():.4g} L_distill={l_distill.mean():.4g}"
+            )
         grad_norm = _update(loss, student.trainable_parameters(), optimizer, objective.max_grad_norm)
 
     metrics = {
@@ -180,7 +184,9 @@ def discriminator_step(
         r1 = objective.r1(feats_real, real_logits) if apply_r1 else torch.zeros_like(l_real)
         loss = (l_real + l_fake + r1).mean()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite discriminator loss: real={l_real.mean():.4g} fake={l_fake.mean():.4g}")
+            raise FloatingPointError(
+                f"non-finite discriminator loss: real={l_real.mean():.4g} fake={l_fake.mean():.4g}"
+            )
         grad_norm = _update(loss, D.trainable_parameters(), optimizer, objective.max_grad_norm)
     return {
         "loss/D": float(loss.detach()),

@@ -13,7 +13,16 @@ from workers.add.schedule import NoiseSchedule
 from workers.add.teacher import Teacher
 
 # Attention and feed-forward projections of diffusers UNets: where LoRA adapters go by default.
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+DEFAULT_LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+)
 
 
 def student_timesteps(n: int = 4, num_train_timesteps: int = 1000, spacing: str = "trailing") -> list[int]:
@@ -35,7 +44,9 @@ def check_student_timesteps(timesteps: list[int], num_train_timesteps: int) -> l
         raise ValueError("student timesteps must not be empty")
     bad = [t for t in timesteps if not isinstance(t, int) or not 0 <= t < num_train_timesteps]
     if bad:
-        raise ValueError(f"student timesteps {bad} out of range: each must be an integer in 0..{num_train_timesteps - 1}")
+        raise ValueError(
+            f"student timesteps {bad} out of range: each must be an integer in 0..{num_train_timesteps - 1}"
+        )
     if len(set(timesteps)) != len(timesteps):
         raise ValueError(f"student timesteps {timesteps} contain duplicates")
     return sorted(timesteps, reverse=True)
@@ -66,7 +77,9 @@ class Student(nn.Module):
             teacher.scheduler_config, zero_terminal_snr=zero_terminal_snr, prediction_type=prediction_type
         )
         T = schedule.num_train_timesteps
-        timesteps = student_timesteps(4, T) if timesteps is None else check_student_timesteps(list(timesteps), T)
+        timesteps = (
+            student_timesteps(4, T) if timesteps is None else check_student_timesteps(list(timesteps), T)
+        )
         unet = copy.deepcopy(teacher.unet if network is None else network)
         unet.requires_grad_(True)
         self.lora_rank = lora_rank

@@ -44,14 +44,16 @@ class GaussianMixture:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         k = torch.randint(len(self.means), (n,), generator=generator)
-        return (self.means[k] + self.std * torch.randn(n, 2, generator=generator, dtype=torch.float64)).float()
+        return (
+            self.means[k] + self.std * torch.randn(n, 2, generator=generator, dtype=torch.float64)
+        ).float()
 
 
 class ExactDenoiser(nn.Module):
     """E[x0 | x_t] of the mixture under x_t = α_t x0 + σ_t ε (a ``sample`` prediction).
 
-    Given component k: x_t ~ N(α μ_k, (α²s² + σ²) I) and E[x0 | x_t, k] = μ_k + α s² (x_t − α μ_k)/(α²s² + σ²);
-    the posterior over k weights these.
+    Given component k: x_t ~ N(α μ_k, (α²s² + σ²) I) and
+    E[x0 | x_t, k] = μ_k + α s² (x_t − α μ_k)/(α²s² + σ²); the posterior over k weights these.
     """
 
     def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule):
@@ -77,8 +79,13 @@ class MLPDenoiser(nn.Module):
         super().__init__()
         self.t_dim = t_dim
         self.net = nn.Sequential(
-            nn.Linear(2 + t_dim, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-            nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2),
+            nn.Linear(2 + t_dim, width),
+            nn.SiLU(),
+            nn.Linear(width, width),
+            nn.SiLU(),
+            nn.Linear(width, width),
+            nn.SiLU(),
+            nn.Linear(width, 2),
         )
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
@@ -140,7 +147,9 @@ def sliced_wasserstein(a: Tensor, b: Tensor, projections: int = 256, seed: int =
     return float((pa - pb).abs().mean())
 
 
-def pretrain(net: nn.Module, mixture: GaussianMixture, schedule: NoiseSchedule, steps: int, seed: int) -> nn.Module:
+def pretrain(
+    net: nn.Module, mixture: GaussianMixture, schedule: NoiseSchedule, steps: int, seed: int
+) -> nn.Module:
     """Ordinary diffusion training (x0-prediction MSE): the "pretrained model" the student starts from."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
@@ -156,13 +165,13 @@ def pretrain(net: nn.Module, mixture: GaussianMixture, schedule: NoiseSchedule, 
 
 
 def run_toy(
-    steps: int = 400,
+    steps: int = 600,
     batch_size: int = 256,
     seed: int = 0,
     n_eval: int = 2000,
     objective: ADDObjective | None = None,
-    lr_student: float = 1e-3,
-    lr_heads: float = 1e-3,
+    lr_student: float = 5e-4,
+    lr_heads: float = 2e-3,
 ) -> dict:
     """Distil the exact teacher into an MLP student with ADD; sliced W1 to the data per sampler."""
     torch.manual_seed(seed)
@@ -174,7 +183,7 @@ def run_toy(
     student = Student(teacher, network=net)
     models = ADDModels(student, teacher, ToyDiscriminator())
     objective = objective or ADDObjective(
-        distill=DistillationLoss("exponential"), r1=R1Penalty(gamma=1e-3), guidance_scale=1.0
+        distill=DistillationLoss("exponential"), r1=R1Penalty(gamma=0.1), guidance_scale=1.0
     )
     opt_g = torch.optim.Adam(student.trainable_parameters(), lr=lr_student, betas=(0.0, 0.99))
     opt_d = torch.optim.Adam(models.discriminator.trainable_parameters(), lr=lr_heads, betas=(0.0, 0.99))
@@ -195,7 +204,9 @@ def run_toy(
     results["student 1-step"] = distance(sample_student(student, None, shape, 1, _gen(seed)))
     results["student 4-step"] = distance(sample_student(student, None, shape, 4, _gen(seed)))
     for n in (1, 4, 50):
-        results[f"teacher DDIM {n}-step"] = distance(sample_teacher(teacher, None, shape, n, "ddim", 1.0, _gen(seed)))
+        results[f"teacher DDIM {n}-step"] = distance(
+            sample_teacher(teacher, None, shape, n, "ddim", 1.0, _gen(seed))
+        )
     results["data vs fresh data"] = distance(mixture.sample(n_eval, torch.Generator().manual_seed(seed + 2)))
     return {"sliced_w1": results, "history": history, "student": student, "teacher": teacher, "data": data}
 
@@ -207,10 +218,12 @@ def _gen(seed: int) -> torch.Generator:
 def main(argv=None) -> None:
     """Print the toy table and write a scatter plot of samples.
 
-    Example: python -m workers.add.toy --steps 400 --out results/toy
+    Example: python -m workers.add.toy --steps 600 --out results/toy
     """
-    parser = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400, help="ADD iterations")
+    parser = argparse.ArgumentParser(
+        description=main.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=600, help="ADD iterations")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--out", type=Path, default=Path("results/toy"), help="folder for samples.png")
     args = parser.parse_args(argv)
