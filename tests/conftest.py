@@ -15,3 +15,6 @@ torch.set_num_threads(1)  # the suite shares 2 cores with Ray workers and server
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+from tests.s3_server import moto_server, s3_server  # noqa: E402, F401  (S3 fixtures for every module)

@@ -45,7 +45,6 @@ from workers.data.storage import (
 )
 
 # The S3 fixtures, until tests/conftest.py imports them for every module.
-moto_server, s3_server = s3_fixtures.moto_server, s3_fixtures.s3_server
 
 # ---- helpers ------------------------------------------------------------------------------------
 
@@ -189,7 +188,7 @@ def test_unreachable_endpoint_is_a_clear_error_without_secrets(s3_server, monkey
         check_reachable(uri, StorageOptions(connect_timeout=1, max_attempts=1))
     message = str(err.value)
     assert time.monotonic() - start < 30
-    assert message.startswith("s3://somebucket/prefix: storage unreachable")
+    assert message.startswith("s3://somebucket/prefix (endpoint http://127.0.0.1:9): storage unreachable")
     assert "AWS_ENDPOINT_URL" in message
     assert err.value.__cause__ is None and err.value.__suppress_context__
     _assert_no_secret(message + caplog.text, s3_server)

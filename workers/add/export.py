@@ -73,8 +73,8 @@ def export_student(
     unet, scheduler = merged_unet(student), student_scheduler(student)
     if [int(t) for t in _scheduler_timesteps(scheduler)] != student.timesteps.tolist():
         raise ValueError(
-            f"student timesteps {student.timesteps.tolist()} are not trailing-spaced: LCMScheduler would sample "
-            "others; use trailing spacing to export"
+            f"student timesteps {student.timesteps.tolist()} are not trailing-spaced: LCMScheduler "
+            "would sample others; use trailing spacing to export"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

@@ -351,10 +351,14 @@ def _read_one_shard(fs, path: str, uri: str, name: str, epoch: int, cfg: DecodeC
     batches = 0
 
     def report(wait: bool = False) -> None:
-        if ledger is not None:
+        if ledger is None:
+            return
+        try:
             ref = ledger.record.remote(epoch, uri, good, bad)
             if wait:  # the final count is in the ledger before the shard's last rows are out
                 ray.get(ref)
+        except Exception as e:  # metrics must never fail the run
+            log.warning("record ledger unavailable (%s): counts of %s not recorded", type(e).__name__, uri)
 
     def check(total: int | None, final: bool) -> None:
         total = total if total is not None else (good + bad if final else None)

@@ -32,7 +32,6 @@ __all__ = [
     "check_reachable",
     "display_uri",
     "join_uri",
-    "list_files",
     "redact",
     "resolve",
     "split_uri",
@@ -109,7 +108,8 @@ def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileS
     return _fsspec_filesystem(uri, scheme), path
 
 
-def _s3_filesystem(uri: str, options: StorageOptions) -> pafs.S3FileSystem:
+def _s3_session(uri: str, options: StorageOptions):
+    """The boto3 session (credentials, region) and the endpoint URL for S3, or None for AWS itself."""
     import boto3
     import botocore.exceptions
 
@@ -124,14 +124,17 @@ def _s3_filesystem(uri: str, options: StorageOptions) -> pafs.S3FileSystem:
         or os.environ.get("AWS_ENDPOINT_URL")
         or scoped.get("endpoint_url")
     )
+    return session, endpoint
+
+
+def _s3_filesystem(uri: str, options: StorageOptions) -> pafs.S3FileSystem:
+    session, endpoint = _s3_session(uri, options)
     region = options.region or session.region_name or "us-east-1"
     kwargs: dict = dict(
         region=region,
         connect_timeout=options.connect_timeout,
         request_timeout=options.request_timeout,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=options.max_attempts),
-        # Checked first, so that deleting a temporary shard leaves no empty "dir/" marker object.
-        check_directory_existence_before_creation=True,
     )
     if endpoint:
         parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
@@ -166,9 +169,13 @@ def _fsspec_filesystem(uri: str, scheme: str) -> pafs.FileSystem:
 
 def check_reachable(uri: str, options: StorageOptions | None = None, *, must_exist: bool = True) -> None:
     """Fail with a ``StorageError`` naming ``uri`` unless its bucket (and, if asked, the path) exists."""
+    options = options or StorageOptions()
     fs, path = resolve(uri, options)
-    shown = display_uri(uri)
     scheme, _ = split_uri(uri)
+    shown = display_uri(uri)
+    if scheme in ("s3", "s3a"):
+        endpoint = _s3_session(uri, options)[1]
+        shown += f" (endpoint {display_uri(endpoint)})" if endpoint else " (AWS S3)"
     try:
         if scheme != "file":
             bucket = path.split("/", 1)[0]
@@ -180,27 +187,6 @@ def check_reachable(uri: str, options: StorageOptions | None = None, *, must_exi
         raise
     except Exception as e:
         raise StorageError(f"{shown}: storage unreachable: {_hint(e)}") from None
-
-
-def list_files(uri: str, suffixes: tuple[str, ...], options: StorageOptions | None = None) -> list[str]:
-    """Scheme-less paths of the files under ``uri`` ending with one of ``suffixes``, sorted.
-
-    Names starting with ``_`` or ``.`` (temporary shards, manifests) are skipped.
-    """
-    fs, path = resolve(uri, options)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    except FileNotFoundError:
-        raise StorageError(f"{display_uri(uri)}: nothing found at this location") from None
-    except Exception as e:
-        raise StorageError(f"{display_uri(uri)}: cannot list: {_hint(e)}") from None
-    return sorted(
-        i.path
-        for i in infos
-        if i.type == pafs.FileType.File
-        and i.base_name.endswith(suffixes)
-        and not i.base_name.startswith(("_", "."))
-    )
 
 
 def _hint(e: Exception) -> str:
