@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-import tests.s3_server as s3_fixtures
 from workers.data import shards as shards_module
 from workers.data.fashion_mnist import (
     FASHION_MNIST_CLASSES,
