@@ -47,7 +47,9 @@ class StudentSpec(Section):
 
 
 class DiscriminatorSpec(Section):
-    backbone: Literal["teacher", "dinov2"] = Field("teacher", description="frozen F: the teacher (LADD) or DINOv2 (ADD)")
+    backbone: Literal["teacher", "dinov2"] = Field(
+        "teacher", description="frozen F: the teacher (LADD) or DINOv2 (ADD)"
+    )
     dinov2: str = Field("facebook/dinov2-small", description="DINOv2 path or hub id (backbone: dinov2)")
     taps: list[int] | list[str] | None = Field(None, description="tapped layers (default: spread evenly)")
     cmap_dim: int = Field(64, ge=1, description="dimension of the projection-conditioning map")
