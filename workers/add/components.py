@@ -102,10 +102,30 @@ def _components(source: str, local: bool) -> tuple[set[str], dict]:
     return names, index
 
 
+TEXT_ENCODER_POINTER = "text_encoder.json"
+
+
+def _text_encoder_package(source: str, local: bool) -> str | None:
+    """The transformers folder named by ``text_encoder.json``: a text encoder too large to ship
+    with the teacher, installed as a Python package ({"package": ..., "subfolder": ...})."""
+    pointer = Path(source) / TEXT_ENCODER_POINTER
+    if not local or not pointer.is_file():
+        return None
+    from workers.diffusion.text_encoder import package_model_path
+
+    spec = json.loads(pointer.read_text())
+    return str(package_model_path(spec["package"], spec.get("subfolder", "model")))
+
+
 def _load(source: str, local: bool, prediction_type, resolution, dtype) -> Teacher:
     components, index = _components(source, local)
+    packaged = _text_encoder_package(source, local)
+    if packaged is not None:
+        components |= {"text_encoder", "tokenizer"}
 
     def load(cls, name: str, **kwargs):
+        if packaged is not None and name in ("text_encoder", "tokenizer"):
+            return cls.from_pretrained(packaged, local_files_only=True, **kwargs)
         return cls.from_pretrained(source, subfolder=name, local_files_only=local, **kwargs)
 
     def need(*names: str, why: str) -> None:
@@ -151,7 +171,11 @@ def _load(source: str, local: bool, prediction_type, resolution, dtype) -> Teach
         )
     else:
         need("text_encoder", "tokenizer", why="a UNet2DConditionModel")
-        text_config = AutoConfig.from_pretrained(source, subfolder="text_encoder", local_files_only=local)
+        text_config = (
+            AutoConfig.from_pretrained(packaged)
+            if packaged
+            else AutoConfig.from_pretrained(source, subfolder="text_encoder", local_files_only=local)
+        )
         if text_config.model_type.startswith("clip"):
             if class_embed is not None:
                 raise ValueError(

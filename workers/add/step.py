@@ -94,14 +94,17 @@ def _update(loss: Tensor, params: list[nn.Parameter], optimizer, max_grad_norm: 
     return float(norm)
 
 
-def student_step(
+def student_loss(
     models: ADDModels,
     objective: ADDObjective,
     batch: ADDBatch,
-    optimizer: torch.optim.Optimizer,
     generator: torch.Generator | None = None,
-) -> tuple[dict[str, float], Tensor]:
-    """Update θ on L_G + λ·L_distill; returns metrics and sg(x̂θ) in D's input space."""
+) -> tuple[Tensor, dict[str, float], Tensor]:
+    """Steps 2–6: L_G + λ·L_distill (a scalar, not yet backpropagated), its metrics, sg(x̂θ) in D's space.
+
+    ``student_step`` is this plus the update; a distributed loop calls it to accumulate gradients
+    over micro-batches and to agree across ranks on finiteness before anyone steps.
+    """
     student, teacher, D = models.student, models.teacher, models.discriminator
     x0, cond = batch.x0, batch.cond
     with record_function("add/student"):
@@ -140,23 +143,70 @@ def student_step(
         fake_logits = D(fake, cond, x_real=_real_for_discriminator(models, batch), generator=generator)
         l_g = objective.hinge.generator(fake_logits)
 
-    with record_function("add/student"):
-        # 7. update θ only: ψ, F and the heads get no gradient from this loss
-        loss = (objective.lambda_adv * l_g + objective.lambda_distill * l_distill).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite student loss: L_G={l_g.mean():.4g} L_distill={l_distill.mean():.4g}"
-            )
-        grad_norm = _update(loss, student.trainable_parameters(), optimizer, objective.max_grad_norm)
-
+    loss = (objective.lambda_adv * l_g + objective.lambda_distill * l_distill).mean()
     metrics = {
         "loss/student": float(loss.detach()),
         "loss/G_adv": float(l_g.detach().mean()),
         "loss/distill": float(l_distill.detach().mean()),
         "logits/fake_G": float(torch.stack([f.detach().mean() for f in fake_logits]).mean()),
-        "grad_norm/student": grad_norm,
     }
-    return metrics, fake.detach()
+    return loss, metrics, fake.detach()
+
+
+def student_step(
+    models: ADDModels,
+    objective: ADDObjective,
+    batch: ADDBatch,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator | None = None,
+) -> tuple[dict[str, float], Tensor]:
+    """Update θ on L_G + λ·L_distill; returns metrics and sg(x̂θ) in D's input space."""
+    loss, metrics, fake = student_loss(models, objective, batch, generator)
+    with record_function("add/student"):
+        # 7. update θ only: ψ, F and the heads get no gradient from this loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite student loss: L_G={metrics['loss/G_adv']:.4g} "
+                f"L_distill={metrics['loss/distill']:.4g}"
+            )
+        params = models.student.trainable_parameters()
+        metrics["grad_norm/student"] = _update(loss, params, optimizer, objective.max_grad_norm)
+    return metrics, fake
+
+
+def discriminator_loss(
+    models: ADDModels,
+    objective: ADDObjective,
+    batch: ADDBatch,
+    fake: Tensor,
+    step: int,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Step 8's loss: hinge on real and sg(fake), plus γ·R1 on lazy steps; not yet backpropagated."""
+    D = models.discriminator
+    real = _real_for_discriminator(models, batch)
+    with record_function("add/discriminator"):
+        with torch.no_grad():  # F is frozen; R1 needs gradients at the heads' inputs only
+            # one F call on [real; fake] (half the calls of two); the heads still see them apart
+            both = torch.cat([real, fake.detach()])
+            feats, c = D.features(both, Conditioning.cat([batch.cond, batch.cond]), torch.cat([real, real]), generator)
+        feats_real, feats_fake = zip(*(f.chunk(2) for f in feats), strict=True)
+        c_real, c_fake = c.chunk(2) if c is not None else (None, None)
+        apply_r1 = objective.r1.due(step)
+        feats_real = [f.detach().requires_grad_(apply_r1) for f in feats_real]
+        real_logits = D.head_logits(feats_real, c_real)
+        fake_logits = D.head_logits(list(feats_fake), c_fake)
+        l_real, l_fake = objective.hinge.discriminator(real_logits, fake_logits)
+        r1 = objective.r1(feats_real, real_logits) if apply_r1 else torch.zeros_like(l_real)
+        loss = (l_real + l_fake + r1).mean()
+    return loss, {
+        "loss/D": float(loss.detach()),
+        "loss/D_real": float(l_real.detach().mean()),
+        "loss/D_fake": float(l_fake.detach().mean()),
+        "loss/R1": float(r1.detach().mean()),
+        "logits/real": float(torch.stack([r.detach().mean() for r in real_logits]).mean()),
+        "logits/fake": float(torch.stack([f.detach().mean() for f in fake_logits]).mean()),
+    }
 
 
 def discriminator_step(
@@ -169,31 +219,13 @@ def discriminator_step(
     generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """8. Update the heads φ on the hinge loss, plus γ·R1 at each head's input on lazy steps."""
-    D = models.discriminator
-    real = _real_for_discriminator(models, batch)
+    loss, metrics = discriminator_loss(models, objective, batch, fake, step, generator)
     with record_function("add/discriminator"):
-        with torch.no_grad():  # F is frozen; R1 needs gradients at the heads' inputs only
-            feats_real, c_real = D.features(real, batch.cond, x_real=real, generator=generator)
-            feats_fake, c_fake = D.features(fake.detach(), batch.cond, x_real=real, generator=generator)
-        apply_r1 = objective.r1.due(step)
-        if apply_r1:
-            feats_real = [f.detach().requires_grad_(True) for f in feats_real]
-        real_logits = D.head_logits(feats_real, c_real)
-        fake_logits = D.head_logits(feats_fake, c_fake)
-        l_real, l_fake = objective.hinge.discriminator(real_logits, fake_logits)
-        r1 = objective.r1(feats_real, real_logits) if apply_r1 else torch.zeros_like(l_real)
-        loss = (l_real + l_fake + r1).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"non-finite discriminator loss: real={l_real.mean():.4g} fake={l_fake.mean():.4g}"
+                f"non-finite discriminator loss: real={metrics['loss/D_real']:.4g} "
+                f"fake={metrics['loss/D_fake']:.4g}"
             )
-        grad_norm = _update(loss, D.trainable_parameters(), optimizer, objective.max_grad_norm)
-    return {
-        "loss/D": float(loss.detach()),
-        "loss/D_real": float(l_real.detach().mean()),
-        "loss/D_fake": float(l_fake.detach().mean()),
-        "loss/R1": float(r1.detach().mean()),
-        "logits/real": float(torch.stack([r.detach().mean() for r in real_logits]).mean()),
-        "logits/fake": float(torch.stack([f.detach().mean() for f in fake_logits]).mean()),
-        "grad_norm/discriminator": grad_norm,
-    }
+        params = models.discriminator.trainable_parameters()
+        metrics["grad_norm/discriminator"] = _update(loss, params, optimizer, objective.max_grad_norm)
+    return metrics

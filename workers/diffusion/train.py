@@ -1,0 +1,214 @@
+"""Plain diffusion training of a caption-conditioned pixel UNet: the benchmark's teacher.
+
+x_t = α_t x0 + σ_t ε at t ~ U{0..T−1}; the UNet regresses its prediction type's target (v by
+default) given the caption's pooled sentence embedding, which is dropped for the empty caption
+with probability ``caption_dropout`` so classifier-free guidance works. An EMA of the weights is
+what gets exported. Checkpoints are atomic and every random draw is a pure function of
+(seed, step), so a resumed run continues exactly.
+
+Example (two to three hours on 2 CPU cores; resumable, run it in the background):
+    nohup python -m workers.diffusion.train --out runs/fashion-mnist-teacher --steps 5000 &
+    python -m workers.diffusion.train --out runs/fashion-mnist-teacher --export jobs/fashion-mnist/teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer
+
+from workers.add.schedule import NoiseSchedule
+from workers.add.text_encoders import SentencePromptEncoder
+from workers.data.fashion_mnist import caption_for, load_fashion_mnist, pad_image, train_caption_templates
+from workers.diffusion.text_encoder import MINILM_PACKAGE, package_model_path
+
+FASHION_MNIST_IDX = "/usr/share/datasets/fashion-mnist"
+
+# Cosine schedule, v-prediction: what BENCHMARK.md measured; ᾱ_T ≈ 0 without rescaling.
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "v_prediction",
+    "clip_sample": False,
+}
+
+
+def fashion_mnist_unet(embedding_dim: int = 384) -> UNet2DModel:
+    """1.4M parameters at 32×32, attention only at 8×8; the caption's pooled embedding is added to
+    the time embedding (``class_embed_type="identity"``), which is 3× cheaper than cross-attention."""
+    return UNet2DModel(
+        sample_size=32,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        class_embed_type="identity",
+        time_embedding_dim=embedding_dim,
+        norm_num_groups=8,
+        attention_head_dim=16,
+    )
+
+
+class CaptionTable:
+    """Pooled embeddings of every training caption (10 classes × templates) and of "", computed once."""
+
+    def __init__(self, encoder: SentencePromptEncoder, templates=train_caption_templates, num_classes: int = 10):
+        self.captions = [[caption_for(c, tpl) for tpl in templates] for c in range(num_classes)]
+        flat = [cap for row in self.captions for cap in row]
+        pooled = encoder.encode(flat).pooled
+        self.table = pooled.reshape(num_classes, len(templates), -1)
+        self.null = encoder.null(1).pooled[0]
+
+    def embed(self, labels: torch.Tensor, template_idx: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        emb = self.table[labels, template_idx]
+        return torch.where(drop[:, None], self.null.expand_as(emb), emb)
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(
+    out: Path,
+    steps: int,
+    batch_size: int = 128,
+    lr: float = 5e-4,
+    warmup: int = 200,
+    ema_decay: float = 0.999,
+    caption_dropout: float = 0.1,
+    checkpoint_every: int = 100,
+    seed: int = 0,
+    idx_dir: str = FASHION_MNIST_IDX,
+    bf16: bool = True,
+) -> dict:
+    """Train (or resume) to ``steps``; returns the final metrics. Checkpoint: out/checkpoint.pt."""
+    out.mkdir(parents=True, exist_ok=True)
+    images, labels = load_fashion_mnist(idx_dir, "train")
+    x_all = torch.from_numpy(np.stack([pad_image(im) for im in images])).float().div(127.5).sub(1)[:, None]
+    y_all = torch.from_numpy(labels)
+    encoder = minilm_encoder()
+    captions = CaptionTable(encoder)
+    schedule = NoiseSchedule.from_scheduler_config(SCHEDULER_CONFIG)
+    model = fashion_mnist_unet(encoder.pooled_dim)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    step, history = 0, []
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, history = state["step"], state["history"]
+        print(f"resumed from step {step}", flush=True)
+    config = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "ema_decay": ema_decay,
+              "caption_dropout": caption_dropout, "seed": seed, "bf16": bf16, "scheduler": SCHEDULER_CONFIG,
+              "unet_parameters": sum(p.numel() for p in model.parameters())}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    bar = tqdm(total=steps, initial=step, desc="teacher", mininterval=30)
+    start, losses = time.perf_counter(), []
+    while step < steps:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # the step's randomness: f(seed, step)
+        idx = torch.randint(len(x_all), (batch_size,), generator=g)
+        x0, y = x_all[idx], y_all[idx]
+        tpl = torch.randint(len(train_caption_templates), (batch_size,), generator=g)
+        drop = torch.rand(batch_size, generator=g) < caption_dropout
+        cond = captions.embed(y, tpl, drop)
+        t = torch.randint(schedule.num_train_timesteps, (batch_size,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        x_t = schedule.add_noise(x0, eps, t)
+        target = schedule.from_x0(x0, x_t, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pred = model(x_t, t, class_labels=cond).sample
+        loss = (pred.float() - target).square().mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; last checkpoint kept")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+                pe.lerp_(pm, 1 - ema_decay)
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        if step % checkpoint_every == 0 or step == steps:
+            elapsed = time.perf_counter() - start
+            history.append({"step": step, "loss": float(np.mean(losses)), "s_per_step": elapsed / len(losses)})
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+            _save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                          "sched": sched.state_dict(), "step": step, "history": history, "config": config}, ckpt_path)
+            (out / "history.json").write_text(json.dumps(history, indent=1))
+            start, losses = time.perf_counter(), []
+    bar.close()
+    return history[-1] if history else {}
+
+
+def minilm_encoder() -> SentencePromptEncoder:
+    """all-MiniLM-L6-v2 read the sentence-transformers way (mean-pooled, normalised)."""
+    path = package_model_path()
+    return SentencePromptEncoder(
+        AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path), as_class_labels=True, with_tokens=False
+    )
+
+
+def export(out: Path, folder: Path) -> Path:
+    """Write the EMA teacher as a diffusers folder: unet/, scheduler/, and text_encoder.json naming
+    the package that carries the text encoder (too large to ship)."""
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    model = fashion_mnist_unet()
+    model.load_state_dict(state["ema"])
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp / "unet")
+    DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(tmp / "scheduler")
+    (tmp / "text_encoder.json").write_text(json.dumps({"package": MINILM_PACKAGE, "subfolder": "model"}, indent=2))
+    (tmp / "training.json").write_text(json.dumps({"config": state["config"], "history": state["history"]}, indent=1))
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoint.pt, history.json)")
+    parser.add_argument("--steps", type=int, default=5000, help="total optimizer steps (default 5000)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--idx-dir", default=FASHION_MNIST_IDX, help="Fashion-MNIST idx files")
+    parser.add_argument("--export", type=Path, default=None, help="write the EMA teacher here instead of training")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.export:
+        print(export(args.out, args.export))
+        return
+    print(json.dumps(train(args.out, args.steps, args.batch_size, args.lr, seed=args.seed, idx_dir=args.idx_dir)))
+
+
+if __name__ == "__main__":
+    main()
