@@ -249,3 +249,12 @@ def test_errors_name_what_is_wrong():
     D, x = build("dinov2")
     with pytest.raises(ValueError, match="pooled of width 8"):
         D(x, conditioning(pooled=False))
+
+
+def test_dinov2_loads_from_a_saved_folder_and_names_a_missing_one(tmp_path):
+    tiny_dinov2().save_pretrained(tmp_path / "dinov2")
+    D = build_discriminator("dinov2", cond_dim=POOLED, dinov2=str(tmp_path / "dinov2"), resolution=32)
+    logits = D(torch.rand(B, 3, 16, 16) * 2 - 1, conditioning())
+    assert len(logits) == 5 and all(torch.isfinite(lg).all() for lg in logits)
+    with pytest.raises(FileNotFoundError, match="cannot load the DINOv2 feature network .*nowhere"):
+        build_discriminator("dinov2", cond_dim=POOLED, dinov2=str(tmp_path / "nowhere"))

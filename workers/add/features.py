@@ -72,7 +72,13 @@ class DinoV2Features(FeatureNetwork):
     ):
         super().__init__()
         if isinstance(model, str):  # a local directory or a hub id
-            model = Dinov2Model.from_pretrained(model)
+            try:
+                model = Dinov2Model.from_pretrained(model)
+            except OSError as err:
+                raise FileNotFoundError(
+                    f"cannot load the DINOv2 feature network {model!r}: not a local Dinov2Model folder, and as a "
+                    f"hub id not loadable here (offline or not cached?): {err}"
+                ) from err
         self.model = model
         config = model.config
         num_layers = config.num_hidden_layers
