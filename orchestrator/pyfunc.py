@@ -11,13 +11,17 @@ importable, as in the Ray image.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import mlflow
 import numpy as np
 import pandas as pd
 import torch
-
-import mlflow
 from mlflow.models import Model, ModelSignature, infer_signature
 from mlflow.models.model import ModelInfo
+from mlflow.tracking import MlflowClient, fluent
 
 ARTIFACT = "student"  # the key of the exported folder among the model's artifacts
 DEFAULT_PARAMS = {"num_inference_steps": 1, "seed": 0, "batch_size": 16}
@@ -70,7 +74,7 @@ def _prompts(model_input) -> list[str]:
         return [str(p) for p in model_input]
     if isinstance(model_input, str):
         return [model_input]
-    raise ValueError(f"prompts must be a DataFrame with a 'prompt' column or a list of strings, got {type(model_input)}")
+    raise ValueError(f"prompts: a DataFrame with a 'prompt' column or a list of strings, got {type(model_input)}")
 
 
 def student_signature(example_prompts: list[str]) -> tuple[ModelSignature, pd.DataFrame]:
@@ -80,12 +84,49 @@ def student_signature(example_prompts: list[str]) -> tuple[ModelSignature, pd.Da
     return infer_signature(example, output, params=DEFAULT_PARAMS), example
 
 
+@contextmanager
+def fluent_context(tracking_uri: str | None, experiment_id: str | None) -> Iterator[None]:
+    """MLflow's process-wide tracking URI and experiment set inside, restored exactly after (unset
+    stays unset): ``Model.log`` reads them, and logs the model to the fluent experiment, not its run's."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri, fluent._active_experiment_id)
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")}
+    if tracking_uri is not None:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    if experiment_id is not None:
+        fluent._active_experiment_id = experiment_id
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri, fluent._active_experiment_id = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def log_student_model(
-    run_id: str, export_dir: str, example_prompts: list[str], name: str = "student", tags: dict | None = None
+    run_id: str,
+    export_dir: str,
+    example_prompts: list[str],
+    name: str = "student",
+    tags: dict | None = None,
+    tracking_uri: str | None = None,
 ) -> ModelInfo:
     """Log the exported folder as a pyfunc model of run ``run_id`` (no active run needed); returns its ModelInfo."""
     signature, example = student_signature(example_prompts[:2] or ["0"])
+    experiment_id = MlflowClient(tracking_uri, tracking_uri).get_run(run_id).info.experiment_id
+    with fluent_context(tracking_uri, experiment_id):
+        return _log(run_id, export_dir, name, signature, example, tags)
+
+
+def _log(run_id, export_dir, name, signature, example, tags) -> ModelInfo:
     return Model.log(
+        None,  # artifact_path: superseded by name
         name=name,
         flavor=mlflow.pyfunc,
         run_id=run_id,

@@ -1,19 +1,64 @@
 """The job spec: a job YAML mapped onto typed models, one line of help per field.
 
 Unknown keys are errors; every error names the field's path, what was wrong and what is allowed
-(see ``orchestrator/errors.py`` for how they are reported). Secrets appear only as references
-``${env:NAME}``, resolved on the workers, never logged or stored.
+(``orchestrator/errors.py`` maps pydantic's errors onto paths). ``load_job(path, overrides)`` reads
+a file, applies ``--set key=value`` overrides and validates; ``JobSpec.model_json_schema()`` is what
+``addctl schema`` prints and what the README's job-file reference is generated from.
+
+Secrets appear only as references ``${env:NAME}``, and only where they are resolved: in ``env``,
+``storage.options`` and ``data.storage_options``. A reference is resolved on the workers
+(``resolve_secrets``; a submitted job's ``env`` travels as Ray ``${NAME}`` expansions, see
+``orchestrator/jobs.py``), so the value is never in the job file, the job's submission, a log or an
+MLflow run. Clear-text secrets (a secret-looking key with a literal value, a password inside a
+URI, an AWS key id or a private key anywhere) are rejected.
+
+Sections read by other modules: ``eval`` becomes ``workers.eval.EvalConfig`` (plus ``features``,
+``scorer``, ``clip_model``), ``promotion`` the ``orchestrator.promotion.Gates``, ``sweep`` the
+``orchestrator.sweep.SweepConfig``; field names match theirs one for one.
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
+import os
 import re
-from typing import Annotated, Literal
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from orchestrator.errors import CLEAR_SECRETS, JobSpecError, Problem, format_path, problems_from_validation
 
 SECRET_REF = re.compile(r"^\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}$")
-SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY)", re.IGNORECASE)
+SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY)", re.IGNORECASE)
+FACTORY_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ANY_REF = re.compile(r"\$\{env:")
+URI_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@")
+# Where ``${env:NAME}`` references are allowed (and resolved).
+REFERENCE_SECTIONS = ("env", "storage.options", "data.storage_options")
+# Keys of ``storage.options`` / ``data.storage_options`` (``workers.data.storage.StorageOptions``).
+STORAGE_OPTIONS = {
+    "endpoint_url": str,
+    "region": str,
+    "profile": str,
+    "anonymous": lambda v: {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[v.lower()],
+    "connect_timeout": float,
+    "request_timeout": float,
+    "max_attempts": int,
+}
 
 
 class Section(BaseModel):
@@ -22,12 +67,55 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SecretError(RuntimeError):
+    """A ``${env:NAME}`` reference whose variable is not set where it is resolved (names, never values)."""
+
+
 def check_secrets(values: dict[str, str], where: str) -> dict[str, str]:
     """Values under secret-looking names must be ``${env:NAME}`` references, never clear text."""
     for key, value in values.items():
         if SECRET_NAME.search(key) and not SECRET_REF.match(str(value)):
-            raise ValueError(f"{where}.{key} looks like a secret: give it as a reference like ${{env:{key.upper()}}}")
+            raise ValueError(
+                f"{where}.{key}: looks like a secret given in clear; give a reference to a variable set "
+                f"on the workers instead, e.g. ${{env:{key.upper()}}}"
+            )
     return values
+
+
+def scalars_as_strings(values):
+    """``{"max_attempts": 5, "anonymous": true}`` -> ``{"max_attempts": "5", "anonymous": "true"}``
+    (mappings of strings, written in YAML without quotes); anything else is left to validation."""
+    if not isinstance(values, Mapping):
+        return values
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, int | float):
+            value = str(value)
+        out[key] = value
+    return out
+
+
+def check_storage_options(values: dict[str, str], where: str) -> dict[str, str]:
+    """Only ``StorageOptions`` keys, with values of their type (or references); credentials go in ``env``."""
+    check_secrets(values, where)
+    for key, value in values.items():
+        if key not in STORAGE_OPTIONS:
+            raise ValueError(
+                f"{where}.{key}: unknown storage option; allowed: {', '.join(STORAGE_OPTIONS)} "
+                "(credentials go in `env:` as ${env:NAME} references, e.g. AWS_SECRET_ACCESS_KEY)"
+            )
+        if not SECRET_REF.match(value):
+            try:
+                STORAGE_OPTIONS[key](value)
+            except (KeyError, ValueError):
+                kind = "true or false" if key == "anonymous" else STORAGE_OPTIONS[key].__name__
+                raise ValueError(f"{where}.{key}: must be {kind}, got {value!r}") from None
+    return values
+
+
+# ---- the model's parts ----------------------------------------------------------------------------
 
 
 class TeacherSpec(Section):
@@ -44,6 +132,13 @@ class StudentSpec(Section):
     zero_terminal_snr: bool = Field(True, description="rescale the betas so τ1 = T−1 is pure noise")
     lora_rank: int | None = Field(None, ge=1, description="train LoRA adapters of this rank instead of the full UNet")
     lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha (default: the rank)")
+
+    @field_validator("timesteps")
+    @classmethod
+    def _timesteps_in_range(cls, v):
+        if v is not None and (not v or any(t < 0 or t > 999 for t in v) or v != sorted(set(v), reverse=True)):
+            raise ValueError(f"must be distinct timesteps in [0, 999], largest first (got {v})")
+        return v
 
 
 class DiscriminatorSpec(Section):
@@ -71,8 +166,11 @@ class LossSpec(Section):
     @model_validator(mode="after")
     def _some_loss(self):
         if self.lambda_distill == 0 and self.lambda_adv == 0:
-            raise ValueError("lambda_distill and lambda_adv are both 0: nothing to train")
+            raise ValueError("loss.lambda_adv: lambda_distill and lambda_adv are both 0: nothing to train")
         return self
+
+
+# ---- data, training, resources ----------------------------------------------------------------
 
 
 class DataSpec(Section):
@@ -83,14 +181,23 @@ class DataSpec(Section):
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="fail when more records than this are bad")
     shuffle_seed: int = Field(0, description="seed of the per-epoch file and local shuffles")
     local_shuffle_buffer: int = Field(256, ge=0, description="rows in Ray Data's local shuffle buffer")
-    storage_options: dict[str, str] = Field(
-        default_factory=dict, description="endpoint_url, region; credentials only as ${env:NAME}"
+    embed_captions: bool = Field(
+        False, description="encode captions in Ray Data (an actor pool, on GPUs if any), not on the training workers"
     )
+    storage_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="endpoint_url, region, profile, anonymous, timeouts, max_attempts; values may be ${env:NAME}",
+    )
+
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _unquoted(cls, v):
+        return scalars_as_strings(v)
 
     @field_validator("storage_options")
     @classmethod
-    def _no_clear_secrets(cls, v):
-        return check_secrets(v, "data.storage_options")
+    def _options(cls, v):
+        return check_storage_options(v, "data.storage_options")
 
 
 class TrainSpec(Section):
@@ -107,8 +214,16 @@ class TrainSpec(Section):
     seed: int = Field(0, description="seed of everything random")
     log_every: int = Field(10, ge=1, description="report metrics every this many steps")
     checkpoint_every: int = Field(100, ge=1, description="checkpoint every this many steps")
+    keep_checkpoints: int | None = Field(3, ge=1, description="checkpoints kept in storage (None: all)")
     sample_every: int = Field(200, ge=1, description="log a sample grid every this many steps")
     sample_prompts: list[str] = Field(default_factory=list, description="captions of the sample grids")
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, v):
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"each beta must be in [0, 1) (got {list(v)})")
+        return v
 
 
 class ResourcesSpec(Section):
@@ -122,38 +237,205 @@ class ResourcesSpec(Section):
 
 class StorageSpec(Section):
     uri: str = Field("runs", description="where checkpoints and exports go: a local folder or s3://bucket/prefix")
-    options: dict[str, str] = Field(default_factory=dict, description="endpoint_url, region; secrets as ${env:NAME}")
+    options: dict[str, str] = Field(
+        default_factory=dict, description="options of the storage (as data.storage_options); values may be ${env:NAME}"
+    )
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _unquoted(cls, v):
+        return scalars_as_strings(v)
 
     @field_validator("options")
     @classmethod
-    def _no_clear_secrets(cls, v):
-        return check_secrets(v, "storage.options")
+    def _options(cls, v):
+        return check_storage_options(v, "storage.options")
 
 
 class TrackingSpec(Section):
-    uri: str | None = Field(None, description="MLflow tracking URI (default: the embedded local store)")
-    experiment: str = Field("add", description="MLflow experiment")
-    model_name: str | None = Field(None, description="registered model name (default: the job's name)")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the embedded local store)"
+    )
+    experiment: str = Field("add", min_length=1, description="MLflow experiment")
+    model_name: str | None = Field(None, min_length=1, description="registered model name (default: the job's name)")
+
+
+# ---- evaluation, promotion, sweep -------------------------------------------------------------
+
+
+class EvalSpec(Section):
+    """The student against its teacher after training (``workers.eval.EvalConfig``); never used in training."""
+
+    prompts: list[str] = Field(
+        default_factory=list, description="eval prompts, held out from training (default: train.sample_prompts)"
+    )
+    images_per_prompt: int = Field(4, ge=1, description="samples per prompt and sampler for FID and alignment")
+    student_steps: int = Field(1, ge=1, le=1000, description="the student's sampling steps")
+    teacher_steps: int = Field(50, ge=1, le=1000, description="the teacher's reference sampler steps")
+    teacher_solver: Literal["ddim", "dpmpp"] = Field("ddim", description="the teacher's reference sampler")
+    guidance_scale: float = Field(5.0, ge=1, description="the teacher's classifier-free guidance scale")
+    batch_size: int = Field(32, ge=1, description="images per sampling call")
+    seed: int = Field(0, description="noise of both samplers (the same for student and teacher)")
+    speed_batch_size: int = Field(8, ge=1, description="images per timed call")
+    speed_warmup: int = Field(1, ge=0, description="untimed calls before timing")
+    speed_repeats: int = Field(3, ge=1, description="timed calls; the median counts")
+    features: str = Field("inception", description="FID feature network: inception, none, or package.module:factory")
+    scorer: str = Field("clip", description="prompt-alignment scorer: clip, none, or package.module:factory")
+    clip_model: str | None = Field(None, description="CLIP path or hub id (scorer: clip; default: ViT-B/32)")
+
+    @field_validator("features", "scorer")
+    @classmethod
+    def _named_or_factory(cls, v, info):
+        builtin = {"features": "inception", "scorer": "clip"}[info.field_name]
+        if v not in (builtin, "none") and not FACTORY_REF.match(v):
+            raise ValueError(f"must be {builtin}, none, or a factory as package.module:name (got {v!r})")
+        return v
+
+
+class PromotionSpec(Section):
+    """Gates a registered student must pass before ``addctl promote`` makes it the champion (null: gate off)."""
+
+    max_fid_ratio: float | None = Field(1.0, gt=0, description="student FID ≤ this × the teacher's FID")
+    alignment_margin: float | None = Field(0.0, ge=0, description="student alignment ≥ the teacher's − this")
+    min_speedup: float | None = Field(10.0, gt=0, description="teacher ms/image ÷ student ms/image ≥ this")
+
+
+class _Bounds(Section):
+    @staticmethod
+    def _ordered(v: tuple, positive: bool = False) -> tuple:
+        lo, hi = v
+        if not lo < hi:
+            raise ValueError(f"the lower bound must be below the upper one (got [{lo}, {hi}])")
+        if positive and lo <= 0:
+            raise ValueError(f"loguniform bounds must be > 0 (got [{lo}, {hi}])")
+        return v
+
+
+class ChoiceDomain(Section):
+    choice: list[Any] = Field(min_length=1, description="sample one of these values per trial")
+
+
+class GridDomain(Section):
+    grid: list[Any] = Field(min_length=1, description="run every value (times sweep.num_samples)")
+
+
+class UniformDomain(_Bounds):
+    uniform: tuple[float, float] = Field(description="a float drawn uniformly from [lo, hi]")
+
+    @field_validator("uniform")
+    @classmethod
+    def _check(cls, v):
+        return cls._ordered(v)
+
+
+class LogUniformDomain(_Bounds):
+    loguniform: tuple[float, float] = Field(description="a float drawn log-uniformly from [lo, hi], lo > 0")
+
+    @field_validator("loguniform")
+    @classmethod
+    def _check(cls, v):
+        return cls._ordered(v, positive=True)
+
+
+class RandIntDomain(_Bounds):
+    randint: tuple[int, int] = Field(description="an integer drawn uniformly from [lo, hi)")
+
+    @field_validator("randint")
+    @classmethod
+    def _check(cls, v):
+        return cls._ordered(v)
+
+
+DOMAINS = {
+    "choice": ChoiceDomain,
+    "grid": GridDomain,
+    "uniform": UniformDomain,
+    "loguniform": LogUniformDomain,
+    "randint": RandIntDomain,
+}
+
+
+def _domain_kind(value: Any) -> str | None:
+    if isinstance(value, BaseModel):
+        return next(iter(type(value).model_fields))
+    if isinstance(value, Mapping) and len(value) == 1 and next(iter(value)) in DOMAINS:
+        return next(iter(value))
+    return None
+
+
+Domain = Annotated[
+    Annotated[ChoiceDomain, Tag("choice")]
+    | Annotated[GridDomain, Tag("grid")]
+    | Annotated[UniformDomain, Tag("uniform")]
+    | Annotated[LogUniformDomain, Tag("loguniform")]
+    | Annotated[RandIntDomain, Tag("randint")],
+    Discriminator(
+        _domain_kind,
+        custom_error_type="search_domain",
+        custom_error_message=(
+            "a search domain is one key: {choice: [...]}, {grid: [...]}, {uniform: [lo, hi]}, "
+            "{loguniform: [lo, hi]} or {randint: [lo, hi]}"
+        ),
+    ),
+]
+
+
+class SweepSpec(Section):
+    """A Ray Tune search over spec fields (``orchestrator.sweep.SweepConfig``); the best trial is registered."""
+
+    search_space: dict[str, Domain] = Field(
+        min_length=1, description="dotted spec path -> {choice|grid: [...]} or {uniform|loguniform|randint: [lo, hi]}"
+    )
+    metric: str = Field("loss/distill", min_length=1, description="reported metric the trials are ranked by")
+    mode: Literal["min", "max"] = Field("min", description="whether the metric is better low (min) or high (max)")
+    num_samples: int = Field(4, ge=1, description="number of trials (each grid point runs this many times)")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="trials at once (default: as many as the cluster's CPUs and GPUs hold)"
+    )
+    scheduler: Literal["asha", "fifo"] | None = Field(
+        "asha", description="asha: stop poor trials early; fifo (or null): every trial runs to the end"
+    )
+    grace_period: int = Field(1, ge=1, description="ASHA: reports before a trial may be stopped")
+    reduction_factor: float = Field(2, gt=1, description="ASHA: keep 1/this of the trials at each rung")
+    max_t: int | None = Field(None, ge=1, description="ASHA: reports in a full run (default: from train.steps)")
+    seed: int | None = Field(0, description="seed of the random search (null: random)")
+    trial_cpus: float = Field(0.25, ge=0, description="CPUs of each trial's driver (it only waits on its trainer)")
+
+
+# ---- the job --------------------------------------------------------------------------------------
 
 
 class JobSpec(Section):
     """One ADD job: what to distil, on what data, with which resources, tracked where."""
 
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="job name (lowercase, - _ .)")]
-    teacher: TeacherSpec
-    student: StudentSpec = Field(default_factory=StudentSpec)
-    discriminator: DiscriminatorSpec = Field(default_factory=DiscriminatorSpec)
-    loss: LossSpec = Field(default_factory=LossSpec)
-    data: DataSpec
-    train: TrainSpec = Field(default_factory=TrainSpec)
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    storage: StorageSpec = Field(default_factory=StorageSpec)
-    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
-    env: dict[str, str] = Field(default_factory=dict, description="environment for the workers; secrets as ${env:NAME}")
+    teacher: TeacherSpec = Field(description="the pretrained diffusion model ψ to distil")
+    student: StudentSpec = Field(default_factory=StudentSpec, description="the student θ")
+    discriminator: DiscriminatorSpec = Field(default_factory=DiscriminatorSpec, description="D: frozen F + heads")
+    loss: LossSpec = Field(default_factory=LossSpec, description="the ADD objective")
+    data: DataSpec = Field(description="the image-caption shards")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="optimisation, logging and checkpoints")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Ray Train workers")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="checkpoints and exports")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="student against teacher after training")
+    promotion: PromotionSpec = Field(default_factory=PromotionSpec, description="gates for `addctl promote`")
+    sweep: SweepSpec | None = Field(None, description="optional Ray Tune sweep (default: a single run)")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="environment of the workers; secrets only as ${env:NAME} references"
+    )
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _unquoted(cls, v):
+        return scalars_as_strings(v)
 
     @field_validator("env")
     @classmethod
-    def _no_clear_secrets(cls, v):
+    def _env(cls, v):
+        for key in v:
+            if not ENV_NAME.match(key):
+                raise ValueError(f"env.{key}: not a valid environment variable name (letters, digits, _)")
         return check_secrets(v, "env")
 
     @model_validator(mode="after")
@@ -161,7 +443,293 @@ class JobSpec(Section):
         per_step = self.resources.num_workers * self.train.grad_accum
         if self.train.batch_size % per_step:
             raise ValueError(
-                f"train.batch_size {self.train.batch_size} must be a multiple of resources.num_workers × "
+                f"train.batch_size: {self.train.batch_size} must be a multiple of resources.num_workers × "
                 f"train.grad_accum = {per_step}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _no_clear_secrets(self):
+        for path, value in _strings(self.model_dump(mode="python", exclude={"sweep"})):
+            in_reference_section = any(path.startswith(s + ".") for s in REFERENCE_SECTIONS)
+            if ANY_REF.search(value) and not in_reference_section:
+                raise ValueError(
+                    f"{path}: ${{env:...}} references are resolved only in {', '.join(REFERENCE_SECTIONS)}; "
+                    "set the value there, or put it in the workers' environment"
+                )
+            if URI_PASSWORD.match(value):
+                raise ValueError(
+                    f"{path}: the URI holds a password in clear; put credentials in the environment "
+                    "(env: with ${env:NAME} references, or the variables the client reads)"
+                )
+            for pattern, what in CLEAR_SECRETS:
+                if pattern.search(value):
+                    raise ValueError(f"{path}: looks like {what} in clear; give it as a ${{env:NAME}} reference in env")
+        return self
+
+    @model_validator(mode="after")
+    def _sweep_paths(self):
+        if self.sweep is not None:
+            check_search_space(self)
+        return self
+
+
+def _strings(value, path: str = ""):
+    """(dotted path, value) of every string in a nested dump."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _strings(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from _strings(v, f"{path}[{i}]")
+    elif isinstance(value, str):
+        yield path, value
+
+
+# ---- sweeps: every swept path exists and every value it can take is valid ------------------------
+
+
+def sweepable_paths(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Dotted paths of the fields a sweep may vary: every leaf field but ``name``, ``sweep`` and mappings."""
+    model = model or JobSpec
+    paths = []
+    for name, field in model.model_fields.items():
+        if not prefix and name in ("name", "sweep", "env"):
+            continue
+        inner = field.annotation
+        if isinstance(inner, type) and issubclass(inner, Section):
+            paths += sweepable_paths(inner, f"{prefix}{name}.")
+        elif getattr(inner, "__origin__", None) is not dict:
+            paths.append(prefix + name)
+    return paths
+
+
+def check_search_space(spec: JobSpec) -> None:
+    """Raise a ``ValueError`` (path first) unless each swept path is a field and each value it can take is valid."""
+    allowed = sweepable_paths()
+    base = spec.model_dump(mode="python", exclude={"sweep"})
+    for path, domain in spec.sweep.search_space.items():
+        where = format_path(("sweep", "search_space", path))
+        if path not in allowed:
+            close = difflib.get_close_matches(path, allowed, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"{where}: {path!r} is not a field of the job spec that a sweep can vary{hint}")
+        kind = _domain_kind(domain)
+        values = getattr(domain, kind)
+        if kind in ("choice", "grid"):
+            candidates = [(f"{where}.{kind}[{i}]", v) for i, v in enumerate(values)]
+        elif kind == "randint":
+            candidates = [(f"{where}.randint", values[0]), (f"{where}.randint", values[1] - 1)]
+        else:  # a float anywhere in [lo, hi]: both ends and a non-integral point inside
+            lo, hi = values
+            inside = lo + (hi - lo) * 0.37
+            candidates = [(f"{where}.{kind}", lo), (f"{where}.{kind}", hi), (f"{where}.{kind}", inside)]
+        for at, value in candidates:
+            data = copy.deepcopy(base)
+            set_path(data, path, value)
+            try:
+                JobSpec.model_validate(data)
+            except ValidationError as err:
+                problems = problems_from_validation(err, JobSpec)
+                message = ([p for p in problems if p.path == path] or problems)[0].message
+                message = re.sub(r" \(got .*\)$", "", message)
+                if kind in ("uniform", "loguniform") and "integer" in message:
+                    message += " (a float domain over an integer field: use randint, choice or grid)"
+                raise ValueError(f"{at}: {value!r} is not a valid {path}: {message}") from None
+
+
+def set_path(data: dict, path: str, value: Any) -> None:
+    """Set a dotted ``path`` in a nested dict (creating sections as needed)."""
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[last] = value
+
+
+# ---- reading a job file ---------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that rejects duplicate keys (PyYAML silently keeps the last)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (each key once per section)", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def parse_yaml(text: str, source: str = "<job>") -> dict:
+    """A job file's text as a dict; YAML errors become a ``JobSpecError`` with line and column."""
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506  (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise JobSpecError([Problem("(yaml)", f"{where}{err.problem or err}")], source) from None
+    except yaml.YAMLError as err:
+        raise JobSpecError([Problem("(yaml)", str(err))], source) from None
+    if data is None:
+        raise JobSpecError(
+            [Problem("(root)", "the job file is empty; it needs at least name, teacher and data")], source
+        )
+    if not isinstance(data, dict):
+        raise JobSpecError(
+            [
+                Problem(
+                    "(root)",
+                    f"a job file is a mapping of sections (name, teacher, data, ...), not a {type(data).__name__}",
+                )
+            ],
+            source,
+        )
+    return data
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """``data`` with each ``KEY=VALUE`` override set (VALUE parsed as YAML: numbers, lists, null...).
+
+    KEY is a dotted path checked against the spec (``train.steps``, ``env.HF_HOME``,
+    ``sweep.search_space.loss.lambda_distill``: for a mapping the rest of the path is the key).
+    """
+    data = copy.deepcopy(data)
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(Problem(f"--set {item}", "expected KEY=VALUE, e.g. --set train.steps=100"))
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            problems.append(Problem(key, f"--set value {raw!r} is not valid YAML: {getattr(err, 'problem', err)}"))
+            continue
+        problem = _set_override(data, key, value)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise JobSpecError(problems, "--set")
+    return data
+
+
+def _set_override(data: dict, key: str, value: Any) -> Problem | None:
+    parts = key.split(".")
+    model: type[BaseModel] = JobSpec
+    node = data
+    for i, part in enumerate(parts):
+        path = ".".join(parts[: i + 1])
+        field = model.model_fields.get(part)
+        if field is None:
+            close = difflib.get_close_matches(part, list(model.model_fields), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            return Problem(path, f"unknown key in --set{hint}; allowed here: {', '.join(model.model_fields)}")
+        inner = _section_type(field.annotation)
+        last = i == len(parts) - 1
+        if last:
+            node[part] = value
+            return None
+        if inner is not None:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node, model = node[part], inner
+            continue
+        if getattr(_non_optional(field.annotation), "__origin__", None) is dict:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node[part][".".join(parts[i + 1 :])] = value
+            return None
+        return Problem(path, f"is a {_type_name(field.annotation)}, not a section: set {path}=VALUE")
+    return None
+
+
+def _non_optional(tp):
+    args = [a for a in getattr(tp, "__args__", ()) if a is not type(None)]
+    return args[0] if type(None) in getattr(tp, "__args__", ()) and len(args) == 1 else tp
+
+
+def _section_type(tp) -> type[BaseModel] | None:
+    tp = _non_optional(tp)
+    return tp if isinstance(tp, type) and issubclass(tp, Section) else None
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def validate_job(data: Mapping, source: str | None = None) -> JobSpec:
+    """A dict (a parsed job file) as a ``JobSpec``; any problem raises ``JobSpecError`` naming the fields."""
+    try:
+        return JobSpec.model_validate(dict(data))
+    except ValidationError as err:
+        raise JobSpecError(problems_from_validation(err, JobSpec), source) from None
+
+
+def load_job(path: str | os.PathLike, overrides: Sequence[str] = ()) -> JobSpec:
+    """Read, override (``--set KEY=VALUE``) and validate a job file; raises ``JobSpecError``."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise JobSpecError([Problem("(file)", f"no such job file: {source}")], source) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+        raise JobSpecError([Problem("(file)", f"cannot read the job file: {err.__class__.__name__}")], source) from None
+    return validate_job(apply_overrides(parse_yaml(text, source), overrides), source)
+
+
+def dump_job(spec: JobSpec) -> str:
+    """The job as YAML with every default filled in (references stay references): what a submitted job runs."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# ---- secrets: resolved on the workers only ----------------------------------------------------------
+
+
+def references(values: Mapping[str, str]) -> dict[str, str]:
+    """``{key: NAME}`` for each value of ``values`` that is a ``${env:NAME}`` reference."""
+    return {k: m[1] for k, v in values.items() if (m := SECRET_REF.match(str(v)))}
+
+
+def resolve_secrets(
+    values: Mapping[str, str], where: str = "env", environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """On a worker: ``values`` with each ``${env:NAME}`` replaced by that variable's value.
+
+    Raises ``SecretError`` naming the keys and variables (never a value) when one is not set.
+    Call it where the job runs, never on the client; do not log what it returns.
+    """
+    environ = os.environ if environ is None else environ
+    resolved, missing = {}, []
+    for key, value in values.items():
+        ref = SECRET_REF.match(str(value))
+        if ref is None:
+            resolved[key] = str(value)
+        elif ref[1] in environ:
+            resolved[key] = environ[ref[1]]
+        else:
+            missing.append(f"{where}.{key} -> ${{env:{ref[1]}}}")
+    if missing:
+        raise SecretError(
+            f"not set on this machine: {', '.join(missing)}; set the variable in the workers' environment "
+            "(a Kubernetes Secret, the environment of `ray start`, or your shell for `addctl run`)"
+        )
+    return resolved
+
+
+def apply_env(spec: JobSpec, environ: Mapping[str, str] | None = None) -> list[str]:
+    """On a worker: set the job's ``env`` (references resolved) in this process; returns the names set."""
+    resolved = resolve_secrets(spec.env, "env", environ)
+    os.environ.update(resolved)
+    return sorted(resolved)

@@ -175,3 +175,94 @@ def mlflow_tracking(mlflow_server: MlflowServer, monkeypatch) -> MlflowServer:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     return mlflow_server
+
+
+# ---- a tiny job for the controller and sweep tests -----------------------------------------------------
+
+TINY_CAPTIONS = ["a photo of a sneaker", "a black dress", "a white shirt", "a picture of a boot"]
+
+
+def tiny_job_files(folder: Path, records: int = 32) -> tuple[Path, Path]:
+    """A tiny SD teacher and a Parquet image-caption set of 16×16 images, written under ``folder``."""
+    import numpy as np
+
+    from tests.tiny_models import save_tiny_sd
+    from workers.data.shards import write_shards
+    from workers.eval.images import png_bytes
+
+    teacher, data = folder / "teacher", folder / "data"
+    if not teacher.exists():
+        save_tiny_sd(teacher)
+    if not data.exists():
+        rng = np.random.default_rng(0)
+        rows = [
+            (png_bytes((rng.random((16, 16, 3)) * 255).astype(np.uint8)), TINY_CAPTIONS[i % 4], i % 4)
+            for i in range(records)
+        ]
+        write_shards(rows, str(data), rows_per_shard=16)
+    return teacher, data
+
+
+def tiny_job(folder: Path, tracking_uri: str, name: str, **sections) -> dict:
+    """The job YAML (as a dict) of a 4-step ADD run on the tiny teacher: LADD discriminator (no download),
+    one worker, no FSDP, a report and a sample grid every step or two, evaluated with tiny stand-ins for
+    Inception and CLIP (``eval.features``/``eval.scorer`` factories). ``sections`` update it."""
+    teacher, data = tiny_job_files(folder)
+    job = {
+        "name": name,
+        "teacher": {"source": str(teacher)},
+        "data": {"uri": str(data), "resolution": 16, "channels": 3, "local_shuffle_buffer": 0},
+        "train": {
+            "steps": 4,
+            "batch_size": 4,
+            "log_every": 1,
+            "checkpoint_every": 4,
+            "sample_every": 2,
+            "sample_prompts": TINY_CAPTIONS[:2],
+            "keep_checkpoints": 1,
+        },
+        "resources": {"num_workers": 1, "cpus_per_worker": 1, "data_cpus": 1, "fsdp": False, "max_failures": 0},
+        "storage": {"uri": str(folder / "runs")},
+        "tracking": {"uri": tracking_uri, "experiment": name, "model_name": name},
+        "eval": {
+            "prompts": TINY_CAPTIONS[:2],
+            "images_per_prompt": 4,
+            "teacher_steps": 4,
+            "guidance_scale": 3.0,
+            "speed_batch_size": 4,
+            "features": "tests.mlflow_server:TinyFeatures",
+            "scorer": "tests.mlflow_server:brightness",
+        },
+        "promotion": {"max_fid_ratio": 1.5, "alignment_margin": 0.1, "min_speedup": 1.0},
+    }
+    for key, value in sections.items():
+        job[key] = {**job.get(key, {}), **value} if isinstance(value, dict) else value
+    return job
+
+
+class TinyFeatures:
+    """A fixed random conv net as the Fréchet feature space (Inception cannot be downloaded in tests)."""
+
+    def __init__(self):
+        import torch
+
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, 2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()
+        ).eval()
+
+    def __call__(self, images):
+        import torch
+
+        with torch.no_grad():
+            return self.net(images.expand(-1, 3, -1, -1))
+
+
+def brightness_scorer(images, prompts):
+    """A stand-in prompt scorer: mean brightness (any per-image score exercises the plumbing)."""
+    return images.mean(dim=(1, 2, 3))
+
+
+def brightness():
+    """The factory the job's ``eval.scorer`` names."""
+    return brightness_scorer

@@ -1,0 +1,679 @@
+"""``addctl``: the command line of the ADD service. Thin: parse, call the orchestrator, print, exit.
+
+Exit codes: 0 done; 1 failed (a job that failed, a cluster or server that refused or could not be
+reached, a promotion refused); 2 bad input (an invalid job file or override, a bad flag, an
+unknown model or job); 128 + N when a job run in the foreground was stopped by signal N.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from orchestrator.errors import JobSpecError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
+FASHION_MNIST_IDX = "/usr/share/datasets/fashion-mnist"
+
+
+class BadInput(click.ClickException):
+    """Input the user must fix: exit code 2."""
+
+    exit_code = 2
+
+
+class Failed(click.ClickException):
+    """Something outside the input failed: exit code 1."""
+
+    exit_code = 1
+
+
+def _load(job: str, overrides: tuple[str, ...]):
+    from orchestrator.spec import load_job
+
+    try:
+        return load_job(job, overrides)
+    except JobSpecError as err:
+        raise BadInput(str(err)) from None
+
+
+def _jobs_client(address: str | None):
+    from orchestrator.jobs import JobsClient
+
+    return JobsClient(address)
+
+
+@contextmanager
+def _ray_errors():
+    """Cluster errors as exit 1 with their message (which never holds a token); unknown jobs as exit 2."""
+    from orchestrator.jobs import RayJobsError
+
+    try:
+        yield
+    except RayJobsError as err:
+        text = str(err)
+        if "does not exist" in text or "404" in text:
+            raise BadInput(text) from None
+        raise Failed(text) from None
+
+
+@contextmanager
+def _spinner(label: str, enabled: bool = True):
+    """A progress line with the elapsed time for work whose length is not known in advance."""
+    if not enabled or not sys.stderr.isatty():
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    done = threading.Event()
+    bar = tqdm(desc=label, total=None, bar_format="{desc} {elapsed}", file=sys.stderr)
+
+    def tick():
+        while not done.wait(0.5):
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        bar.close()
+
+
+def _redact(text: str) -> str:
+    from workers.data.storage import redact
+
+    return redact(text)
+
+
+# ---- the group ------------------------------------------------------------------------------------
+
+
+@click.group(context_settings=CONTEXT)
+def main():
+    """Distil diffusion models with Adversarial Diffusion Distillation on Ray, tracked in MLflow.
+
+    \b
+    Examples:
+      addctl validate jobs/demo.yaml
+      addctl run jobs/demo.yaml --set train.steps=20            # embedded: local Ray, MLflow in ./runs
+      addctl stack up && source runs/stack/env.sh               # Ray head, MLflow server, S3 on 127.0.0.1
+      addctl submit jobs/demo.yaml --follow                     # to the Ray cluster at RAY_API_SERVER_ADDRESS
+      addctl models show demo && addctl promote demo 1
+      addctl generate models:/demo@champion -p "a sneaker" -o grid.png
+
+    Exit codes: 0 done, 1 failed, 2 bad input, 128+N stopped by signal N.
+    """
+
+
+# ---- the job file ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a field (repeatable)")
+@click.option("--print", "show", is_flag=True, help="print the resolved job (defaults filled in) as YAML")
+def validate(job, overrides, show):
+    """Check a job file: types, ranges, unknown keys, secrets, sweep paths. Exit 2 if invalid.
+
+    \b
+    Examples:
+      addctl validate jobs/demo.yaml
+      addctl validate jobs/sd15-laion.yaml --set resources.num_workers=4 --print
+    """
+    from orchestrator.spec import dump_job
+
+    spec = _load(job, overrides)
+    if show:
+        click.echo(dump_job(spec), nl=False)
+        return
+    r = spec.resources
+    sweep = f", sweep over {', '.join(spec.sweep.search_space)}" if spec.sweep else ""
+    click.echo(
+        f"{job}: valid job {spec.name!r}: teacher {spec.teacher.source}, {spec.train.steps} steps of "
+        f"{spec.train.batch_size} on {r.num_workers} worker(s) × {r.gpus_per_worker:g} GPU{sweep}"
+    )
+
+
+@main.command()
+@click.option(
+    "--format", "fmt", type=click.Choice(["json", "markdown"]), default="json", help="JSON Schema or the README table"
+)
+def schema(fmt):
+    """Print the job file's JSON Schema (for editors) or its Markdown reference.
+
+    \b
+    Examples:
+      addctl schema > job.schema.json     # e.g. "# yaml-language-server: $schema=job.schema.json"
+      addctl schema --format markdown     # the README's "Job file reference"
+    """
+    from orchestrator.reference import job_schema, reference_markdown
+
+    click.echo(json.dumps(job_schema(), indent=2) if fmt == "json" else reference_markdown(), nl=fmt == "json")
+
+
+# ---- running a job --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a field (repeatable)")
+@click.option("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+@click.option("--tracking-uri", default=None, help="MLflow (default: tracking.uri, MLFLOW_TRACKING_URI, ./runs)")
+@click.option("--storage", "storage_path", default=None, help="checkpoints and exports (default: storage.uri)")
+@click.option("--run-name", default=None, help="name of the MLflow parent run (default: the job's name)")
+@click.option("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: max(8, cores))")
+def run(job, overrides, address, tracking_uri, storage_path, run_name, num_cpus):
+    """Run a job in the foreground: train (or sweep), evaluate, register the student as `candidate`.
+
+    On the embedded default (a local Ray, MLflow in ./runs/mlflow.db, checkpoints in ./runs)
+    unless the job or the flags point elsewhere. Ctrl-C (or SIGTERM) ends the MLflow runs as KILLED.
+
+    \b
+    Examples:
+      addctl run jobs/demo.yaml
+      addctl run jobs/demo.yaml --set train.steps=50 --set loss.lambda_adv=0
+      addctl run jobs/sd15-laion.yaml --address auto --tracking-uri http://mlflow:5000
+    """
+    from orchestrator import embedded
+    from orchestrator.spec import SecretError, apply_env
+
+    spec = _load(job, overrides)
+    try:
+        apply_env(spec)  # here is where the job runs: references resolve from this environment
+    except SecretError as err:
+        raise BadInput(str(err)) from None
+    uri = embedded.tracking_uri(tracking_uri, spec.tracking.uri)
+    from orchestrator.controller import run_job
+    from orchestrator.tracking import JobStopped
+
+    embedded.ensure_experiment(uri, spec.tracking.experiment)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # MLflow's fluent calls (model logging) go where the runs go
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    r = spec.resources
+    trials = (spec.sweep.max_concurrent_trials or 1) if spec.sweep else 1
+    needed = math.ceil(trials * (r.num_workers * r.cpus_per_worker + r.data_cpus + 1))
+    cpus = num_cpus or max(8, os.cpu_count() or 1, needed)  # logical CPUs: more than cores is fine, fewer hangs
+    click.echo(f"job {spec.name}: {embedded.init_ray(address, cpus)}; MLflow at {uri}", err=True)
+    try:
+        result = run_job(spec, tracking_uri=uri, storage_path=storage_path, run_name=run_name)
+    except JobStopped as stopped:
+        click.echo(f"job {spec.name} {stopped}", err=True)
+        sys.exit(128 + stopped.signum)
+    except KeyboardInterrupt:
+        click.echo(f"job {spec.name} interrupted", err=True)
+        sys.exit(130)
+    except Exception as err:  # noqa: BLE001  (the controller has recorded it on the runs)
+        raise Failed(f"job {spec.name} failed: {_redact(f'{type(err).__name__}: {err}')}") from None
+    click.echo(json.dumps({k: v for k, v in vars(result).items()}, indent=2, default=str))
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a field (repeatable)")
+@click.option("--address", default=None, help="Ray dashboard URL (default: RAY_API_SERVER_ADDRESS, 127.0.0.1:8265)")
+@click.option("--tracking-uri", default=None, help="MLflow URI for the job (default: tracking.uri, then see below)")
+@click.option("--storage", "storage_path", default=None, help="checkpoints and exports (default: storage.uri)")
+@click.option("--follow", is_flag=True, help="stream the job's log until it ends; exit with its outcome")
+@click.option("--wait", is_flag=True, help="wait until the job ends (a status line); exit with its outcome")
+def submit(job, overrides, address, tracking_uri, storage_path, follow, wait):
+    """Submit a job to a Ray cluster through the Ray Jobs API; prints the submission id.
+
+    The validated job (secrets still ${env:NAME} references) and this checkout's code travel as the
+    job's runtime environment; the job's env references are expanded by Ray on the workers from
+    the cluster's own environment. Without --tracking-uri or tracking.uri the job tracks to
+    MLFLOW_TRACKING_URI when set here, else (a cluster on this machine) to ./runs/mlflow.db.
+    The token is looked for in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token.
+
+    \b
+    Examples:
+      addctl submit jobs/demo.yaml --address http://127.0.0.1:8265 --follow
+      addctl submit jobs/sdxl-laion.yaml --address https://ray.example.com --set train.steps=20000
+    """
+    from orchestrator import embedded
+    from orchestrator.jobs import is_loopback, localize_paths, resolve_address
+
+    spec = _load(job, overrides)
+    address = resolve_address(address)
+    local = is_loopback(address)
+    if local:
+        spec = localize_paths(spec)
+    else:
+        for field, uri in (("data.uri", spec.data.uri), ("storage.uri", spec.storage.uri)):
+            if "://" not in uri:
+                click.echo(f"warning: {field} {uri!r} is a path: the cluster reads it on its own disks", err=True)
+    run_args, env = [], {}
+    uri = tracking_uri or spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None and local:
+        uri = embedded.embedded_tracking_uri()
+        env[embedded.HOME_ENV] = str(embedded.home())
+    if uri and not spec.tracking.uri:
+        run_args += ["--tracking-uri", uri]
+    if storage_path:
+        run_args += ["--storage", storage_path]
+    client = _jobs_client(address)
+    with _ray_errors():
+        job_id = client.submit(spec, run_args=run_args, extra_env=env)
+    click.echo(job_id)
+    click.echo(f"submitted to {address}: addctl status {job_id} | logs {job_id} --follow | stop {job_id}", err=True)
+    if follow or wait:
+        with _ray_errors():
+            if follow:
+                for chunk in client.follow(job_id):
+                    click.echo(chunk, nl=False)
+            info = _wait_for(client, job_id, show=not follow)
+        click.echo(f"job {job_id}: {info.status} {info.message}".rstrip(), err=True)
+        sys.exit(0 if info.status == "SUCCEEDED" else 1)
+
+
+def _wait_for(client, job_id: str, show: bool = True, timeout_s: float | None = None):
+    if not show or not sys.stderr.isatty():
+        return client.wait(job_id, timeout_s=timeout_s)
+    from tqdm.auto import tqdm
+
+    with tqdm(desc=job_id, total=None, bar_format="{desc}: {postfix} {elapsed}", file=sys.stderr) as bar:
+        return client.wait(job_id, timeout_s=timeout_s, on_status=lambda i: bar.set_postfix_str(i.status))
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--address", default=None, help="Ray dashboard URL (default: RAY_API_SERVER_ADDRESS, 127.0.0.1:8265)")
+@click.option("--json", "as_json", is_flag=True, help="print as JSON")
+def status(job_id, address, as_json):
+    """Show a submitted job's status.
+
+    \b
+    Example:
+      addctl status add-demo-1a2b3c4d
+    """
+    with _ray_errors():
+        info = _jobs_client(address).info(job_id)
+    if as_json:
+        click.echo(json.dumps(vars(info), indent=2))
+        return
+    click.echo(f"{info.submission_id}: {info.status}")
+    for label, value in (("job", info.job_name), ("message", info.message), ("entrypoint", info.entrypoint)):
+        if value:
+            click.echo(f"  {label}: {value}")
+    for label, value in (("started", info.start_time), ("ended", info.end_time)):
+        if value:
+            click.echo(f"  {label}: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(value))}")
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--address", default=None, help="Ray dashboard URL (default: RAY_API_SERVER_ADDRESS, 127.0.0.1:8265)")
+@click.option("--follow", "-f", is_flag=True, help="keep streaming until the job ends")
+def logs(job_id, address, follow):
+    """Print a submitted job's log (the driver's output).
+
+    \b
+    Examples:
+      addctl logs add-demo-1a2b3c4d
+      addctl logs add-demo-1a2b3c4d --follow
+    """
+    client = _jobs_client(address)
+    with _ray_errors():
+        if follow:
+            for chunk in client.follow(job_id):
+                click.echo(chunk, nl=False)
+        else:
+            click.echo(client.logs(job_id), nl=False)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--address", default=None, help="Ray dashboard URL (default: RAY_API_SERVER_ADDRESS, 127.0.0.1:8265)")
+@click.option("--wait/--no-wait", default=True, help="wait until the job has stopped")
+@click.option("--timeout", type=float, default=60, help="seconds to wait")
+@click.option("--tracking-uri", default=None, help="also end the job's MLflow runs still RUNNING as KILLED there")
+def stop(job_id, address, wait, timeout, tracking_uri):
+    """Stop a submitted job (SIGTERM to its driver, which ends its MLflow runs as KILLED).
+
+    \b
+    Example:
+      addctl stop add-demo-1a2b3c4d
+    """
+    client = _jobs_client(address)
+    with _ray_errors():
+        client.info(job_id)
+        asked = client.stop(job_id)
+        info = _wait_for(client, job_id, timeout_s=timeout) if wait else client.info(job_id)
+    if tracking_uri:  # runs whose driver was SIGKILLed before it could end them
+        from orchestrator.controller import mark_stopped
+
+        ended = mark_stopped(tracking_uri, submission_id=job_id)
+        if ended:
+            click.echo(f"ended {len(ended)} MLflow run(s) still running as KILLED", err=True)
+    state = "stop requested" if asked else "was not running"
+    click.echo(f"{job_id}: {state}; now {info.status}")
+    if wait and info.status not in ("STOPPED", "SUCCEEDED", "FAILED"):
+        raise Failed(f"{job_id} still {info.status} after {timeout:g} s")
+
+
+@main.command(name="list")
+@click.option("--address", default=None, help="Ray dashboard URL (default: RAY_API_SERVER_ADDRESS, 127.0.0.1:8265)")
+@click.option("--json", "as_json", is_flag=True, help="print as JSON")
+def list_jobs(address, as_json):
+    """List the cluster's jobs, oldest first.
+
+    \b
+    Example:
+      addctl list --address http://127.0.0.1:8265
+    """
+    with _ray_errors():
+        jobs = _jobs_client(address).list()
+    if as_json:
+        click.echo(json.dumps([vars(j) for j in jobs], indent=2))
+        return
+    for j in jobs:
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(j.start_time)) if j.start_time else "-"
+        click.echo(f"{j.submission_id:40} {j.status:10} {started:16} {j.job_name or j.entrypoint[:40]}")
+
+
+# ---- the registry ---------------------------------------------------------------------------------
+
+
+def _client(tracking_uri: str | None):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import embedded
+
+    uri = embedded.tracking_uri(tracking_uri)
+    if uri == embedded.embedded_tracking_uri() and not (embedded.home() / "mlflow.db").exists():
+        raise BadInput(f"no MLflow store at {uri}: run a job first, or give --tracking-uri / MLFLOW_TRACKING_URI")
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+TRACKING = click.option(
+    "--tracking-uri", default=None, help="MLflow (default: MLFLOW_TRACKING_URI, else ./runs/mlflow.db)"
+)
+
+
+@main.group()
+def models():
+    """Registered students: their versions, aliases (candidate, champion) and evaluations."""
+
+
+@models.command(name="list")
+@TRACKING
+def models_list(tracking_uri):
+    """List registered models with their aliases.
+
+    \b
+    Example:
+      addctl models list
+    """
+    from orchestrator.registry import LOCK_SUFFIX
+
+    client, _ = _client(tracking_uri)
+    for model in client.search_registered_models(max_results=1000):
+        if model.name.endswith(LOCK_SUFFIX):
+            continue
+        aliases = ", ".join(f"{a}={v}" for a, v in sorted(model.aliases.items())) or "no aliases"
+        latest = max((int(v.version) for v in model.latest_versions or []), default=0)
+        click.echo(f"{model.name:30} latest v{latest}  {aliases}")
+
+
+@models.command(name="show")
+@click.argument("name")
+@click.argument("version", required=False)
+@TRACKING
+def models_show(name, version, tracking_uri):
+    """Show a model's versions (or one version with its evaluation and gate tags).
+
+    \b
+    Examples:
+      addctl models show demo
+      addctl models show demo 3
+    """
+    from mlflow.exceptions import MlflowException
+
+    client, _ = _client(tracking_uri)
+    try:
+        model = client.get_registered_model(name)
+        by_version = {}
+        for alias, v in model.aliases.items():
+            by_version.setdefault(str(v), []).append(alias)
+        if version is None:
+            for mv in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
+                aliases = ",".join(by_version.get(str(mv.version), []))
+                fid = mv.tags.get("eval/student_fid", "-")
+                click.echo(f"v{mv.version:<4} {mv.status:8} run {mv.run_id}  fid {fid:>8}  {aliases}")
+            return
+        mv = client.get_model_version(name, version)
+    except MlflowException as err:
+        raise BadInput(f"{name}{f' v{version}' if version else ''}: {err.message}") from None
+    click.echo(f"{name} v{mv.version} ({', '.join(by_version.get(str(mv.version), [])) or 'no alias'})")
+    click.echo(f"  source: {mv.source}\n  run: {mv.run_id}")
+    for key in sorted(mv.tags):
+        click.echo(f"  {key}: {mv.tags[key]}")
+
+
+@main.command()
+@click.argument("name")
+@click.argument("version")
+@click.option("--force", is_flag=True, help="promote even if a gate fails (needs --reason)")
+@click.option("--reason", default=None, help="why, recorded on the version (required with --force)")
+@TRACKING
+def promote(name, version, force, reason, tracking_uri):
+    """Move the alias `champion` to VERSION if its evaluation passes the job's gates.
+
+    \b
+    Examples:
+      addctl promote demo 3
+      addctl promote demo 3 --force --reason "FID gate off by 0.2, approved by the team"
+    """
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.promotion import PromotionRefused
+    from orchestrator.promotion import promote as do_promote
+
+    if force and not (reason or "").strip():
+        raise BadInput("--force needs --reason: it is recorded on the version")
+    client, _ = _client(tracking_uri)
+    try:
+        done = do_promote(name, version, force=force, reason=reason, client=client)
+    except PromotionRefused as err:
+        raise Failed(str(err)) from None
+    except MlflowException as err:
+        raise BadInput(f"{name} v{version}: {err.message}") from None
+    for gate in done.gates:
+        click.echo(f"  {gate.name}: {gate.outcome} ({gate.detail})")
+    replaced = f" (was v{done.previous})" if done.previous else ""
+    click.echo(f"{name} v{done.version} is champion{replaced}{' [forced]' if done.forced else ''}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--prompt", "-p", "prompts", multiple=True, help="a prompt (repeatable)")
+@click.option("--prompts-file", type=click.File(), default=None, help="one prompt per line")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default="grid.png", help="the PNG grid to write")
+@click.option("--steps", type=click.IntRange(1, 1000), default=1, help="student sampling steps")
+@click.option("--seed", type=int, default=0, help="noise seed")
+@click.option("--columns", type=click.IntRange(1), default=None, help="grid columns (default: square-ish)")
+@TRACKING
+def generate(model, prompts, prompts_file, out, steps, seed, columns, tracking_uri):
+    """Sample one image per prompt with a student and write a PNG grid.
+
+    MODEL: models:/NAME@ALIAS, models:/NAME/VERSION, NAME@ALIAS, a run id, or runs:/RUN_ID/student.
+
+    \b
+    Examples:
+      addctl generate models:/demo@champion -p "a sneaker" -p "a bag" -o grid.png
+      addctl generate demo@candidate --prompts-file prompts.txt --steps 4
+    """
+    from orchestrator.generate import generate as do_generate
+
+    prompts = list(prompts) + ([line.strip() for line in prompts_file if line.strip()] if prompts_file else [])
+    if not prompts:
+        raise BadInput("give at least one prompt (--prompt or --prompts-file)")
+    _, uri = _client(tracking_uri)
+    try:
+        with _spinner(f"sampling {len(prompts)} image(s)"):
+            path = do_generate(model, prompts, out, steps=steps, seed=seed, columns=columns, tracking_uri=uri)
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+    except Exception as err:  # noqa: BLE001  (MLflow: unknown model, alias or run)
+        if "RESOURCE_DOES_NOT_EXIST" in str(err) or "not found" in str(err).lower():
+            raise BadInput(f"{model}: {err}") from None
+        raise Failed(f"{model}: {type(err).__name__}: {err}") from None
+    click.echo(str(path))
+
+
+# ---- data -----------------------------------------------------------------------------------------
+
+
+@main.group(name="prepare-data")
+def prepare_data():
+    """Write image-caption Parquet shards (to a local folder or s3://bucket/prefix)."""
+
+
+@prepare_data.command(name="fashion-mnist")
+@click.argument("out")
+@click.option("--idx-dir", default=FASHION_MNIST_IDX, help="folder of the Fashion-MNIST idx files")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", help="which split")
+@click.option("--limit", type=click.IntRange(1), default=None, help="only the first N images")
+@click.option("--rows-per-shard", type=click.IntRange(1), default=10000, help="rows per Parquet shard")
+@click.option("--seed", type=int, default=0, help="seed of the caption draw")
+def prepare_fashion_mnist(out, idx_dir, split, limit, rows_per_shard, seed):
+    """Fashion-MNIST as captioned 32×32 PNG shards (held-out caption templates for the test split).
+
+    \b
+    Examples:
+      addctl prepare-data fashion-mnist runs/data/fashion-mnist --limit 2048
+      addctl prepare-data fashion-mnist s3://add/fashion-mnist-test --split test
+    """
+    from workers.data import StorageError
+    from workers.data import prepare_fashion_mnist as prepare
+
+    try:
+        with _spinner(f"writing {split} shards to {out}"):
+            manifest = prepare(idx_dir, out, split=split, limit=limit, rows_per_shard=rows_per_shard, seed=seed)
+    except FileNotFoundError as err:
+        raise BadInput(f"{idx_dir}: {err}") from None
+    except StorageError as err:
+        raise Failed(str(err)) from None
+    click.echo(f"{out}: {manifest.get('rows')} rows in {len(manifest.get('shards', []))} shard(s)")
+
+
+@prepare_data.command(name="folder")
+@click.argument("folder")
+@click.argument("out")
+@click.option("--rows-per-shard", type=click.IntRange(1), default=5000, help="rows per Parquet shard")
+@click.option("--seed", type=int, default=0, help="shuffle seed (images are mixed across shards)")
+def prepare_folder(folder, out, rows_per_shard, seed):
+    """A folder of captioned images (captions.csv/jsonl or .txt beside each image) as shards.
+
+    \b
+    Example:
+      addctl prepare-data folder ~/photos s3://add/photos --rows-per-shard 1000
+    """
+    from workers.data import StorageError, prepare_image_folder
+
+    try:
+        with _spinner(f"writing shards to {out}"):
+            manifest = prepare_image_folder(folder, out, rows_per_shard=rows_per_shard, seed=seed)
+    except FileNotFoundError as err:
+        raise BadInput(f"{folder}: {err}") from None
+    except StorageError as err:
+        raise Failed(str(err)) from None
+    click.echo(f"{out}: {manifest.get('rows')} rows in {len(manifest.get('shards', []))} shard(s)")
+
+
+# ---- the local stack ------------------------------------------------------------------------------
+
+STACK_DIR = click.option(
+    "--dir", "folder", type=click.Path(file_okay=False), default="runs/stack", help="state and logs of the stack"
+)
+
+
+@main.group()
+def stack():
+    """The local stack on 127.0.0.1: a Ray head, an MLflow server, an S3 server (moto)."""
+
+
+@stack.command(name="up")
+@STACK_DIR
+@click.option("--num-cpus", type=click.IntRange(1), default=None, help="Ray's logical CPUs (default: max(8, cores))")
+@click.option("--object-store-mb", type=click.IntRange(64), default=None, help="Ray's object store size")
+@click.option("--timeout", type=float, default=180, help="seconds to wait for the services to be healthy")
+def stack_up(folder, num_cpus, object_store_mb, timeout):
+    """Start the stack and wait until each service is healthy; prints the environment to use it.
+
+    \b
+    Example:
+      addctl stack up --dir runs/stack && source runs/stack/env.sh
+    """
+    from tqdm.auto import tqdm
+
+    from orchestrator.stack import StackError, env_exports, up
+
+    with tqdm(total=3, desc="starting", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
+
+        def ready(service):
+            bar.set_postfix_str(f"{service.name} up")
+            bar.update()
+
+        try:
+            state = up(
+                Path(folder), num_cpus=num_cpus, object_store_mb=object_store_mb, timeout_s=timeout, on_ready=ready
+            )
+        except StackError as err:
+            raise Failed(str(err)) from None
+    for name, value in env_exports(state).items():
+        click.echo(f"export {name}={value}")
+    click.echo(f"# stack up; these lines are in {Path(folder) / 'env.sh'}; stop with: addctl stack down", err=True)
+
+
+@stack.command(name="down")
+@STACK_DIR
+def stack_down(folder):
+    """Stop the stack's services (by their pids; other Ray clusters are left alone). State stays.
+
+    \b
+    Example:
+      addctl stack down --dir runs/stack
+    """
+    from orchestrator.stack import StackError, down
+
+    try:
+        stopped = down(Path(folder))
+    except StackError as err:
+        raise BadInput(str(err)) from None
+    click.echo(f"stopped: {', '.join(stopped)}")
+
+
+@stack.command(name="status")
+@STACK_DIR
+def stack_status(folder):
+    """Show each service of the stack: URL, pid, running, healthy.
+
+    \b
+    Example:
+      addctl stack status
+    """
+    from orchestrator.stack import status as stack_state
+
+    state = stack_state(Path(folder))
+    if not state:
+        raise BadInput(f"no stack in {folder}")
+    for name, s in state.items():
+        health = "healthy" if s["healthy"] else ("running" if s["running"] else "stopped")
+        click.echo(f"{name:7} {health:8} {s['url']:28} pid {s['pid']}  log {s['log']}")
+    if not all(s["healthy"] for s in state.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+"""The controller: one job, from spec to registered candidate, tracked in MLflow.
+
+``run_job(spec)`` is what ``addctl run`` calls in-process and what a submitted Ray job runs
+(``python -m orchestrator.controller JOB.yaml``)::
+
+    parent run (the job)                         job.yaml, code version, result.* tags
+      child run per training run / sweep trial   params (resolved config, flattened), metrics per
+                                                 step, sample grids, job.yaml, code version
+    best child: evaluation (eval/* metrics, eval/comparison.png), the student as a pyfunc model,
+    registered as a new version of the job's model with the alias ``candidate`` and its
+    evaluation and gates as version tags (what ``addctl promote`` judges).
+
+Stopping: SIGTERM or SIGINT (``ray job stop`` sends SIGTERM, then SIGKILL after 3 s) ends the
+parent and every child run still running as KILLED at once, from a watcher thread (see
+``stop_on_signals``), then the process exits with 128 + the signal (143 for SIGTERM). Any other
+failure ends them FAILED, with the error (secrets redacted) as the tag ``job.error``.
+``mark_stopped`` does the same from outside, for runs whose driver was SIGKILLed first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from orchestrator.promotion import Gates, eval_tags
+from orchestrator.registry import register_candidate
+from orchestrator.spec import JobSpec
+from orchestrator.tracking import JobStopped, JobTracker, TrackingCallback, stop_on_signals
+
+log = logging.getLogger(__name__)
+SUBMISSION_ENV = "ADD_SUBMISSION_ID"  # set by ``addctl submit`` in the job's runtime env; tagged on the parent
+
+
+@dataclass
+class JobResult:
+    """What a job produced."""
+
+    parent_run_id: str
+    child_run_ids: list[str] = field(default_factory=list)
+    best_run_id: str | None = None
+    export_uri: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    evaluation: dict[str, float] = field(default_factory=dict)
+
+
+# ---- the job's sections (written by the spec's owner; read here by name, explicit arguments win) ----
+
+
+def _section(spec: JobSpec, name: str) -> dict:
+    value = getattr(spec, name, None)
+    if value is None:
+        return {}
+    return value.model_dump() if hasattr(value, "model_dump") else dict(value)
+
+
+def _known(cls, values: dict) -> dict:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in values.items() if k in names and v is not None}
+
+
+def sweep_config(spec: JobSpec):
+    """The job's ``sweep`` section as a ``SweepConfig``, or None for a single training run."""
+    from orchestrator.sweep import SweepConfig
+
+    section = _section(spec, "sweep")
+    return SweepConfig(**_known(SweepConfig, section)) if section.get("search_space") else None
+
+
+def eval_config(spec: JobSpec):
+    """The job's ``eval`` section as an ``EvalConfig``; prompts default to ``train.sample_prompts``."""
+    from workers.eval.evaluator import EvalConfig
+
+    section = _section(spec, "eval")
+    prompts = section.get("prompts") or list(spec.train.sample_prompts)
+    if not prompts:
+        return None
+    return EvalConfig(**(_known(EvalConfig, section) | {"prompts": prompts}))
+
+
+def gates(spec: JobSpec) -> Gates:
+    return Gates.from_mapping(_section(spec, "promotion"))
+
+
+def load_object(ref: str) -> Callable:
+    """``"package.module:name"`` to the object it names (feature extractors, scorers, factories)."""
+    module, _, name = ref.partition(":")
+    if not name:
+        raise ValueError(f"{ref!r} is not of the form 'package.module:name'")
+    return getattr(importlib.import_module(module), name)
+
+
+def default_evaluator(spec: JobSpec):
+    """The evaluator the job's ``eval`` section names: ``features`` ("inception", "none" or
+    "module:factory"), ``scorer`` ("clip", "none" or "module:factory"), ``clip_model``."""
+    from workers.eval.alignment import CLIPScorer
+    from workers.eval.evaluator import Evaluator
+    from workers.eval.features import InceptionFeatures
+
+    section = _section(spec, "eval")
+    features, scorer = section.get("features", "inception"), section.get("scorer", "clip")
+    if features in (None, "none"):
+        extractor = None
+    else:
+        extractor = InceptionFeatures() if features == "inception" else load_object(features)()
+    if scorer in (None, "none"):
+        prompt_scorer = None
+    elif scorer == "clip":
+        prompt_scorer = CLIPScorer(section.get("clip_model") or "openai/clip-vit-base-patch32")
+    else:
+        prompt_scorer = load_object(scorer)()
+    return Evaluator(extractor, prompt_scorer)
+
+
+# ---- one job --------------------------------------------------------------------------------------
+
+
+def run_job(
+    spec: JobSpec,
+    *,
+    tracking_uri: str | None = None,
+    storage_path: str | None = None,
+    sweep=None,
+    evaluation=None,
+    evaluator=None,
+    promotion_gates: Gates | None = None,
+    reference=None,
+    register: bool = True,
+    run_name: str | None = None,
+    trainer_kwargs: dict | None = None,
+    build_trainer: Callable | None = None,
+) -> JobResult:
+    """Train (one run, or a sweep), evaluate the best student, log it as a model and register it as ``candidate``.
+
+    Explicit arguments override the spec's sections: ``sweep`` (``SweepConfig``), ``evaluation``
+    (``EvalConfig``), ``evaluator`` (``Evaluator``; default from the spec's ``eval`` section),
+    ``promotion_gates`` (stored on the version for ``promote``), ``reference`` (real images for the
+    Fréchet distance, (N, C, H, W) in [0, 1]; default: read from ``data.uri``). ``trainer_kwargs``
+    pass through to ``build_trainer`` (tests: ``dinov2``, ``datasets``).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    tracker = JobTracker(spec, tracking_uri)
+    tracker.start_parent(run_name, tags=_ray_tags())
+    result = JobResult(parent_run_id=tracker.parent_run_id)
+
+    def stop(signum: int) -> None:  # from the watcher thread, at once
+        tracker.set_tags(tracker.parent_run_id, {"job.stopped_by": f"signal {signum}"})
+        tracker.end_all("KILLED")
+
+    with stop_on_signals(stop):
+        status = "FAILED"
+        try:
+            started = time.monotonic()
+            sweep = sweep if sweep is not None else sweep_config(spec)
+            if sweep is not None:
+                best = _train_sweep(spec, sweep, tracker, storage_path, trainer_kwargs, build_trainer)
+            else:
+                best = _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer)
+            result.best_run_id, result.export_uri = best
+            tracker.set_tags(tracker.parent_run_id, {"timing.train_s": f"{time.monotonic() - started:.1f}"})
+            if register:
+                started = time.monotonic()
+                _evaluate_and_register(
+                    spec, tracker, result, evaluation, evaluator, promotion_gates or gates(spec), reference
+                )
+                tracker.set_tags(tracker.parent_run_id, {"timing.register_s": f"{time.monotonic() - started:.1f}"})
+            status = "FINISHED"
+        except (JobStopped, KeyboardInterrupt):
+            status = "KILLED"
+            raise
+        except BaseException as err:
+            tracker.set_tags(tracker.parent_run_id, {"job.error": f"{type(err).__name__}: {err}"[:5000]})
+            raise
+        finally:
+            result.child_run_ids = [r.info.run_id for r in tracker.child_runs()]
+            tracker.end_all(status)
+    return result
+
+
+def _ray_tags() -> dict[str, str]:
+    import ray
+
+    tags = {"ray.job_id": ray.get_runtime_context().get_job_id()}
+    if submission := os.environ.get(SUBMISSION_ENV):
+        tags["job.submission_id"] = submission
+    return tags
+
+
+def _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer) -> tuple[str, str | None]:
+    from workers.train.trainer import build_trainer as default_build_trainer
+    from workers.train.trainer import run_training
+
+    run_id = tracker.start_child(spec, f"{spec.name}-train")
+    trainer = (build_trainer or default_build_trainer)(
+        spec,
+        storage_path=storage_path,
+        run_name=spec.name,
+        callbacks=[TrackingCallback(tracker.tracking_uri, run_id, tracker.redact.names)],
+        **(trainer_kwargs or {}),
+    )
+    outcome = run_training(trainer)
+    summary = outcome.return_value or {}
+    export_uri = summary.get("export_uri") or tracker.client.get_run(run_id).data.tags.get("export.uri")
+    if summary.get("status") not in (None, "completed"):
+        raise RuntimeError(f"training ended with status {summary.get('status')!r}: {summary.get('message', '')}")
+    return run_id, export_uri
+
+
+def _train_sweep(spec, config, tracker, storage_path, trainer_kwargs, build_trainer) -> tuple[str, str | None]:
+    from orchestrator.sweep import run_sweep
+
+    best, trials = run_sweep(
+        spec, config, tracker, storage_path=storage_path, trainer_kwargs=trainer_kwargs, build_trainer=build_trainer
+    )
+    tracker.set_tags(
+        tracker.parent_run_id,
+        {
+            "sweep.trials": len(trials),
+            "sweep.finished": sum(1 for t in trials if t.export_uri),
+            "sweep.metric": config.metric,
+        },
+    )
+    if best is None:
+        errors = "; ".join(t.error for t in trials if t.error) or "no trial ran to the end"
+        raise RuntimeError(f"no sweep trial finished with an exported student: {errors}")
+    tracker.set_tags(tracker.parent_run_id, {"sweep.best_trial": best.trial_id, "sweep.best_run_id": best.run_id})
+    tracker.set_tags(best.run_id, {"sweep.best": "true"})
+    return best.run_id, best.export_uri
+
+
+def local_copy(uri: str, spec: JobSpec, folder: Path) -> Path:
+    """The exported student as a local folder (downloaded from object storage when it is there)."""
+    import pyarrow.fs as pafs
+
+    from workers.data.storage import resolve, split_uri
+    from workers.train.trainer import storage_options
+
+    if split_uri(uri)[0] == "file":
+        return Path(split_uri(uri)[1])
+    fs, path = resolve(uri, storage_options(spec.storage.options, "storage.options"))
+    target = folder / "student"
+    pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return target
+
+
+def _evaluate_and_register(spec, tracker, result, evaluation, evaluator, promotion_gates, reference) -> None:
+    from orchestrator.pyfunc import log_student_model
+
+    if not result.export_uri:
+        raise RuntimeError("the training run exported no student: nothing to evaluate or register")
+    run_id = tracker.parent_run_id if result.best_run_id is None else result.best_run_id
+    folder = Path(tempfile.mkdtemp(prefix="add-export-"))
+    try:
+        student_dir = local_copy(result.export_uri, spec, folder)
+        config = evaluation if evaluation is not None else eval_config(spec)
+        result.evaluation = _evaluate(spec, tracker, run_id, student_dir, config, evaluator, reference)
+        prompts = list(config.prompts) if config is not None else list(spec.train.sample_prompts) or ["0"]
+        info = log_student_model(run_id, str(student_dir), [str(p) for p in prompts], tracking_uri=tracker.tracking_uri)
+        name = spec.tracking.model_name or spec.name
+        tags = eval_tags(result.evaluation, promotion_gates) | {
+            "job.name": spec.name,
+            "job.parent_run_id": tracker.parent_run_id,
+            "export.uri": result.export_uri,
+        }
+        version = register_candidate(tracker.client, name, info.model_uri, run_id, model_id=info.model_id, tags=tags)
+        result.model_name, result.model_version = name, version.version
+        tracker.set_tags(
+            tracker.parent_run_id,
+            {"result.model_name": name, "result.model_version": version.version, "result.best_run_id": run_id},
+        )
+        tracker.set_tags(run_id, {"registered.model": f"{name}/{version.version}"})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _evaluate(spec, tracker, run_id, student_dir, config, evaluator, reference) -> dict[str, float]:
+    """Evaluate and log; an evaluation that cannot run is recorded (``eval.error``), never fatal:
+    the version is still registered, and its gates then fail as ``missing``."""
+    from workers.eval.reference import reference_images
+
+    if config is None:
+        tracker.set_tags(run_id, {"eval.error": "no eval prompts (eval.prompts or train.sample_prompts)"})
+        return {}
+    started = time.monotonic()
+    try:
+        evaluator = evaluator or default_evaluator(spec)
+        if reference is None and evaluator.features is not None:
+            reference = reference_images(
+                spec.data.uri,
+                len(config.prompts) * config.images_per_prompt,
+                spec.data.resolution,
+                spec.data.channels,
+                _data_storage(spec),
+            )
+        teacher_kwargs = {"prediction_type": spec.teacher.prediction_type, "resolution": spec.teacher.resolution}
+        outcome = evaluator.evaluate_paths(student_dir, spec.teacher.source, config, reference, **teacher_kwargs)
+    except Exception as err:  # noqa: BLE001
+        log.warning("evaluation failed: %s", err)
+        tracker.set_tags(run_id, {"eval.error": f"{type(err).__name__}: {err}"[:5000]})
+        return {}
+    tracker.log_metrics(run_id, {f"eval/{k}": v for k, v in outcome.metrics.items()}, step=0)
+    tracker.client.log_image(run_id, outcome.comparison_grid(), artifact_file="eval/comparison.png")
+    teacher = f"{config.teacher_solver} {config.teacher_steps} steps, CFG {config.guidance_scale:g}"
+    tracker.set_tags(run_id, {"eval.teacher": teacher, "timing.eval_s": f"{time.monotonic() - started:.1f}"})
+    return outcome.metrics
+
+
+def _data_storage(spec):
+    from workers.train.trainer import storage_options
+
+    return storage_options(spec.data.storage_options, "data.storage_options")
+
+
+def mark_stopped(
+    tracking_uri: str | None, *, submission_id: str | None = None, parent_run_id: str | None = None
+) -> list[str]:
+    """End as KILLED a job's parent run and its children still RUNNING, found by the parent's id or
+    the ``job.submission_id`` tag (for ``addctl stop`` when the driver died before it could); returns their ids."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if parent_run_id is None:
+        if submission_id is None:
+            raise ValueError("give the parent run id or the submission id")
+        found = client.search_runs(experiments, f"tags.`job.submission_id` = '{submission_id}'", max_results=10)
+        parents = [r.info.run_id for r in found]
+    else:
+        parents = [parent_run_id]
+    ended = []
+    for parent in parents:
+        children = client.search_runs(
+            experiments, f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'", max_results=1000
+        )
+        for run_id in [r.info.run_id for r in children] + [parent]:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status="KILLED")
+                ended.append(run_id)
+    return ended
+
+
+# ---- the Ray job entrypoint -----------------------------------------------------------------------
+
+
+def load_spec(path: str) -> JobSpec:
+    """A job YAML file as a JobSpec (validation errors name the field)."""
+    with open(path) as f:
+        return JobSpec.model_validate(yaml.safe_load(f))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m orchestrator.controller JOB.yaml``: run one job; exit 0, 1 on failure, 128 + signal when stopped."""
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.controller", description=main.__doc__)
+    parser.add_argument("job", help="the job YAML")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: tracking.uri, then MLFLOW_TRACKING_URI)"
+    )
+    parser.add_argument("--storage-path", default=None, help="runs' storage (default: storage.uri)")
+    parser.add_argument("--run-name", default=None, help="name of the parent run (default: the job's name)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    spec = load_spec(args.job)
+    try:
+        result = run_job(spec, tracking_uri=args.tracking_uri, storage_path=args.storage_path, run_name=args.run_name)
+    except JobStopped as stopped:
+        log.warning("job %s %s", spec.name, stopped)
+        return 128 + stopped.signum
+    print(yaml.safe_dump({"result": {k: v for k, v in vars(result).items()}}, sort_keys=False), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The embedded default: what ``addctl run`` uses unless the job or a flag points elsewhere.
+
+- Ray: a local instance started in-process with more logical CPUs than cores (on 2 cores, Ray
+  Data and Ray Train hang when the trainers reserve every CPU); or the cluster at ``--address`` /
+  ``RAY_ADDRESS`` (set for a submitted job's driver).
+- MLflow: ``--tracking-uri``, else the job's ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else a
+  SQLite store ``$ADD_HOME/mlflow.db`` with artifacts in ``$ADD_HOME/mlartifacts``.
+- Object storage: the job's ``storage.uri`` (default ``runs``, a local folder).
+
+``ADD_HOME`` defaults to ``./runs`` (ignored by git).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HOME_ENV = "ADD_HOME"
+
+
+def home() -> Path:
+    """Where the embedded default keeps its MLflow store and artifacts."""
+    return Path(os.environ.get(HOME_ENV) or "runs").expanduser().resolve()
+
+
+def embedded_tracking_uri() -> str:
+    return f"sqlite:///{home() / 'mlflow.db'}"
+
+
+def tracking_uri(explicit: str | None = None, job_uri: str | None = None) -> str:
+    """The MLflow tracking URI by precedence: flag, job, ``MLFLOW_TRACKING_URI``, embedded store."""
+    return explicit or job_uri or os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri()
+
+
+def ensure_experiment(uri: str, name: str) -> None:
+    """For a SQLite store without a server: create the experiment with its artifacts in ``mlartifacts``
+    beside the database (MLflow would put them in ``./mlruns`` of whatever folder the job runs in,
+    for a submitted job a temporary one)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    from mlflow.tracking import MlflowClient
+
+    db = Path(uri[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if client.get_experiment_by_name(name) is None:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        location = db.parent / "mlartifacts" / safe
+        location.mkdir(parents=True, exist_ok=True)
+        try:
+            client.create_experiment(name, artifact_location=location.as_uri())
+        except Exception:  # noqa: BLE001  (created meanwhile by another job)
+            if client.get_experiment_by_name(name) is None:
+                raise
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
+    """Connect to the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray; returns which."""
+    import ray
+
+    if ray.is_initialized():
+        return "already connected"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return f"Ray at {address}"
+    cpus = num_cpus or max(8, os.cpu_count() or 1)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    return f"a local Ray ({cpus} logical CPUs)"

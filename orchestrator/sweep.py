@@ -1,0 +1,273 @@
+"""Sweeps: Ray Tune over the Ray Train trainer, one MLflow child run per trial, ASHA by default.
+
+``Tuner(train_driver_fn, param_space=..., tune_config=TuneConfig(...))`` (Tune with Train V2): each
+trial's driver function applies the trial's values to the job spec, opens its child run, builds
+the trainer with a trial-specific run name and fits it; Ray Train's ``TuneReportCallback`` hands
+every report to Tune (one report = one ``training_iteration``, what ASHA counts). Metrics reach
+MLflow from rank 0 through ``TrackingCallback``. Trials that ASHA stops are killed with their
+trainer, so ``TrialRunCloser`` (a Tune callback in the controller) ends their runs.
+
+Search space: a mapping from dotted spec paths to domains, each ``{"loguniform": [lo, hi]}``,
+``{"uniform": [lo, hi]}``, ``{"randint": [lo, hi]}``, ``{"choice": [...]}``, ``{"grid": [...]}``, or
+the same as ``{"type": "loguniform", "low": lo, "high": hi}`` / ``{"type": "choice", "values": [...]}``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import ray
+from ray import tune
+
+from orchestrator.spec import JobSpec
+from orchestrator.tracking import JobTracker, TrackingCallback
+
+TRIAL_TAG = "sweep.trial_id"
+DOMAINS = ("loguniform", "uniform", "randint", "choice", "grid", "quniform", "qloguniform")
+
+
+@dataclass
+class SweepConfig:
+    """What to search and how; mirrors the job's ``sweep`` section."""
+
+    search_space: dict[str, object]  # dotted spec path -> domain (see the module docstring)
+    metric: str = "loss/distill"  # a metric the training loop reports; the best trial is registered
+    mode: str = "min"  # "min" or "max"
+    num_samples: int = 4  # trials (times each grid point)
+    max_concurrent_trials: int | None = None  # default: as many as the cluster's CPUs (and GPUs) hold
+    scheduler: str | None = "asha"  # "asha", or "fifo" / None (every trial runs to the end)
+    grace_period: int = 1  # ASHA: reports before a trial can be stopped
+    reduction_factor: float = 2  # ASHA: keep 1 / this of the trials at each rung
+    max_t: int | None = None  # ASHA: reports in a full run (default: train.steps / train.log_every)
+    seed: int | None = 0  # of the random search
+    trial_cpus: float = 0.25  # the trial's driver function only waits on the trainer
+
+    def __post_init__(self):
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"sweep.mode must be 'min' or 'max', got {self.mode!r}")
+        if self.scheduler not in (None, "asha", "fifo"):
+            raise ValueError(f"sweep.scheduler must be 'asha', 'fifo' or null, got {self.scheduler!r}")
+        if not self.search_space:
+            raise ValueError("sweep.search_space is empty: nothing to search")
+
+
+@dataclass
+class TrialOutcome:
+    trial_id: str
+    run_id: str | None
+    metrics: dict = field(default_factory=dict)  # the last report
+    export_uri: str | None = None  # set when the trial ran to the end and exported its student
+    error: str | None = None
+
+
+def domain(spec) -> object:
+    """A Tune domain from its job-YAML form."""
+    if not isinstance(spec, Mapping):
+        return spec  # a constant
+    if "type" in spec:
+        kind = spec["type"]
+        args = spec.get("values") if kind in ("choice", "grid") else [spec.get("low"), spec.get("high")]
+        if kind in ("quniform", "qloguniform"):
+            args = [*args, spec.get("q")]
+        spec = {kind: args}
+    if len(spec) != 1 or next(iter(spec)) not in DOMAINS:
+        raise ValueError(f"unknown search domain {dict(spec)!r}: use one of {', '.join(DOMAINS)}")
+    kind, args = next(iter(spec.items()))
+    if kind == "choice":
+        return tune.choice(list(args))
+    if kind == "grid":
+        return tune.grid_search(list(args))
+    return getattr(tune, kind)(*args)
+
+
+def param_space(search_space: Mapping[str, object]) -> dict[str, object]:
+    return {path: domain(value) for path, value in search_space.items()}
+
+
+def apply_overrides(spec: JobSpec, values: Mapping[str, object]) -> JobSpec:
+    """``spec`` with dotted-path values set, validated again (a bad path or value names the field)."""
+    data = spec.model_dump(mode="json")
+    for path, value in values.items():
+        *parents, last = path.split(".")
+        node = data
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
+            raise ValueError(f"sweep.search_space: {path!r} is not a field of the job spec")
+        node[last] = value
+    return JobSpec.model_validate(data)
+
+
+def reports_per_run(spec: JobSpec) -> int:
+    """How many reports a full run makes: every ``log_every`` steps and at each checkpoint."""
+    t = spec.train
+    logged = set(range(t.log_every, t.steps + 1, t.log_every))
+    saved = set(range(t.checkpoint_every, t.steps + 1, t.checkpoint_every))
+    return len(logged | saved | {t.steps})
+
+
+def trial_resources(spec: JobSpec, config: SweepConfig) -> dict[str, float]:
+    r = spec.resources
+    cpus = config.trial_cpus + r.num_workers * r.cpus_per_worker + r.data_cpus
+    return {"CPU": cpus, "GPU": r.num_workers * r.gpus_per_worker}
+
+
+def concurrent_trials(spec: JobSpec, config: SweepConfig) -> int:
+    """As many trials as the cluster holds at once (at least one)."""
+    if config.max_concurrent_trials:
+        return config.max_concurrent_trials
+    total = ray.cluster_resources()
+    need = trial_resources(spec, config)
+    fits = [math.floor(total.get(k, 0) / v) for k, v in need.items() if v > 0]
+    return max(1, min(fits or [1]))
+
+
+def trial_run(tracker: JobTracker, trial_id: str):
+    """The child run of a trial (found by its tag), or None when the trial never started one."""
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id],
+        filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{tracker.parent_run_id}'",
+    )
+    return runs[0] if runs else None
+
+
+class TrialRunCloser(tune.Callback):
+    """Ends each trial's child run when Tune is done with the trial (ASHA kills its driver function
+    with the trainer, so the trial cannot end its run itself)."""
+
+    def __init__(self, tracker: JobTracker, full_reports: int):
+        self.tracker, self.full_reports = tracker, full_reports
+
+    def _run(self, trial) -> str | None:
+        run = trial_run(self.tracker, trial.trial_id)
+        return run.info.run_id if run else None
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._run(trial)
+        if run_id:
+            reports = (trial.last_result or {}).get("training_iteration", 0)
+            early = reports < self.full_reports
+            self.tracker.set_tags(run_id, {"sweep.early_stopped": str(early).lower()})
+            self.tracker.end(run_id, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._run(trial)
+        if run_id:
+            self.tracker.end(run_id, "FAILED")
+
+
+def train_driver_fn(
+    config: dict,
+    *,
+    spec_data: dict,
+    tracker: JobTracker,
+    storage_path: str | None,
+    trainer_kwargs: dict,
+    build_trainer: Callable | None = None,
+) -> None:
+    """One trial: the job spec with the trial's values, a child run, a trainer fitted to the end."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from workers.train.trainer import build_trainer as default_build_trainer
+    from workers.train.trainer import run_training
+
+    context = tune.get_context()
+    trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
+    spec = apply_overrides(JobSpec.model_validate(spec_data), config)
+    run_name = f"{spec.name}-{trial_name}"
+    run_id = tracker.start_child(
+        spec, run_name, params={f"trial.{k}": v for k, v in config.items()}, tags={TRIAL_TAG: trial_id}
+    )
+    trainer = (build_trainer or default_build_trainer)(
+        spec,
+        storage_path=storage_path,
+        run_name=run_name,
+        callbacks=[TrackingCallback(tracker.tracking_uri, run_id, tracker.redact.names)],
+        **trainer_kwargs,
+    )
+    trainer.run_config.callbacks.append(TuneReportCallback())  # until build_trainer takes run callbacks
+    try:
+        run_training(trainer)
+    except BaseException:
+        tracker.end(run_id, "FAILED")
+        raise
+    tracker.end(run_id, "FINISHED")
+
+
+def run_sweep(
+    spec: JobSpec,
+    config: SweepConfig,
+    tracker: JobTracker,
+    *,
+    storage_path: str | None = None,
+    trainer_kwargs: dict | None = None,
+    build_trainer: Callable | None = None,
+) -> tuple[TrialOutcome | None, list[TrialOutcome]]:
+    """Run the sweep; returns the best finished trial by ``config.metric`` (None if none finished) and all trials."""
+    import pyarrow.fs as pafs
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from workers.train.trainer import run_storage, storage_options
+
+    storage_path = storage_path or spec.storage.uri
+    scheduler = None
+    if config.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=config.max_t or reports_per_run(spec),
+            grace_period=config.grace_period,
+            reduction_factor=config.reduction_factor,
+            # never stop a trial at max_t itself: that report is its last, and killing it there would
+            # lose the export it is about to write; trials past every rung end on their own
+            stop_last_trials=False,
+        )
+    trainable = tune.with_parameters(
+        train_driver_fn,
+        spec_data=spec.model_dump(mode="json"),
+        tracker=tracker,
+        storage_path=storage_path,
+        trainer_kwargs=trainer_kwargs or {},
+        build_trainer=build_trainer,
+    )
+    fs, path = run_storage(storage_path, storage_options(spec.storage.options, "storage.options"))
+    local = isinstance(fs, pafs.LocalFileSystem)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"CPU": config.trial_cpus}),
+        param_space=param_space(config.search_space),
+        tune_config=tune.TuneConfig(
+            metric=config.metric,
+            mode=config.mode,
+            scheduler=scheduler,
+            num_samples=config.num_samples,
+            # the limit goes to the generator: Tune applies max_concurrent_trials only to Searchers
+            search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=concurrent_trials(spec, config)),
+        ),
+        run_config=tune.RunConfig(
+            name=f"{spec.name}-sweep-{tracker.parent_run_id[:8]}",
+            storage_path=path,
+            storage_filesystem=None if local else fs,
+            callbacks=[TrialRunCloser(tracker, reports_per_run(spec))],
+        ),
+    )
+    grid = tuner.fit()
+    outcomes = []
+    for result in grid:
+        trial_id = (result.metrics or {}).get("trial_id")
+        run = trial_run(tracker, trial_id) if trial_id else None
+        outcomes.append(
+            TrialOutcome(
+                trial_id=trial_id,
+                run_id=run.info.run_id if run else None,
+                metrics=dict(result.metrics or {}),
+                export_uri=run.data.tags.get("export.uri") if run else None,
+                error=str(result.error) if result.error else None,
+            )
+        )
+    finished = [o for o in outcomes if o.export_uri and config.metric in o.metrics]
+    if not finished:
+        return None, outcomes
+    pick = min if config.mode == "min" else max
+    return pick(finished, key=lambda o: float(o.metrics[config.metric])), outcomes

@@ -1,0 +1,222 @@
+"""infra/: every manifest parses, every entrypoint calls the CLI as it is today, no secret in clear;
+and ``addctl stack up|down`` starts and stops a Ray head, an MLflow server and an S3 server on loopback."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import socket
+import tempfile
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import click
+import pytest
+import ray
+import yaml
+from click.testing import CliRunner
+
+from orchestrator import stack
+from orchestrator.cli import main
+from orchestrator.spec import URI_PASSWORD, load_job
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+MANIFESTS = sorted(p for p in INFRA.rglob("*") if p.suffix in (".yaml", ".yml"))
+SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|ACCESS_KEY)", re.I)
+
+
+def documents(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def by_kind(kind: str) -> list[tuple[Path, dict]]:
+    return [(p, d) for p in MANIFESTS for d in documents(p) if isinstance(d, dict) and d.get("kind") == kind]
+
+
+def check_addctl(command: str) -> list[str]:
+    """Parse an ``addctl ...`` command line with the CLI's own parser (options, arguments, choices)."""
+    args = shlex.split(command)
+    assert args[0] == "addctl" or args[:3] == ["python", "-m", "orchestrator.cli"], command
+    args = args[1:] if args[0] == "addctl" else args[3:]
+    command, rest = main, list(args)
+    while isinstance(command, click.Group):
+        assert rest, f"{args}: a subcommand is missing"
+        name, rest = rest[0], rest[1:]
+        command = command.get_command(click.Context(command), name)
+        assert command is not None, f"addctl has no command {name!r} ({args})"
+    command.make_context(name, rest)  # raises click.UsageError on an unknown option or a bad value
+    return args
+
+
+def test_there_are_manifests_and_they_all_parse():
+    names = {str(p.relative_to(INFRA)) for p in MANIFESTS}
+    assert {"k8s/raycluster.yaml", "k8s/mlflow.yaml", "cluster/aws-gpu.yaml"} <= names
+    assert any(n.startswith("k8s/rayjob-") for n in names)
+    for path in MANIFESTS:
+        assert documents(path), path
+
+
+def test_rayjobs_run_the_cli_on_a_valid_job_without_secrets():
+    jobs = by_kind("RayJob")
+    assert len(jobs) >= 2
+    for path, job in jobs:
+        spec = job["spec"]
+        args = check_addctl(spec["entrypoint"])
+        assert args[0] == "run"
+        job_file = next(a for a in args if a.endswith(".yaml"))
+        assert load_job(ROOT / job_file).resources.gpus_per_worker > 0, f"{path}: {job_file}"
+        runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+        for name, value in runtime_env.get("env_vars", {}).items():
+            if SECRET_NAME.search(name):
+                assert re.fullmatch(r"\$\{[A-Z0-9_]+\}", value), f"{path}: {name} must be a ${{NAME}} expansion"
+        assert spec["shutdownAfterJobFinishes"] is True and spec["backoffLimit"] >= 1
+        check_cluster(path, spec["rayClusterSpec"])
+
+
+def check_cluster(path: Path, spec: dict) -> None:
+    assert spec["rayVersion"] == ray.__version__, f"{path}: rayVersion"
+    assert spec["authOptions"]["mode"] == "token", f"{path}: token authentication"
+    assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    gpus = sum(
+        int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) * g["replicas"]
+        for g in spec["workerGroupSpecs"]
+        for c in g["template"]["spec"]["containers"]
+    )
+    assert gpus == 8, f"{path}: the recipes need 8 GPUs"
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        for container in group["template"]["spec"]["containers"]:
+            for var in container.get("env", []):
+                assert not (SECRET_NAME.search(var["name"]) and "value" in var), f"{path}: {var['name']} in clear"
+
+
+def test_raycluster_for_submissions():
+    clusters = by_kind("RayCluster")
+    assert clusters
+    for path, cluster in clusters:
+        check_cluster(path, cluster["spec"])
+        for line in path.read_text().splitlines():
+            if "addctl " in line and line.lstrip().startswith("#   addctl"):
+                check_addctl(line.split("#", 1)[1].strip())
+
+
+def test_mlflow_with_postgres_and_s3():
+    from mlflow.cli import cli as mlflow_cli
+
+    deployments = {d["metadata"]["name"]: d for _, d in by_kind("Deployment")}
+    container = deployments["mlflow"]["spec"]["template"]["spec"]["containers"][0]
+    command = container["command"]
+    assert command[:2] == ["mlflow", "server"]
+    mlflow_cli.commands["server"].make_context("server", command[2:])  # the flags exist in this MLflow
+    options = dict(zip(command[2::2], command[3::2], strict=False))
+    store, artifacts = options["--backend-store-uri"], options["--artifacts-destination"]
+    assert store.startswith("postgresql://") and not URI_PASSWORD.match(store)  # PGPASSWORD from a Secret
+    assert artifacts.startswith("s3://")
+    env = {e["name"]: e for e in container["env"]}
+    for name in ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY"):
+        assert "secretKeyRef" in env[name]["valueFrom"]
+    assert {d["metadata"]["name"] for _, d in by_kind("StatefulSet")} >= {"postgres"}
+    services = {d["metadata"]["name"]: d for _, d in by_kind("Service")}
+    assert services["mlflow"]["spec"]["ports"][0]["port"] == 5000
+
+
+def test_cluster_launcher_config():
+    config = documents(INFRA / "cluster" / "aws-gpu.yaml")[0]
+    assert config["provider"]["type"] == "aws" and config["head_node_type"] in config["available_node_types"]
+    gpus = [t["resources"].get("GPU", 0) for t in config["available_node_types"].values()]
+    assert max(gpus) == 8
+    start = " ".join(config["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in start and "--dashboard-host=127.0.0.1" in start
+    commands = [*config["setup_commands"], *config.get("head_setup_commands", [])]
+    commands += [line.split("#", 1)[1].strip() for line in (INFRA / "cluster" / "aws-gpu.yaml").read_text().splitlines()
+                 if line.startswith("#   addctl")]  # fmt: skip
+    checked = 0
+    for line in commands:
+        if "addctl " in line:
+            command = "addctl " + line.split("addctl ", 1)[1]
+            args = check_addctl(command)
+            checked += 1
+            for arg in args:
+                if arg.endswith(".yaml") and "jobs/" in arg:
+                    load_job(ROOT / arg[arg.index("jobs/") :])
+    assert checked >= 2
+
+
+def test_local_readme_commands_parse():
+    text = (INFRA / "local" / "README.md").read_text()
+    lines = [line.split("#", 1)[0].strip() for line in text.splitlines() if line.startswith("addctl ")]
+    assert len(lines) >= 4
+    for line in lines:
+        check_addctl(line.split("&&")[0].strip())
+
+
+def test_an_unknown_option_is_caught():
+    with pytest.raises(click.UsageError):
+        check_addctl("addctl run jobs/demo.yaml --no-such-option")
+
+
+# ---- the local stack ----------------------------------------------------------------------------
+
+
+def port_open(url: str) -> bool:
+    parts = urlsplit(url)
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((parts.hostname, parts.port)) == 0
+
+
+@pytest.mark.slow
+def test_stack_up_and_down_on_loopback(monkeypatch):
+    folder = Path(tempfile.mkdtemp(prefix="addstack-", dir="/tmp"))
+    token = folder / "auth_token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    runner = CliRunner()
+    try:
+        up = runner.invoke(main, ["stack", "up", "--dir", str(folder), "--num-cpus", "4", "--object-store-mb", "128"])
+        assert up.exit_code == 0, up.output
+        state = json.loads((folder / "stack.json").read_text())
+        services = {s["name"]: s for s in state["services"]}
+        assert set(services) == {"ray", "mlflow", "s3"}
+        for service in services.values():
+            assert urlsplit(service["url"]).hostname == "127.0.0.1"
+            with urllib.request.urlopen(service["health"], timeout=10) as r:
+                assert r.status == 200, service["name"]
+        # Ray: the Jobs API answers with the stack's token, the token is never printed
+        version = urllib.request.Request(
+            f"{services['ray']['url']}/api/version", headers={"Authorization": f"Bearer {token.read_text()}"}
+        )
+        with urllib.request.urlopen(version, timeout=10) as r:
+            assert json.load(r)["ray_version"] == ray.__version__
+        assert token.read_text() not in up.output
+        # S3: the bucket exists; MLflow: its store is in the folder
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=services["s3"]["url"], region_name="us-east-1",
+                          aws_access_key_id="x", aws_secret_access_key="y")  # fmt: skip
+        assert stack.BUCKET in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+        search = f"{services['mlflow']['url']}/api/2.0/mlflow/experiments/search?max_results=1"
+        with urllib.request.urlopen(search, timeout=10) as r:
+            assert r.status == 200
+        assert (folder / "mlflow.db").exists()
+        env = (folder / "env.sh").read_text()
+        assert f"MLFLOW_TRACKING_URI={services['mlflow']['url']}" in env and f"RAY_AUTH_TOKEN_PATH={token}" in env
+        status = runner.invoke(main, ["stack", "status", "--dir", str(folder)])
+        assert status.exit_code == 0 and status.output.count("healthy") == 3
+        again = runner.invoke(main, ["stack", "up", "--dir", str(folder)])
+        assert again.exit_code == 1 and "already up" in again.output
+        down = runner.invoke(main, ["stack", "down", "--dir", str(folder)])
+        assert down.exit_code == 0, down.output
+        for service in services.values():
+            assert not stack.alive(service["pid"]), service["name"]
+            assert not port_open(service["url"]), service["name"]
+        assert not (folder / "stack.json").exists()
+        logs = {p.name for p in (folder / "logs").iterdir()}
+        assert logs == {"ray.log", "mlflow.log", "s3.log"} and (folder / "mlflow.db").exists()
+    finally:
+        if (folder / "stack.json").exists():
+            stack.down(folder)
+        shutil.rmtree(folder, ignore_errors=True)

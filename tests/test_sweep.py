@@ -1,0 +1,116 @@
+"""Sweeps: a 4-trial ASHA sweep of a tiny job through Ray Tune over the Ray Train trainer, tracked in MLflow."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from orchestrator.controller import run_job
+from orchestrator.registry import CANDIDATE
+from orchestrator.spec import JobSpec
+from orchestrator.sweep import (
+    TRIAL_TAG,
+    SweepConfig,
+    TrialRunCloser,
+    apply_overrides,
+    concurrent_trials,
+    param_space,
+    reports_per_run,
+    trial_resources,
+)
+from orchestrator.tracking import JobTracker
+from tests.mlflow_server import tiny_job
+
+SEARCH = {"train.lr_student": {"loguniform": [1e-5, 1e-3]}, "loss.lambda_distill": {"choice": [1.0, 2.5]}}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def test_search_space_and_overrides(tmp_path):
+    from ray.tune.search.sample import Categorical, Float
+
+    space = param_space(SEARCH | {"train.seed": 3, "train.batch_size": {"type": "grid", "values": [4, 8]}})
+    assert isinstance(space["train.lr_student"], Float) and isinstance(space["loss.lambda_distill"], Categorical)
+    assert space["train.seed"] == 3 and space["train.batch_size"] == {"grid_search": [4, 8]}
+    with pytest.raises(ValueError, match="unknown search domain"):
+        param_space({"train.seed": {"normal": [0, 1]}})
+
+    spec = JobSpec.model_validate(tiny_job(tmp_path, "http://unused", "overrides"))
+    trial = apply_overrides(spec, {"train.lr_student": 3e-4, "loss.lambda_distill": 1.0})
+    assert (trial.train.lr_student, trial.loss.lambda_distill, trial.train.steps) == (3e-4, 1.0, 4)
+    with pytest.raises(ValueError, match="'train.lr' is not a field"):
+        apply_overrides(spec, {"train.lr": 1.0})
+    with pytest.raises(ValueError, match="greater than 0"):
+        apply_overrides(spec, {"train.lr_student": -1.0})
+
+
+def test_trials_fill_the_cluster(tmp_path, ray_cluster):
+    spec = JobSpec.model_validate(tiny_job(tmp_path, "http://unused", "budget"))
+    config = SweepConfig(search_space=SEARCH)
+    assert trial_resources(spec, config) == {"CPU": 2.25, "GPU": 0}  # driver fn + 1 worker + Ray Data
+    assert concurrent_trials(spec, config) == 3  # of 8 logical CPUs
+    assert concurrent_trials(spec, SweepConfig(search_space=SEARCH, max_concurrent_trials=2)) == 2
+    assert reports_per_run(spec) == 4
+
+
+def test_stopped_trial_run_is_closed_and_marked(mlflow_server, tmp_path):
+    """ASHA kills a stopped trial with its trainer: the controller-side callback ends its run."""
+    spec = JobSpec.model_validate(tiny_job(tmp_path, mlflow_server.url, "closer"))
+    tracker = JobTracker(spec)
+    tracker.start_parent()
+    runs = {t: tracker.start_child(spec, f"trial-{t}", tags={TRIAL_TAG: t}) for t in ("a", "b", "c")}
+    closer = TrialRunCloser(tracker, full_reports=4)
+    closer.on_trial_complete(0, [], SimpleNamespace(trial_id="a", last_result={"training_iteration": 2}))
+    closer.on_trial_complete(0, [], SimpleNamespace(trial_id="b", last_result={"training_iteration": 4}))
+    closer.on_trial_error(0, [], SimpleNamespace(trial_id="c", last_result={}))
+    client = mlflow_server.client()
+    got = {t: client.get_run(r) for t, r in runs.items()}
+    assert {t: r.info.status for t, r in got.items()} == {"a": "FINISHED", "b": "FINISHED", "c": "FAILED"}
+    assert got["a"].data.tags["sweep.early_stopped"] == "true" and got["b"].data.tags["sweep.early_stopped"] == "false"
+    tracker.end_all("FINISHED")
+
+
+def test_asha_sweep_of_four_trials_registers_the_best(mlflow_server, ray_cluster, tmp_path):
+    sweep = {
+        "search_space": SEARCH,
+        "metric": "loss/distill",
+        "mode": "min",
+        "num_samples": 4,
+        "max_concurrent_trials": 2,  # on 2 cores; the default fills the cluster (see above)
+        "scheduler": "asha",
+        "grace_period": 1,
+        "reduction_factor": 2,
+    }
+    job = tiny_job(tmp_path, mlflow_server.url, "tiny-sweep", train={"sample_every": 4}, sweep=sweep)
+    result = run_job(JobSpec.model_validate(job))
+
+    client = mlflow_server.client()
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep.trials"] == "4"
+    children = [client.get_run(r) for r in result.child_run_ids]
+    assert len(children) == 4 and len({c.data.tags[TRIAL_TAG] for c in children}) == 4
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == result.parent_run_id
+        assert float(child.data.params["trial.train.lr_student"]) == float(child.data.params["train.lr_student"])
+        assert child.data.params["loss.lambda_distill"] in ("1.0", "2.5")
+        assert "loss/distill" in child.data.metrics and client.get_metric_history(child.info.run_id, "loss/distill")
+    finished = [c for c in children if c.data.tags.get("export.uri")]
+    early = [c for c in children if c.data.tags.get("sweep.early_stopped") == "true"]
+    assert finished and len(finished) + len(early) == 4
+    best = min(finished, key=lambda c: c.data.metrics["loss/distill"])  # each run's last report
+    assert result.best_run_id == best.info.run_id == parent.data.tags["sweep.best_run_id"]
+    assert best.data.tags["sweep.best"] == "true" and "eval/student_fid" in best.data.metrics
+    version = client.get_model_version_by_alias("tiny-sweep", CANDIDATE)
+    assert version.run_id == best.info.run_id and version.version == result.model_version

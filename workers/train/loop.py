@@ -1,0 +1,533 @@
+"""The Ray Train loop of an ADD job: ``train_loop_per_worker(config)`` runs on every training worker.
+
+One optimizer step, on every rank in lockstep::
+
+    for each of train.grad_accum micro-batches (rows from this rank's share of the Ray Data stream):
+        L = student_loss(...)        heads frozen, so L_G reaches θ only (through F and the heads)
+        (L / grad_accum).backward()  FSDP reduce-scatters θ's gradient, averaged over ranks
+        L_D = discriminator_loss(...)
+        (L_D / grad_accum).backward()
+    all-reduce the heads' gradients (they are replicated), clip both to train.max_grad_norm
+    all-gather every rank's losses: the mean is what gets reported, and a non-finite value on any
+        rank stops every rank here, before any optimizer step
+    AdamW steps for θ and φ, then the EMA of θ
+
+Randomness is a pure function of (seed, step, micro-batch index in the global batch), where the
+index of micro-batch i on rank r is r·grad_accum + i. So a run is reproducible bit for bit on
+CPU, resumes exactly, and a one-worker run with grad_accum = W draws the same noise as W workers.
+
+A non-finite loss does not raise out of the loop: Ray Train would count it as a worker failure
+and retry it from the last checkpoint up to ``max_failures`` times (forever with -1), hitting the
+same step again each time. Instead every rank reports a final ``status: non_finite`` with the
+step and the values, writes no checkpoint, and returns; ``workers.train.trainer.run_training``
+then raises ``NonFiniteLossError`` on the driver. The last good checkpoint stays the latest.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
+
+from orchestrator.spec import SECRET_REF, JobSpec
+from workers.add.step import discriminator_loss, student_loss
+from workers.train.checkpoint import TrainState, apply_model_state, load_checkpoint, model_state, save_checkpoint
+from workers.train.ema import EMA
+from workers.train.fsdp import ReplicaSync, distributed, full_norm, local_fractions, shard_unet, state_bytes
+from workers.train.metrics import STEP_KEYS, IntervalMetrics, non_finite
+from workers.train.models import (
+    build_models,
+    build_objective,
+    build_optimizers,
+    export_copy,
+    make_batch,
+    set_hyperparameters,
+)
+
+
+class TrainCallback:
+    """Hooks the loop calls on rank 0 (subclass; instances are pickled to the workers).
+
+    ``on_start(info)``: after building and restoring (rank, world size, restored step, sharding).
+    ``on_log(step, metrics)``: after each ``ray.train.report``, with the same metrics (global).
+    ``on_samples(step, images)``: every ``train.sample_every`` steps, one-step samples of the student
+    for ``train.sample_prompts`` (N, C, H, W) in [0, 1] (only when there are callbacks).
+    ``on_end(summary)``: the loop's return value (status, step, export location, message).
+    The orchestrator's MLflow logging is one of these.
+    """
+
+    def on_start(self, info: dict) -> None:
+        pass
+
+    def on_log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def on_samples(self, step: int, images: torch.Tensor) -> None:
+        pass
+
+    def on_end(self, summary: dict) -> None:
+        pass
+
+
+@dataclass
+class FaultInjection:
+    """Testing hook: SIGKILL the worker of ``rank`` right after it completes ``after_step``,
+    once: only while the file ``marker`` does not exist (it is created just before)."""
+
+    rank: int
+    after_step: int
+    marker: str
+
+
+@dataclass
+class LoopOptions:
+    """What the driver passes to the loop besides the JobSpec (it travels pickled)."""
+
+    callbacks: list[TrainCallback] = field(default_factory=list)
+    export_path: str | None = None  # consolidated student export: a path on export_filesystem
+    export_filesystem: pafs.FileSystem | None = None
+    export_uri: str | None = None  # the same location as shown to people (no credentials)
+    stop_at_step: int | None = None  # checkpoint and return "stopped" after this step
+    fault: FaultInjection | None = None
+    threads: int = 1  # torch threads per worker
+    dinov2: ModuleRecipe | None = None  # a built DINOv2 instead of discriminator.dinov2 (tests)
+
+
+@dataclass
+class ModuleRecipe:
+    """A built transformers model as class, config and weights, rebuilt on the worker: a pickled
+    transformers 5 model loses its output recording (``output_hidden_states`` gives None)."""
+
+    cls: type
+    config: dict
+    state: dict
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModuleRecipe:
+        return cls(type(model), model.config.to_dict(), {k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    def build(self) -> nn.Module:
+        model = self.cls(self.cls.config_class.from_dict(self.config))
+        model.load_state_dict(self.state)
+        return model.eval()
+
+
+class NonFiniteLoss(Exception):
+    """Raised on every rank at once (after the all-gather) when any rank's loss went non-finite."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+def step_seed(seed: int, step: int, index: int) -> int:
+    """The seed of one micro-batch's randomness: a pure function of (seed, step, global index)."""
+    return int(np.random.SeedSequence([seed, step, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@contextmanager
+def frozen(params: list[nn.Parameter]):
+    """No gradient accumulates into ``params`` inside (the heads during the student's loss)."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+
+
+class BatchStream:
+    """This rank's micro-batches from its Ray Data shard, pass after pass, counted.
+
+    ``consumed`` is the position recorded in checkpoints; ``skip`` replays a recorded position by
+    reading and dropping that many micro-batches (Ray Data iterators have no seek).
+    """
+
+    def __init__(self, shard, batch_size: int, skip: int = 0, prefetch_batches: int = 2):
+        if shard is None:
+            raise ValueError("the trainer has no 'train' dataset: pass datasets={'train': ...}")
+        self.shard = shard
+        self.batch_size = batch_size
+        self.prefetch_batches = prefetch_batches
+        self.consumed = 0
+        self.epoch = 0
+        self._it = None
+        self._skip = skip  # done on first use: a run restored at its last step reads nothing
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while self.consumed < self._skip:
+            self._next()
+        return self._next()
+
+    def _next(self) -> dict[str, np.ndarray]:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(
+                    self.shard.iter_batches(
+                        batch_size=self.batch_size,
+                        batch_format="numpy",
+                        drop_last=True,
+                        prefetch_batches=self.prefetch_batches,
+                    )
+                )
+            try:
+                rows = next(self._it)
+            except StopIteration:
+                self._it = None
+                continue
+            self.consumed += 1
+            if "epoch" in rows and len(rows["epoch"]):
+                self.epoch = int(rows["epoch"][-1])
+            return rows
+        raise RuntimeError(
+            f"the training data gave this worker no full micro-batch of {self.batch_size} rows: "
+            "too few rows for train.batch_size over the workers"
+        )
+
+
+def _gather(values: list[float], device: torch.device) -> list[list[float]]:
+    """Every rank's ``values`` (same length on all ranks), in rank order."""
+    local = torch.tensor(values, dtype=torch.float64, device=device)
+    if not distributed():
+        return [local.tolist()]
+    out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, local)
+    return [t.tolist() for t in out]
+
+
+def _broadcast(obj, rank: int):
+    if not distributed():
+        return obj
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _apply_env(env: dict[str, str]) -> None:
+    """The job's ``env`` on this worker; ``${env:NAME}`` references resolve here, never on the driver."""
+    for key, value in env.items():
+        ref = SECRET_REF.match(value)
+        if ref:
+            value = os.environ.get(ref[1])
+            if value is None:
+                raise ValueError(f"env.{key}: the worker's environment has no {ref[1]} to resolve it from")
+        os.environ[key] = value
+
+
+class ADDLoop:
+    """Everything one worker holds: the sharded models, optimizers, EMA, data position."""
+
+    def __init__(self, spec: JobSpec, options: LoopOptions):
+        self.spec, self.options = spec, options
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        torch.set_num_threads(options.threads)
+        _apply_env(spec.env)
+        self.device = ray.train.torch.get_device()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # FSDP's default mesh and NCCL use the current device
+        t, precision = spec.train, spec.train.mixed_precision
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.accum = t.grad_accum
+        self.micro_batch_size = t.batch_size // (self.world * self.accum)
+
+        dinov2 = options.dinov2.build() if options.dinov2 is not None else None
+        self.models = build_models(spec, self.device, dinov2=dinov2)
+        self.objective = build_objective(spec)
+        self.sharded = spec.resources.fsdp and distributed()
+        if self.sharded:
+            shard_unet(self.models.student.unet, root=True)
+            shard_unet(self.models.teacher.unet, root=False)  # see fsdp.py: LADD cuts its forward short
+        # without FSDP the student is replicated: its gradients are averaged like the heads'
+        self.student_sync = None if self.sharded else ReplicaSync(self.models.student)
+        self.heads = self.models.discriminator.heads
+        self.head_sync = ReplicaSync(self.heads)
+        self.head_sync.broadcast()
+        self.opt_g, self.opt_d = build_optimizers(spec, self.models)
+        self.ema = EMA(self.models.student, t.ema_decay) if t.ema_decay else None
+        self.state = TrainState(
+            micro_batch_size=self.micro_batch_size, world_size=self.world, grad_accum=self.accum, seed=t.seed
+        )
+        self.restored_from = -1
+        self.token = _broadcast(uuid.uuid4().hex[:8], self.rank)  # this attempt's checkpoint names
+        self.interval = IntervalMetrics()
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    def _model_state(self) -> dict:
+        return model_state(self.models.student, self.opt_g, self.heads, self.opt_d, self.ema)
+
+    def restore(self) -> int:
+        """Load the latest checkpoint Ray registered, if any; returns micro-batches to skip."""
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return 0
+        state = self._model_state()
+        with checkpoint.as_directory() as folder:
+            saved = load_checkpoint(folder, state, self.rank, self.world)
+        apply_model_state(state, self.models.student, self.opt_g, self.heads, self.opt_d)
+        if self.ema is not None and "ema" not in state:  # EMA switched on at this resume: start it here
+            self.ema = EMA(self.models.student, self.spec.train.ema_decay)
+        set_hyperparameters(self.spec, self.opt_g, self.opt_d)
+        self.head_sync.broadcast()
+        self.state.step = self.restored_from = saved.step
+        return saved.skip_for(self.micro_batch_size, self.world)
+
+    def _checkpoint(self, metrics: dict) -> None:
+        folder = Path(tempfile.mkdtemp(prefix=f"add-ckpt-{self.rank}-"))
+        try:
+            save_checkpoint(folder, self._model_state(), self.state, self.rank)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                checkpoint_dir_name=f"checkpoint_{self.state.step:08d}_{self.token}",
+            )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def train_step(self, stream: BatchStream) -> tuple[dict[str, float], float, float]:
+        """One optimizer step; returns the global metrics, the data wait and the step time."""
+        start, wait = time.perf_counter(), 0.0
+        step, models, objective = self.state.step, self.models, self.objective
+        self.opt_g.zero_grad(set_to_none=True)
+        self.opt_d.zero_grad(set_to_none=True)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        local = np.zeros(len(STEP_KEYS))
+        for i in range(self.accum):
+            waited = time.perf_counter()
+            rows = next(stream)
+            wait += time.perf_counter() - waited
+            batch = make_batch(models.teacher, rows, self.device)
+            seed = step_seed(self.spec.train.seed, step, self.rank * self.accum + i)
+            torch.manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)
+            with frozen(self.head_sync.params), autocast:
+                loss_g, metrics, fake = student_loss(models, objective, batch, generator)
+            (loss_g / self.accum).backward()
+            with autocast:
+                loss_d, metrics_d = discriminator_loss(models, objective, batch, fake, step, generator)
+            (loss_d / self.accum).backward()
+            metrics |= metrics_d
+            local += np.array([metrics[k] for k in STEP_KEYS]) / self.accum
+        self.head_sync.all_reduce_grads()
+        if self.student_sync is not None:
+            self.student_sync.all_reduce_grads()
+        max_norm = self.spec.train.max_grad_norm or math.inf
+        norm_g = full_norm(torch.nn.utils.clip_grad_norm_(models.student.trainable_parameters(), max_norm))
+        norm_d = full_norm(torch.nn.utils.clip_grad_norm_(self.head_sync.params, max_norm))
+
+        per_rank = _gather(local.tolist(), self.device)
+        values = {k: float(np.mean([row[j] for row in per_rank])) for j, k in enumerate(STEP_KEYS)}
+        values |= {"grad_norm/student": norm_g, "grad_norm/discriminator": norm_d}
+        self._check_finite(step + 1, per_rank, norm_g, norm_d)
+        self.opt_g.step()
+        self.opt_d.step()
+        if self.ema is not None:
+            self.ema.update(models.student)
+        return values, wait, time.perf_counter() - start
+
+    def _check_finite(self, step: int, per_rank: list[list[float]], norm_g: float, norm_d: float) -> None:
+        problems = []
+        for r, row in enumerate(per_rank):
+            bad = non_finite(dict(zip(STEP_KEYS, row, strict=True)))
+            if bad:
+                shown = ", ".join(f"{k}={v}" for k, v in bad.items())
+                problems.append(f"rank {r}: {shown}")
+        bad_norms = non_finite({"grad_norm/student": norm_g, "grad_norm/discriminator": norm_d})
+        if bad_norms:
+            problems.append(", ".join(f"{k}={v}" for k, v in bad_norms.items()))
+        if problems:
+            raise NonFiniteLoss(step, f"non-finite loss at step {step}: {'; '.join(problems)}")
+
+    # ---- reporting ------------------------------------------------------------------------------
+
+    def _report(self, checkpoint: bool) -> dict:
+        """``ray.train.report`` of the interval's metrics (all ranks: it is a barrier), with a checkpoint."""
+        student_params = self.models.student.trainable_parameters()
+        per_rank = _gather([*self.interval.local_timing(), state_bytes(student_params, self.opt_g)], self.device)
+        state_per_rank = [row[-1] for row in per_rank]
+        metrics = {
+            "status": "running",
+            "step": self.state.step,
+            "data/epoch": self.stream.epoch,
+            "data/micro_batches": self.stream.consumed,
+            **self.interval.summary(per_rank),
+            "lr/student": self.opt_g.param_groups[0]["lr"],
+            "lr/discriminator": self.opt_d.param_groups[0]["lr"],
+            "memory/student_state_bytes_per_rank": state_per_rank,
+            "memory/student_state_bytes_max": max(state_per_rank),
+            "world_size": self.world,
+            "resume/restored_from_step": self.restored_from,
+            **self.sharding,
+        }
+        self.state.micro_batches = self.stream.consumed
+        if checkpoint:
+            self._checkpoint(metrics)
+        else:
+            ray.train.report(metrics)
+        if self.rank == 0:
+            for callback in self.options.callbacks:
+                callback.on_log(self.state.step, metrics)
+        self.interval.reset()
+        return metrics
+
+    def _sharding_info(self) -> dict:
+        fractions = local_fractions(self.models.student) or [1.0]
+        lo, hi = zip(*_gather([min(fractions), max(fractions)], self.device), strict=True)
+        return {
+            "fsdp/sharded": float(self.sharded),
+            "fsdp/local_fraction_min": min(lo),
+            "fsdp/local_fraction_max": max(hi),
+        }
+
+    # ---- the run --------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Restore, train to ``train.steps`` (or ``stop_at_step``), export; returns the summary."""
+        t, options = self.spec.train, self.options
+        skip = self.restore()
+        self.sharding = self._sharding_info()
+        self.stream = BatchStream(ray.train.get_dataset_shard("train"), self.micro_batch_size, skip=skip)
+        if self.rank == 0:
+            info = {"rank": self.rank, "world_size": self.world, "restored_from_step": self.restored_from}
+            for callback in options.callbacks:
+                callback.on_start(info | self.sharding)
+        status, message, last_step = "completed", "", None
+        try:
+            while self.state.step < t.steps:
+                values, wait, step_s = self.train_step(self.stream)
+                self.state.step += 1
+                self.interval.add_step(values, t.batch_size, wait, step_s)
+                step = self.state.step
+                stop = step == options.stop_at_step
+                save = step % t.checkpoint_every == 0 or step == t.steps or stop
+                if save or step % t.log_every == 0:
+                    self._report(checkpoint=save)
+                if step % t.sample_every == 0 and options.callbacks:
+                    self._samples()
+                self._maybe_fault(step)
+                if stop and step < t.steps:
+                    status = "stopped"
+                    break
+        except NonFiniteLoss as err:
+            status, message, last_step = "non_finite", str(err), err.step
+            ray.train.report({"status": status, "step": err.step, "message": message})
+        export_uri = self.export() if status == "completed" else None
+        summary = {
+            "status": status,
+            "step": last_step or self.state.step,
+            "restored_from_step": self.restored_from,
+            "export_uri": export_uri,
+            "message": message,
+        }
+        if self.rank == 0:
+            for callback in options.callbacks:
+                callback.on_end(summary)
+        return summary
+
+    @torch.no_grad()
+    def _samples(self) -> None:
+        """One-step samples for ``train.sample_prompts`` (every rank runs them: θ is sharded)."""
+        from workers.add.sampler import sample_student
+
+        teacher, spec = self.models.teacher, self.spec
+        prompts = spec.train.sample_prompts or ([] if teacher.prompt_encoder is not None else [""] * 4)
+        if not prompts:
+            return
+        cond = teacher.encode_prompts(prompts).to(self.device) if teacher.prompt_encoder is not None else None
+        size = spec.data.resolution // (teacher.codec.downsample_factor if teacher.codec is not None else 1)
+        shape = (len(prompts), teacher.unet.config.in_channels, size, size)
+        generator = torch.Generator().manual_seed(spec.train.seed)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        with autocast:
+            x0 = sample_student(self.models.student, cond, shape, steps=1, generator=generator)
+            images = teacher.codec.decode(x0) if teacher.codec is not None else x0
+        if self.rank == 0:
+            images = ((images.float().cpu() + 1) / 2).clamp(0, 1)
+            for callback in self.options.callbacks:
+                callback.on_samples(self.state.step, images)
+
+    def _maybe_fault(self, step: int) -> None:
+        fault = self.options.fault
+        if fault and self.rank == fault.rank and step == fault.after_step and not os.path.exists(fault.marker):
+            Path(fault.marker).write_text(f"killed pid {os.getpid()} after step {step}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # ---- export ---------------------------------------------------------------------------------
+
+    def export(self) -> str | None:
+        """The final student (the EMA when kept) as a diffusers folder at ``export_path``, written by
+        rank 0 from a consolidated state dict; complete or absent, and skipped when already there."""
+        fs, path = self.options.export_filesystem, self.options.export_path
+        if fs is None or path is None:
+            return None
+        from workers.add.export import STUDENT_FILE  # diffusers pipelines: slow to import, needed once
+
+        done = self.rank == 0 and fs.get_file_info(f"{path}/{STUDENT_FILE}").type == pafs.FileType.File
+        if _broadcast(done, self.rank):
+            return self.options.export_uri
+        full = get_model_state_dict(
+            self.models.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if self.ema is not None:  # every rank gathers each shadow in the same order; rank 0 keeps them
+            for name in sorted(self.ema.shadow):
+                shadow = self.ema.shadow[name]
+                value = shadow.full_tensor() if isinstance(shadow, DTensor) else shadow
+                if self.rank == 0:
+                    full[name] = value.detach().cpu()
+        if self.rank == 0:
+            student = export_copy(self.spec, self.models.teacher, full)
+            metadata = {"job": self.spec.name, "step": self.state.step, "ema": self.ema is not None}
+            _write_export(student, self.models.teacher, fs, path, metadata)
+        if distributed():
+            dist.barrier()
+        return self.options.export_uri
+
+
+def _write_export(student, teacher, fs: pafs.FileSystem, path: str, metadata: dict) -> None:
+    """export_student into ``path``; on object storage upload the folder with ``STUDENT_FILE`` last,
+    so a reader (``load_student`` checks for it) never sees a partial export."""
+    from workers.add.export import STUDENT_FILE, export_student
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        export_student(student, teacher, path, metadata=metadata)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "student"
+        export_student(student, teacher, local, metadata=metadata)
+        marker = Path(tmp) / STUDENT_FILE
+        (local / STUDENT_FILE).rename(marker)
+        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        pafs.copy_files(
+            str(marker), f"{path}/{STUDENT_FILE}", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+        )
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """Ray Train entry point. ``config``: ``{"spec": JobSpec as a dict, "options": LoopOptions}``."""
+    spec = JobSpec.model_validate(config["spec"])
+    return ADDLoop(spec, config.get("options") or LoopOptions()).run()

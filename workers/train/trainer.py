@@ -1,0 +1,213 @@
+"""The Ray Train side of an ADD job: ``build_trainer(spec)`` -> TorchTrainer, ``run_training(trainer)``.
+
+Example (a Ray cluster is running, or ``ray.init(num_cpus=...)`` was called)::
+
+    spec = JobSpec.model_validate(yaml.safe_load(open("jobs/fmnist.yaml")))
+    result = run_training(build_trainer(spec))        # resumes if spec.name already has checkpoints
+    result.return_value["export_uri"]                 # the exported diffusers folder of the student
+
+Storage: the run's checkpoints go to ``<storage.uri>/<run name>/checkpoint_<step>_<attempt>`` and
+the final student to ``<storage.uri>/<run name>/student``. Building the trainer again with the
+same name and storage resumes from the latest registered checkpoint (Ray Train V2 has no
+``restore``), also with another number of workers. Object storage is checked before anything
+starts: an unreachable endpoint or a wrong bucket is a ``StorageError`` naming the URI and never
+a credential.
+
+Failures: ``FailureConfig(max_failures=resources.max_failures)``: a worker that dies (or raises)
+is replaced and the run continues from the last checkpoint. A non-finite loss is not retried
+(see ``loop.py``): the run ends, ``run_training`` raises ``NonFiniteLossError`` with the step and
+the values, and ``error.checkpoint`` is the last good checkpoint.
+
+For Ray Tune (``Tuner(train_driver_fn, ...)``), the driver function calls ``build_trainer`` with a
+trial-specific ``run_name`` and ``run_training``; metrics reach Tune through its
+``TuneReportCallback`` (every report of the loop is one ``training_iteration``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+
+import pyarrow.fs as pafs
+import ray
+from ray.data import ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchConfig, TorchTrainer
+from torch import nn
+
+from orchestrator.spec import SECRET_REF, JobSpec
+from workers.data.shards import read_manifest
+from workers.data.storage import StorageOptions, check_reachable, display_uri, join_uri, resolve, split_uri
+from workers.train.loop import FaultInjection, LoopOptions, ModuleRecipe, TrainCallback, train_loop_per_worker
+from workers.train.models import caption_encoder
+
+__all__ = ["NonFiniteLossError", "build_train_dataset", "build_trainer", "raise_for_status", "run_training"]
+
+_OPTION_TYPES = {
+    "endpoint_url": str,
+    "region": str,
+    "profile": str,
+    "anonymous": lambda v: str(v).lower() in ("1", "true", "yes"),
+    "connect_timeout": float,
+    "request_timeout": float,
+    "max_attempts": int,
+}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The run stopped at a non-finite loss; ``checkpoint`` is the last good one (or None)."""
+
+    def __init__(self, message: str, step: int, checkpoint=None):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+def storage_options(options: dict[str, str], where: str) -> StorageOptions:
+    """A spec's ``storage_options``/``options`` mapping as ``StorageOptions`` (``${env:NAME}`` resolved)."""
+    kwargs = {}
+    for key, value in options.items():
+        if key not in _OPTION_TYPES:
+            raise ValueError(f"{where}.{key}: unknown storage option; allowed are {', '.join(_OPTION_TYPES)}")
+        ref = SECRET_REF.match(str(value))
+        if ref:
+            value = os.environ.get(ref[1])
+            if value is None:
+                raise ValueError(f"{where}.{key}: environment variable {ref[1]} is not set")
+        kwargs[key] = _OPTION_TYPES[key](value)
+    return StorageOptions(**kwargs)
+
+
+def run_storage(uri: str, options: StorageOptions) -> tuple[pafs.FileSystem, str]:
+    """Filesystem and scheme-less path of the runs' storage, checked (and created when local)."""
+    check_reachable(uri, options, must_exist=False)
+    fs, path = resolve(uri, options)
+    if split_uri(uri)[0] == "file":
+        os.makedirs(path, exist_ok=True)
+    return fs, path
+
+
+def micro_batch_size(spec: JobSpec) -> int:
+    return spec.train.batch_size // (spec.resources.num_workers * spec.train.grad_accum)
+
+
+def build_train_dataset(spec: JobSpec) -> ray.data.Dataset:
+    """The job's Ray Data stream, enough epochs for ``train.steps`` chained in a (seed, epoch) order.
+
+    Blocks hold one micro-batch each, so Ray Train's deterministic split (``preserve_order``)
+    hands out whole micro-batches and each rank's share is a pure function of the data order.
+    """
+    from workers.data.ingest import build_dataset, embed_captions
+
+    d, t = spec.data, spec.train
+    options = storage_options(d.storage_options, "data.storage_options")
+    manifest = read_manifest(d.uri, options) if d.format == "parquet" else None
+    rows = (manifest or {}).get("rows") or 0
+    # one spare epoch for bad records and the rows streaming_split(equal=True) drops
+    epochs = math.ceil(t.steps * t.batch_size / rows) + 1 if rows else 1
+    micro = micro_batch_size(spec)
+    ds = build_dataset(
+        d.uri,
+        format=d.format,
+        resolution=d.resolution,
+        channels=d.channels,
+        seed=d.shuffle_seed,
+        num_epochs=epochs,
+        shuffle_buffer=d.local_shuffle_buffer,
+        max_bad_fraction=d.max_bad_fraction,
+        batch_size=micro,
+        storage=options,
+        preserve_order=True,
+    )
+    if d.embed_captions:  # the loop reads the text_embedding_* columns instead of encoding captions
+        encoder = functools.partial(caption_encoder, spec.teacher.source)
+        ds = embed_captions(ds, encoder, batch_size=micro, concurrency=1)
+    return ds
+
+
+def _check_cpus(spec: JobSpec) -> None:
+    """Refuse a layout that leaves Ray Data no CPU: it would hang rather than fail."""
+    if not ray.is_initialized():
+        return
+    r = spec.resources
+    total = ray.cluster_resources().get("CPU", 0)
+    need = r.num_workers * r.cpus_per_worker + r.data_cpus
+    if total < need:
+        raise ValueError(
+            f"Ray has {total:g} CPUs; the training workers reserve {r.num_workers} × {r.cpus_per_worker:g} and "
+            f"Ray Data needs resources.data_cpus = {r.data_cpus:g}: start Ray with more (logical) CPUs or "
+            "lower resources.num_workers / cpus_per_worker"
+        )
+
+
+def build_trainer(
+    spec: JobSpec,
+    *,
+    storage_path: str | None = None,
+    run_name: str | None = None,
+    datasets: dict | None = None,
+    callbacks: Sequence[TrainCallback] = (),
+    run_callbacks: Sequence[UserCallback] = (),
+    export: bool = True,
+    stop_at_step: int | None = None,
+    fault: FaultInjection | None = None,
+    dinov2: nn.Module | None = None,
+) -> TorchTrainer:
+    """A TorchTrainer for ``spec``; ``storage_path`` (a local folder or s3://bucket/prefix) and
+    ``run_name`` default to ``storage.uri`` and ``name``. ``datasets`` replaces the job's Ray Data
+    stream (``{"train": ds}`` with the ``workers.data.ingest`` columns). ``callbacks`` run on rank 0
+    of the workers; ``run_callbacks`` (Ray Train ``UserCallback``s, e.g. Tune's
+    ``TuneReportCallback``) on the controller. ``stop_at_step`` checkpoints and stops early (resume
+    with a new trainer of the same name); ``fault`` and ``dinov2`` are for tests."""
+    uri = storage_path or spec.storage.uri
+    name = run_name or spec.name
+    options = storage_options(spec.storage.options, "storage.options")
+    fs, path = run_storage(uri, options)
+    _check_cpus(spec)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    r = spec.resources
+    loop_options = LoopOptions(
+        callbacks=list(callbacks),
+        export_path=join_uri(path, name, "student") if export else None,
+        export_filesystem=fs if export else None,
+        export_uri=display_uri(join_uri(uri, name, "student")) if export else None,
+        stop_at_step=stop_at_step,
+        fault=fault,
+        threads=max(1, int(r.cpus_per_worker)),
+        dinov2=ModuleRecipe.of(dinov2) if dinov2 is not None else None,
+    )
+    resources = {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "options": loop_options},
+        scaling_config=ScalingConfig(
+            num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=path,
+            storage_filesystem=None if local else fs,
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+            callbacks=list(run_callbacks),
+        ),
+        datasets=datasets if datasets is not None else {"train": build_train_dataset(spec)},
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True)),
+        torch_config=TorchConfig(backend="nccl" if r.gpus_per_worker else "gloo"),
+    )
+
+
+def raise_for_status(result: Result) -> Result:
+    """Raise ``NonFiniteLossError`` when the run ended at a non-finite loss; else return ``result``."""
+    summary = result.return_value or {}
+    if summary.get("status") == "non_finite":
+        raise NonFiniteLossError(summary["message"], step=summary["step"], checkpoint=result.checkpoint)
+    return result
+
+
+def run_training(trainer: TorchTrainer) -> Result:
+    """``trainer.fit()``, then ``raise_for_status``. ``return_value`` is the loop's summary: status
+    ("completed" or "stopped"), step, restored_from_step, export_uri."""
+    return raise_for_status(trainer.fit())
