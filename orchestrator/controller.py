@@ -24,6 +24,7 @@ import importlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -154,14 +155,15 @@ def run_job(
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     tracker = JobTracker(spec, tracking_uri)
-    tracker.start_parent(run_name, tags=_ray_tags())
-    result = JobResult(parent_run_id=tracker.parent_run_id)
 
     def stop(signum: int) -> None:  # from the watcher thread, at once
-        tracker.set_tags(tracker.parent_run_id, {"job.stopped_by": f"signal {signum}"})
-        tracker.end_all("KILLED")
+        if tracker.parent_run_id:
+            tracker.set_tags(tracker.parent_run_id, {"job.stopped_by": signal.Signals(signum).name})
+            tracker.end_all("KILLED")
 
     with stop_on_signals(stop):
+        tracker.start_parent(run_name, tags=_ray_tags())
+        result = JobResult(parent_run_id=tracker.parent_run_id)
         status = "FAILED"
         try:
             started = time.monotonic()
@@ -179,15 +181,19 @@ def run_job(
                 )
                 tracker.set_tags(tracker.parent_run_id, {"timing.register_s": f"{time.monotonic() - started:.1f}"})
             status = "FINISHED"
-        except (JobStopped, KeyboardInterrupt):
+        except (JobStopped, KeyboardInterrupt) as stopped:
             status = "KILLED"
+            by = signal.Signals(stopped.signum).name if isinstance(stopped, JobStopped) else "KeyboardInterrupt"
+            tracker.set_tags(tracker.parent_run_id, {"job.stopped_by": by})
             raise
         except BaseException as err:
             tracker.set_tags(tracker.parent_run_id, {"job.error": f"{type(err).__name__}: {err}"[:5000]})
             raise
         finally:
-            result.child_run_ids = [r.info.run_id for r in tracker.child_runs()]
-            tracker.end_all(status)
+            try:
+                result.child_run_ids = [r.info.run_id for r in tracker.child_runs()]
+            finally:
+                tracker.end_all(status)
     return result
 
 

@@ -353,7 +353,7 @@ class JobStopped(BaseException):
 @contextmanager
 def stop_on_signals(
     on_stop: Callable[[int], None] | None = None,
-    grace_s: float = 2.0,
+    grace_s: float = 1.5,
     signums: Iterable[int] = (signal.SIGTERM, signal.SIGINT),
 ) -> Iterator[None]:
     """Within the block, SIGTERM/SIGINT stop the job: ``on_stop(signum)`` runs at once, and the block

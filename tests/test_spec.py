@@ -267,7 +267,6 @@ def test_gpu_recipe_loads_its_teacher_and_streams_its_data(recipe, kind, tmp_pat
     assert isinstance(fs, pafs.S3FileSystem)
 
 
-@pytest.mark.xfail(raises=ValueError, reason="orchestrator/sweep.py: SweepConfig accepts 'asha' or None, not 'fifo'")
 def test_a_fifo_sweep_reaches_the_controller():
     from orchestrator.controller import sweep_config
 

@@ -36,8 +36,13 @@ class FashionClassifier(nn.Module):
 
         def block(cin, cout):
             return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
-                nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+                nn.Conv2d(cout, cout, 3, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
             )
 
         self.body = nn.Sequential(block(1, 32), block(32, 64), block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -66,8 +71,9 @@ def predict(model: FashionClassifier, x: Tensor, batch_size: int = 1000) -> tupl
     return f, model.head(f)
 
 
-def train(out: Path, epochs: int = 4, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-          idx_dir: str = FASHION_MNIST_IDX) -> dict:
+def train(
+    out: Path, epochs: int = 4, batch_size: int = 128, lr: float = 2e-3, seed: int = 0, idx_dir: str = FASHION_MNIST_IDX
+) -> dict:
     """Train on the train split, report test accuracy, save weights and info atomically."""
     torch.manual_seed(seed)
     x, y = load_split(idx_dir, "train")
@@ -82,7 +88,7 @@ def train(out: Path, epochs: int = 4, batch_size: int = 128, lr: float = 2e-3, s
         model.train()
         perm = torch.randperm(len(x), generator=g)
         for i in range(len(x) // batch_size):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
+            idx = perm[i * batch_size : (i + 1) * batch_size]
             xb = x[idx]
             shift = torch.randint(-2, 3, (2,), generator=g).tolist()  # small translations
             xb = torch.roll(xb, shifts=shift, dims=(2, 3))
@@ -95,8 +101,14 @@ def train(out: Path, epochs: int = 4, batch_size: int = 128, lr: float = 2e-3, s
     bar.close()
     _, logits = predict(model, x_test)
     accuracy = float((logits.argmax(1) == y_test).float().mean())
-    info = {"test_accuracy": accuracy, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "parameters": sum(p.numel() for p in model.parameters())}
+    info = {
+        "test_accuracy": accuracy,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (WEIGHTS + ".tmp")
     save_file(model.state_dict(), str(tmp))
@@ -109,7 +121,9 @@ def load_classifier(folder: str | Path) -> FashionClassifier:
     """The shipped classifier, in eval mode and frozen."""
     path = Path(folder) / WEIGHTS
     if not path.is_file():
-        raise FileNotFoundError(f"no evaluator classifier at {path}: train it with python -m workers.benchmark.classifier")
+        raise FileNotFoundError(
+            f"no evaluator classifier at {path}: train it with python -m workers.benchmark.classifier"
+        )
     model = FashionClassifier()
     model.load_state_dict(load_file(str(path)))
     return model.eval().requires_grad_(False)

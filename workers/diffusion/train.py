@@ -116,9 +116,18 @@ def train(
         sched.load_state_dict(state["sched"])
         step, history = state["step"], state["history"]
         print(f"resumed from step {step}", flush=True)
-    config = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "ema_decay": ema_decay,
-              "caption_dropout": caption_dropout, "seed": seed, "bf16": bf16, "scheduler": SCHEDULER_CONFIG,
-              "unet_parameters": sum(p.numel() for p in model.parameters())}
+    config = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup": warmup,
+        "ema_decay": ema_decay,
+        "caption_dropout": caption_dropout,
+        "seed": seed,
+        "bf16": bf16,
+        "scheduler": SCHEDULER_CONFIG,
+        "unet_parameters": sum(p.numel() for p in model.parameters()),
+    }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     bar = tqdm(total=steps, initial=step, desc="teacher", mininterval=30)
     start, losses = time.perf_counter(), []
@@ -153,8 +162,18 @@ def train(
             elapsed = time.perf_counter() - start
             history.append({"step": step, "loss": float(np.mean(losses)), "s_per_step": elapsed / len(losses)})
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-            _save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                          "sched": sched.state_dict(), "step": step, "history": history, "config": config}, ckpt_path)
+            _save_atomic(
+                {
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "step": step,
+                    "history": history,
+                    "config": config,
+                },
+                ckpt_path,
+            )
             (out / "history.json").write_text(json.dumps(history, indent=1))
             start, losses = time.perf_counter(), []
     bar.close()

@@ -43,13 +43,12 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.tensor import DTensor
 
-from orchestrator.spec import SECRET_REF, JobSpec
+from orchestrator.spec import JobSpec, resolve_secrets
 from workers.add.step import discriminator_loss, student_loss
 from workers.train.checkpoint import TrainState, apply_model_state, load_checkpoint, model_state, save_checkpoint
 from workers.train.ema import EMA
+from workers.train.export import consolidated_state, export_exists, write_export
 from workers.train.fsdp import ReplicaSync, distributed, full_norm, local_fractions, shard_unet, state_bytes
 from workers.train.metrics import STEP_KEYS, IntervalMetrics, non_finite
 from workers.train.models import (
@@ -60,6 +59,7 @@ from workers.train.models import (
     make_batch,
     set_hyperparameters,
 )
+from workers.train.stream import BatchStream
 
 
 class TrainCallback:
@@ -155,58 +155,6 @@ def frozen(params: list[nn.Parameter]):
             p.requires_grad_(flag)
 
 
-class BatchStream:
-    """This rank's micro-batches from its Ray Data shard, pass after pass, counted.
-
-    ``consumed`` is the position recorded in checkpoints; ``skip`` replays a recorded position by
-    reading and dropping that many micro-batches (Ray Data iterators have no seek).
-    """
-
-    def __init__(self, shard, batch_size: int, skip: int = 0, prefetch_batches: int = 2):
-        if shard is None:
-            raise ValueError("the trainer has no 'train' dataset: pass datasets={'train': ...}")
-        self.shard = shard
-        self.batch_size = batch_size
-        self.prefetch_batches = prefetch_batches
-        self.consumed = 0
-        self.epoch = 0
-        self._it = None
-        self._skip = skip  # done on first use: a run restored at its last step reads nothing
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        while self.consumed < self._skip:
-            self._next()
-        return self._next()
-
-    def _next(self) -> dict[str, np.ndarray]:
-        for _ in range(2):
-            if self._it is None:
-                self._it = iter(
-                    self.shard.iter_batches(
-                        batch_size=self.batch_size,
-                        batch_format="numpy",
-                        drop_last=True,
-                        prefetch_batches=self.prefetch_batches,
-                    )
-                )
-            try:
-                rows = next(self._it)
-            except StopIteration:
-                self._it = None
-                continue
-            self.consumed += 1
-            if "epoch" in rows and len(rows["epoch"]):
-                self.epoch = int(rows["epoch"][-1])
-            return rows
-        raise RuntimeError(
-            f"the training data gave this worker no full micro-batch of {self.batch_size} rows: "
-            "too few rows for train.batch_size over the workers"
-        )
-
-
 def _gather(values: list[float], device: torch.device) -> list[list[float]]:
     """Every rank's ``values`` (same length on all ranks), in rank order."""
     local = torch.tensor(values, dtype=torch.float64, device=device)
@@ -226,14 +174,9 @@ def _broadcast(obj, rank: int):
 
 
 def _apply_env(env: dict[str, str]) -> None:
-    """The job's ``env`` on this worker; ``${env:NAME}`` references resolve here, never on the driver."""
-    for key, value in env.items():
-        ref = SECRET_REF.match(value)
-        if ref:
-            value = os.environ.get(ref[1])
-            if value is None:
-                raise ValueError(f"env.{key}: the worker's environment has no {ref[1]} to resolve it from")
-        os.environ[key] = value
+    """The job's ``env`` on this worker, ``${env:NAME}`` references resolved here (never on the driver);
+    a variable the launcher already set (Ray's runtime_env, a Kubernetes Secret) is left as it is."""
+    os.environ.update(resolve_secrets({k: v for k, v in env.items() if k not in os.environ}))
 
 
 class ADDLoop:
@@ -480,51 +423,21 @@ class ADDLoop:
     # ---- export ---------------------------------------------------------------------------------
 
     def export(self) -> str | None:
-        """The final student (the EMA when kept) as a diffusers folder at ``export_path``, written by
-        rank 0 from a consolidated state dict; complete or absent, and skipped when already there."""
+        """The final student (the EMA when kept) as a diffusers folder at ``export_path``, from a
+        consolidated state dict written by rank 0; skipped when a complete export is already there."""
         fs, path = self.options.export_filesystem, self.options.export_path
         if fs is None or path is None:
             return None
-        from workers.add.export import STUDENT_FILE  # diffusers pipelines: slow to import, needed once
-
-        done = self.rank == 0 and fs.get_file_info(f"{path}/{STUDENT_FILE}").type == pafs.FileType.File
-        if _broadcast(done, self.rank):
+        if _broadcast(self.rank == 0 and export_exists(fs, path), self.rank):
             return self.options.export_uri
-        full = get_model_state_dict(
-            self.models.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-        if self.ema is not None:  # every rank gathers each shadow in the same order; rank 0 keeps them
-            for name in sorted(self.ema.shadow):
-                shadow = self.ema.shadow[name]
-                value = shadow.full_tensor() if isinstance(shadow, DTensor) else shadow
-                if self.rank == 0:
-                    full[name] = value.detach().cpu()
+        full = consolidated_state(self.models.student, self.ema, self.rank)
         if self.rank == 0:
             student = export_copy(self.spec, self.models.teacher, full)
             metadata = {"job": self.spec.name, "step": self.state.step, "ema": self.ema is not None}
-            _write_export(student, self.models.teacher, fs, path, metadata)
+            write_export(student, self.models.teacher, fs, path, metadata)
         if distributed():
             dist.barrier()
         return self.options.export_uri
-
-
-def _write_export(student, teacher, fs: pafs.FileSystem, path: str, metadata: dict) -> None:
-    """export_student into ``path``; on object storage upload the folder with ``STUDENT_FILE`` last,
-    so a reader (``load_student`` checks for it) never sees a partial export."""
-    from workers.add.export import STUDENT_FILE, export_student
-
-    if isinstance(fs, pafs.LocalFileSystem):
-        export_student(student, teacher, path, metadata=metadata)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "student"
-        export_student(student, teacher, local, metadata=metadata)
-        marker = Path(tmp) / STUDENT_FILE
-        (local / STUDENT_FILE).rename(marker)
-        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-        pafs.copy_files(
-            str(marker), f"{path}/{STUDENT_FILE}", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
-        )
 
 
 def train_loop_per_worker(config: dict) -> dict:

@@ -37,23 +37,13 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, Result, RunCo
 from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
 
-from orchestrator.spec import SECRET_REF, JobSpec
+from orchestrator.spec import STORAGE_OPTIONS, JobSpec, resolve_secrets
 from workers.data.shards import read_manifest
 from workers.data.storage import StorageOptions, check_reachable, display_uri, join_uri, resolve, split_uri
 from workers.train.loop import FaultInjection, LoopOptions, ModuleRecipe, TrainCallback, train_loop_per_worker
 from workers.train.models import caption_encoder
 
 __all__ = ["NonFiniteLossError", "build_train_dataset", "build_trainer", "raise_for_status", "run_training"]
-
-_OPTION_TYPES = {
-    "endpoint_url": str,
-    "region": str,
-    "profile": str,
-    "anonymous": lambda v: str(v).lower() in ("1", "true", "yes"),
-    "connect_timeout": float,
-    "request_timeout": float,
-    "max_attempts": int,
-}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -66,18 +56,12 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def storage_options(options: dict[str, str], where: str) -> StorageOptions:
-    """A spec's ``storage_options``/``options`` mapping as ``StorageOptions`` (``${env:NAME}`` resolved)."""
-    kwargs = {}
-    for key, value in options.items():
-        if key not in _OPTION_TYPES:
-            raise ValueError(f"{where}.{key}: unknown storage option; allowed are {', '.join(_OPTION_TYPES)}")
-        ref = SECRET_REF.match(str(value))
-        if ref:
-            value = os.environ.get(ref[1])
-            if value is None:
-                raise ValueError(f"{where}.{key}: environment variable {ref[1]} is not set")
-        kwargs[key] = _OPTION_TYPES[key](value)
-    return StorageOptions(**kwargs)
+    """A spec's ``storage.options`` / ``data.storage_options`` as ``StorageOptions``, references resolved."""
+    unknown = sorted(set(options) - set(STORAGE_OPTIONS))
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown storage option; allowed are {', '.join(STORAGE_OPTIONS)}")
+    values = resolve_secrets({k: str(v) for k, v in options.items()}, where)
+    return StorageOptions(**{k: STORAGE_OPTIONS[k](v) for k, v in values.items()})
 
 
 def run_storage(uri: str, options: StorageOptions) -> tuple[pafs.FileSystem, str]:

@@ -1,0 +1,61 @@
+"""The final student of a distributed run, exported once as a diffusers folder into the run's storage.
+
+Every rank takes part in gathering the sharded student (and its EMA) into one full state dict on
+rank 0 (``consolidated_state``, a collective); rank 0 alone builds an unsharded copy and writes it
+(``write_export``): on a local filesystem with ``export_student``'s atomic rename, on object storage
+by uploading the folder with ``add_student.json`` last, the file ``load_student`` looks for, so a
+reader never sees a partial export.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
+
+from workers.train.ema import EMA
+
+# workers.add.export is imported where it is used: it loads the diffusers pipelines, slow to import
+# on every worker for something rank 0 does once at the end.
+
+
+def export_exists(fs: pafs.FileSystem, path: str) -> bool:
+    """A complete export is at ``path``: its marker file, written last, is there."""
+    from workers.add.export import STUDENT_FILE
+
+    return fs.get_file_info(f"{path}/{STUDENT_FILE}").type == pafs.FileType.File
+
+
+def consolidated_state(student: nn.Module, ema: EMA | None, rank: int) -> dict[str, torch.Tensor]:
+    """The full state dict of ``student`` on rank 0 (empty elsewhere), its trainable parameters replaced
+    by the EMA's when there is one. Collective: every rank calls it."""
+    full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ema is not None:  # every rank gathers each shadow in the same order; rank 0 keeps them
+        for name in sorted(ema.shadow):
+            shadow = ema.shadow[name]
+            value = shadow.full_tensor() if isinstance(shadow, DTensor) else shadow
+            if rank == 0:
+                full[name] = value.detach().cpu()
+    return full
+
+
+def write_export(student, teacher, fs: pafs.FileSystem, path: str, metadata: dict) -> None:
+    """``export_student`` into ``path`` on ``fs``, complete or absent."""
+    from workers.add.export import STUDENT_FILE, export_student
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        export_student(student, teacher, path, metadata=metadata)
+        return
+    local_fs = pafs.LocalFileSystem()
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "student"
+        export_student(student, teacher, local, metadata=metadata)
+        marker = Path(tmp) / STUDENT_FILE
+        (local / STUDENT_FILE).rename(marker)
+        pafs.copy_files(str(local), path, source_filesystem=local_fs, destination_filesystem=fs)
+        pafs.copy_files(str(marker), f"{path}/{STUDENT_FILE}", source_filesystem=local_fs, destination_filesystem=fs)
