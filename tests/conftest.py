@@ -17,5 +17,5 @@ def _seed():
     torch.manual_seed(0)
 
 
-from tests.s3_server import moto_server, s3_server  # noqa: E402, F401  (S3 fixtures for every module)
 from tests.mlflow_server import mlflow_server, mlflow_tracking  # noqa: E402, F401
+from tests.s3_server import moto_server, s3_server  # noqa: E402, F401  (S3 fixtures for every module)
