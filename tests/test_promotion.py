@@ -120,13 +120,27 @@ class SlowChampionReads(MlflowClient):
         return version
 
 
-def promote_concurrently(url: str, name: str, versions: list[str]) -> list:
+class LockstepChampionReads(MlflowClient):
+    """A client whose promotions all read the champion before any of them writes: the race, for sure."""
+
+    def __init__(self, url: str, barrier: threading.Barrier):
+        super().__init__(url, url)
+        self.barrier = barrier
+
+    def get_model_version_by_alias(self, name, alias):
+        version = super().get_model_version_by_alias(name, alias)
+        self.barrier.wait(timeout=60)
+        return version
+
+
+def promote_concurrently(url: str, name: str, versions: list[str], client_factory=None) -> list:
     barrier, errors = threading.Barrier(len(versions)), []
+    client_factory = client_factory or (lambda: SlowChampionReads(url, url))
 
     def run(version):
         try:
             barrier.wait()
-            promote(name, version, client=SlowChampionReads(url, url))
+            promote(name, version, client=client_factory())
         except Exception as err:  # surfaced by the assertion below
             errors.append(err)
 
@@ -179,7 +193,9 @@ def test_without_the_lock_the_same_race_is_inconsistent(model, mlflow_tracking, 
     client, name = model
     monkeypatch.setattr(promotion, "RegistryLock", lambda *a, **k: nullcontext(NoLock()))
     versions = [new_version(client, name, GOOD), new_version(client, name, GOOD)]
-    assert promote_concurrently(mlflow_tracking.url, name, versions) == []
+    lockstep = threading.Barrier(2)
+    factory = lambda: LockstepChampionReads(mlflow_tracking.url, lockstep)  # noqa: E731
+    assert promote_concurrently(mlflow_tracking.url, name, versions, factory) == []
     assert consistency_problems(client, name, versions) != []
 
 

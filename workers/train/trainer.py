@@ -89,7 +89,8 @@ def build_train_dataset(spec: JobSpec) -> ray.data.Dataset:
     options = storage_options(d.storage_options, "data.storage_options")
     manifest = read_manifest(d.uri, options) if d.format == "parquet" else None
     rows = (manifest or {}).get("rows") or 0
-    # one spare epoch for bad records and the rows streaming_split(equal=True) drops
+    # One spare epoch for bad records and the rows streaming_split(equal=True) drops. Without a
+    # manifest (WebDataset) the size is unknown: one epoch, which the loop reads pass after pass.
     epochs = math.ceil(t.steps * t.batch_size / rows) + 1 if rows else 1
     micro = micro_batch_size(spec)
     ds = build_dataset(
@@ -117,11 +118,13 @@ def _check_cpus(spec: JobSpec) -> None:
         return
     r = spec.resources
     total = ray.cluster_resources().get("CPU", 0)
-    need = r.num_workers * r.cpus_per_worker + r.data_cpus
+    embedder = 1 if spec.data.embed_captions and not ray.cluster_resources().get("GPU") else 0  # its actor
+    need = r.num_workers * r.cpus_per_worker + r.data_cpus + embedder
     if total < need:
         raise ValueError(
             f"Ray has {total:g} CPUs; the training workers reserve {r.num_workers} × {r.cpus_per_worker:g} and "
-            f"Ray Data needs resources.data_cpus = {r.data_cpus:g}: start Ray with more (logical) CPUs or "
+            f"Ray Data needs resources.data_cpus = {r.data_cpus:g}"
+            f"{' + 1 for the caption-embedding actor' if embedder else ''}: start Ray with more (logical) CPUs or "
             "lower resources.num_workers / cpus_per_worker"
         )
 
