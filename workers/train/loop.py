@@ -417,6 +417,10 @@ class ADDLoop:
     def _maybe_fault(self, step: int) -> None:
         fault = self.options.fault
         if fault and self.rank == fault.rank and step == fault.after_step and not os.path.exists(fault.marker):
+            # The controller registers reports asynchronously; one still in flight when its worker dies
+            # is lost (the run then resumes from the one before). Kill once it has caught up, so the
+            # test knows which checkpoint the resume must come from.
+            ray.train.get_all_reported_checkpoints(timeout_s=120)
             Path(fault.marker).write_text(f"killed pid {os.getpid()} after step {step}\n")
             os.kill(os.getpid(), signal.SIGKILL)
 
