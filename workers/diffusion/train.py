@@ -102,6 +102,7 @@ def train(
     encoder = minilm_encoder()
     captions = CaptionTable(encoder)
     schedule = NoiseSchedule.from_scheduler_config(SCHEDULER_CONFIG)
+    torch.manual_seed(seed)  # the initial weights too are a function of the seed
     model = fashion_mnist_unet(encoder.pooled_dim)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
