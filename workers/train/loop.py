@@ -43,6 +43,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm.auto import tqdm
 
 from orchestrator.spec import JobSpec, resolve_secrets
 from workers.add.step import discriminator_loss, student_loss
@@ -360,10 +361,13 @@ class ADDLoop:
             for callback in options.callbacks:
                 callback.on_start(info | self.sharding)
         status, message, last_step = "completed", "", None
+        # progress on rank 0 only (Ray streams it to the driver's console)
+        bar = tqdm(total=t.steps, initial=self.state.step, desc="ADD steps", disable=self.rank != 0, mininterval=5)
         try:
             while self.state.step < t.steps:
                 values, wait, step_s = self.train_step(self.stream)
                 self.state.step += 1
+                bar.update(1)
                 self.interval.add_step(values, t.batch_size, wait, step_s)
                 step = self.state.step
                 stop = step == options.stop_at_step
@@ -379,6 +383,7 @@ class ADDLoop:
         except NonFiniteLoss as err:
             status, message, last_step = "non_finite", str(err), err.step
             ray.train.report({"status": status, "step": err.step, "message": message})
+        bar.close()
         export_uri = self.export() if status == "completed" else None
         summary = {
             "status": status,
