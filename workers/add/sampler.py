@@ -32,9 +32,7 @@ def sampling_timesteps(student_timesteps: list[int], steps: int) -> list[int]:
     ``LCMScheduler`` picks them, so the exported pipeline samples exactly like this function."""
     n = len(student_timesteps)
     if not 1 <= steps <= n:
-        raise ValueError(
-            f"the student samples in 1..{n} steps (its timesteps are {student_timesteps}), got {steps}"
-        )
+        raise ValueError(f"the student samples in 1..{n} steps (its timesteps are {student_timesteps}), got {steps}")
     return list(student_timesteps[:: n // steps][:steps])
 
 
@@ -51,7 +49,7 @@ def sample_student(
     device, dtype = _placement(student)
     timesteps = sampling_timesteps(student.timesteps.tolist(), steps)
     x = _noise(shape, generator, device, dtype)
-    cond = cond if cond is not None else _empty()
+    cond = cond if cond is not None else Conditioning()
     for i, s in enumerate(timesteps):
         t = torch.full((shape[0],), s, device=device, dtype=torch.long)
         x0 = student.denoise(x, t, cond)
@@ -89,13 +87,9 @@ def sample_teacher(
     scheduler.set_timesteps(steps)
     device, dtype = _placement(teacher)
     x = _noise(shape, generator, device, dtype) * scheduler.init_noise_sigma
-    cond = cond if cond is not None else _empty()
+    cond = cond if cond is not None else Conditioning()
     for t in tqdm(scheduler.timesteps, disable=not progress, desc=f"teacher {solver} {steps} steps"):
         t_batch = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
         x0 = teacher.denoise(scheduler.scale_model_input(x, t), t_batch, cond, guidance_scale)
         x = scheduler.step(x0, t, x, generator=generator).prev_sample
     return x
-
-
-def _empty() -> Conditioning:
-    return Conditioning()
