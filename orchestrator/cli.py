@@ -591,6 +591,52 @@ def prepare_folder(folder, out, rows_per_shard, seed):
     click.echo(f"{out}: {manifest.get('rows')} rows in {len(manifest.get('shards', []))} shard(s)")
 
 
+# ---- a teacher to distil --------------------------------------------------------------------------
+
+
+@main.command(name="train-teacher")
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a field (repeatable)")
+@click.option("--tracking-uri", default=None, help="MLflow (default: tracking.uri, MLFLOW_TRACKING_URI, ./runs)")
+def train_teacher(job, overrides, tracking_uri):
+    """Train a caption-conditioned pixel teacher by plain diffusion from image-caption shards, in the
+    foreground; log it to MLflow and export it as a diffusers folder.
+
+    The job file is a teacher job (workers/diffusion/job.py), not an ADD job. Running it again with
+    the same output.run folder resumes from its checkpoint (e.g. with a larger train.steps).
+
+    \b
+    Examples:
+      addctl prepare-data fashion-mnist runs/data/fashion-mnist-train
+      addctl train-teacher jobs/fashion-mnist-teacher.yaml                  # resumable: run it again
+      addctl train-teacher jobs/fashion-mnist-teacher.yaml --set train.steps=20 --set output.run=runs/try
+    """
+    from orchestrator.spec import SecretError
+    from orchestrator.tracking import JobStopped
+    from workers.data import StorageError
+    from workers.diffusion.job import load_teacher_job, run_teacher_job
+
+    try:
+        spec = load_teacher_job(job, overrides)
+    except JobSpecError as err:
+        raise BadInput(str(err)) from None
+    try:
+        result = run_teacher_job(spec, tracking_uri)
+    except (JobSpecError, SecretError, FileNotFoundError) as err:  # the run folder, secrets, no shards
+        raise BadInput(_redact(str(err))) from None
+    except StorageError as err:
+        raise Failed(str(err)) from None
+    except JobStopped as stopped:
+        click.echo(f"job {spec.name} {stopped}; run it again to resume from the last checkpoint", err=True)
+        sys.exit(128 + stopped.signum)
+    except KeyboardInterrupt:
+        click.echo(f"job {spec.name} interrupted; run it again to resume from the last checkpoint", err=True)
+        sys.exit(130)
+    except Exception as err:  # noqa: BLE001  (recorded as FAILED on the MLflow run)
+        raise Failed(f"job {spec.name} failed: {_redact(f'{type(err).__name__}: {err}')}") from None
+    click.echo(json.dumps(vars(result), indent=2))
+
+
 # ---- the local stack ------------------------------------------------------------------------------
 
 STACK_DIR = click.option(

@@ -31,7 +31,8 @@ from orchestrator.spec import (
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD_JOBS = sorted((ROOT / "tests" / "bad_jobs").glob("*.yaml"))
-GOOD_JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
+# Teacher jobs (jobs/*-teacher.yaml) are not ADD jobs: tests/test_teacher_job.py validates them.
+GOOD_JOBS = sorted(p for p in (ROOT / "jobs").glob("*.yaml") if not p.stem.endswith("-teacher"))
 MINIMAL = {"name": "ok", "teacher": {"source": "runs/teacher"}, "data": {"uri": "runs/data"}}
 
 

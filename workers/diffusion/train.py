@@ -6,6 +6,11 @@ with probability ``caption_dropout`` so classifier-free guidance works. An EMA o
 what gets exported. Checkpoints are atomic and every random draw is a pure function of
 (seed, step), so a resumed run continues exactly.
 
+The images and captions come from a ``CaptionedImages`` source: ``FashionMnistIdx`` (the idx files,
+each draw pairing an image with a random training template of its label) or ``ShardCaptions``
+(image-caption Parquet shards, each image with the caption it was written with). A job file that
+trains from shards and tracks to MLflow is ``workers/diffusion/job.py``.
+
 Example (two to three hours on 2 CPU cores; resumable, run it in the background):
     nohup python -m workers.diffusion.train --out runs/fashion-mnist-teacher --steps 5000 &
     python -m workers.diffusion.train --out runs/fashion-mnist-teacher --export jobs/fashion-mnist/teacher
@@ -17,8 +22,11 @@ import argparse
 import copy
 import json
 import os
+import posixpath
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -29,6 +37,7 @@ from transformers import AutoModel, AutoTokenizer
 from workers.add.schedule import NoiseSchedule
 from workers.add.text_encoders import SentencePromptEncoder
 from workers.data.fashion_mnist import caption_for, load_fashion_mnist, pad_image, train_caption_templates
+from workers.data.storage import StorageOptions, display_uri, resolve
 from workers.diffusion.text_encoder import MINILM_PACKAGE, package_model_path
 
 FASHION_MNIST_IDX = "/usr/share/datasets/fashion-mnist"
@@ -60,6 +69,11 @@ def fashion_mnist_unet(embedding_dim: int = 384) -> UNet2DModel:
     )
 
 
+def drop_captions(emb: torch.Tensor, drop: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+    """Caption dropout: the rows of ``emb`` where ``drop`` is set become the empty prompt's embedding."""
+    return torch.where(drop[:, None], null.expand_as(emb), emb)
+
+
 class CaptionTable:
     """Pooled embeddings of every training caption (10 classes × templates) and of "", computed once."""
 
@@ -71,8 +85,103 @@ class CaptionTable:
         self.null = encoder.null(1).pooled[0]
 
     def embed(self, labels: torch.Tensor, template_idx: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-        emb = self.table[labels, template_idx]
-        return torch.where(drop[:, None], self.null.expand_as(emb), emb)
+        return drop_captions(self.table[labels, template_idx], drop, self.null)
+
+
+# ---- where the images and captions come from ------------------------------------------------------
+
+
+class CaptionedImages(Protocol):
+    """Training images (N, 1, 32, 32) in [-1, 1] with caption embeddings, held in memory."""
+
+    embedding_dim: int  # size of a pooled caption embedding
+    config: dict  # what the run's config.json records about the source
+
+    def __len__(self) -> int: ...
+
+    def batch(self, g: torch.Generator, batch_size: int, caption_dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, cond) of one step, every draw taken from ``g`` (so a function of the step's seed)."""
+        ...
+
+
+class FashionMnistIdx:
+    """Fashion-MNIST's training split from its idx files; each draw pairs an image with a random
+    training caption template of its label (label × template, embedded once in a ``CaptionTable``)."""
+
+    def __init__(self, encoder: SentencePromptEncoder, idx_dir: str = FASHION_MNIST_IDX):
+        images, labels = load_fashion_mnist(idx_dir, "train")
+        self.x = torch.from_numpy(np.stack([pad_image(im) for im in images])).float().div(127.5).sub(1)[:, None]
+        self.labels = torch.from_numpy(labels)
+        self.captions = CaptionTable(encoder)
+        self.embedding_dim = encoder.pooled_dim
+        self.config: dict = {}  # the idx runs' config.json predates data sources: it stays as it was
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batch(self, g: torch.Generator, batch_size: int, caption_dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # The order of the draws is the checkpoints' contract: changing it breaks exact resumption.
+        idx = torch.randint(len(self.x), (batch_size,), generator=g)
+        tpl = torch.randint(self.captions.table.shape[1], (batch_size,), generator=g)
+        drop = torch.rand(batch_size, generator=g) < caption_dropout
+        return self.x[idx], self.captions.embed(self.labels[idx], tpl, drop)
+
+
+class ShardCaptions:
+    """Image-caption Parquet shards (``addctl prepare-data``) decoded into memory: each image with the
+    caption it was written with, every distinct caption embedded once. Fine for Fashion-MNIST-sized
+    sets (60k images at 32×32 are 250 MB); records whose image does not decode or that have no
+    caption are left out and counted in ``config["skipped"]``."""
+
+    def __init__(
+        self,
+        encoder: SentencePromptEncoder,
+        uri: str,
+        storage: StorageOptions | None = None,
+        resolution: int = 32,
+        embed_batch: int = 256,
+    ):
+        import pyarrow.parquet as pq
+
+        from workers.data.ingest import decode_image, list_shards
+
+        fs, root = resolve(uri, storage)
+        images, index, labels, skipped = [], [], [], 0
+        position: dict[str, int] = {}  # distinct caption -> its row in the embedding table
+        for name in list_shards(uri, "parquet", storage):
+            table = pq.read_table(fs.open_input_file(posixpath.join(root, name) if name else root))
+            column = {c: table.column(c).to_pylist() for c in ("image", "caption", "label") if c in table.column_names}
+            for i, (data, caption) in enumerate(zip(column["image"], column["caption"], strict=True)):
+                try:
+                    image = decode_image(data, resolution, 1, min_side=1) if caption else None
+                except (ValueError, TypeError):
+                    image = None
+                if image is None:
+                    skipped += 1
+                    continue
+                images.append(image)
+                index.append(position.setdefault(caption, len(position)))
+                label = column["label"][i] if "label" in column else None
+                labels.append(-1 if label is None else int(label))
+        if not images:
+            raise ValueError(f"{display_uri(uri)}: no record with a decodable image and a caption")
+        self.captions = list(position)
+        self.x = torch.from_numpy(np.stack(images))
+        self.caption_idx = torch.tensor(index)
+        self.labels = torch.tensor(labels)  # -1 where the shards hold none
+        chunks = [self.captions[i : i + embed_batch] for i in range(0, len(self.captions), embed_batch)]
+        self.table = torch.cat([encoder.encode(chunk).pooled for chunk in chunks])
+        self.null = encoder.null(1).pooled[0]
+        self.embedding_dim = encoder.pooled_dim
+        self.config = {"data": display_uri(uri), "images": len(images), "captions": len(position), "skipped": skipped}
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batch(self, g: torch.Generator, batch_size: int, caption_dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(self.x), (batch_size,), generator=g)
+        drop = torch.rand(batch_size, generator=g) < caption_dropout
+        return self.x[idx], drop_captions(self.table[self.caption_idx[idx]], drop, self.null)
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -93,17 +202,19 @@ def train(
     seed: int = 0,
     idx_dir: str = FASHION_MNIST_IDX,
     bf16: bool = True,
+    data: CaptionedImages | None = None,
+    on_checkpoint: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Train (or resume) to ``steps``; returns the final metrics. Checkpoint: out/checkpoint.pt."""
+    """Train (or resume) to ``steps``; returns the final metrics. Checkpoint: out/checkpoint.pt.
+
+    ``data`` defaults to ``FashionMnistIdx`` over ``idx_dir``; ``on_checkpoint`` is called with each
+    new entry of the history (step, mean loss since the last checkpoint, s/step) once it is saved.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    images, labels = load_fashion_mnist(idx_dir, "train")
-    x_all = torch.from_numpy(np.stack([pad_image(im) for im in images])).float().div(127.5).sub(1)[:, None]
-    y_all = torch.from_numpy(labels)
-    encoder = minilm_encoder()
-    captions = CaptionTable(encoder)
+    data = data if data is not None else FashionMnistIdx(minilm_encoder(), idx_dir)
     schedule = NoiseSchedule.from_scheduler_config(SCHEDULER_CONFIG)
     torch.manual_seed(seed)  # the initial weights too are a function of the seed
-    model = fashion_mnist_unet(encoder.pooled_dim)
+    model = fashion_mnist_unet(data.embedding_dim)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
@@ -128,17 +239,14 @@ def train(
         "bf16": bf16,
         "scheduler": SCHEDULER_CONFIG,
         "unet_parameters": sum(p.numel() for p in model.parameters()),
+        **data.config,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     bar = tqdm(total=steps, initial=step, desc="teacher", mininterval=30)
     start, losses = time.perf_counter(), []
     while step < steps:
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # the step's randomness: f(seed, step)
-        idx = torch.randint(len(x_all), (batch_size,), generator=g)
-        x0, y = x_all[idx], y_all[idx]
-        tpl = torch.randint(len(train_caption_templates), (batch_size,), generator=g)
-        drop = torch.rand(batch_size, generator=g) < caption_dropout
-        cond = captions.embed(y, tpl, drop)
+        x0, cond = data.batch(g, batch_size, caption_dropout)
         t = torch.randint(schedule.num_train_timesteps, (batch_size,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
         x_t = schedule.add_noise(x0, eps, t)
@@ -176,6 +284,8 @@ def train(
                 ckpt_path,
             )
             (out / "history.json").write_text(json.dumps(history, indent=1))
+            if on_checkpoint is not None:
+                on_checkpoint(history[-1])
             start, losses = time.perf_counter(), []
     bar.close()
     return history[-1] if history else {}
