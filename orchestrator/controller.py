@@ -121,7 +121,45 @@ def default_evaluator(spec: JobSpec):
         prompt_scorer = CLIPScorer(section.get("clip_model") or "openai/clip-vit-base-patch32")
     else:
         prompt_scorer = load_object(scorer)()
+    if section.get("table"):
+        return table_evaluator(spec, extractor, prompt_scorer)
     return Evaluator(extractor, prompt_scorer)
+
+
+def table_evaluator(spec: JobSpec, features, scorer, reference=None):
+    """The benchmark-table evaluator of the job's ``eval.table`` section (``workers.eval.table``)."""
+    from workers.eval.protocol import ProtocolConfig
+    from workers.eval.reference import reference_images
+    from workers.eval.table import TableConfig, TableEvaluator
+
+    e, t = spec.eval, spec.eval.table
+    if features is None:
+        raise ValueError("eval.table needs a feature network (eval.features) for FID and recall")
+    prompts = list(e.prompts) or list(spec.train.sample_prompts)
+    protocol = ProtocolConfig(prompts, t.num_images, t.batch_size, e.seed, t.k, max(e.speed_repeats, 3))
+    config = TableConfig(
+        protocol,
+        teacher_samplers=t.teacher_samplers,
+        guidance_scale=e.guidance_scale,
+        student_steps=t.student_steps,
+        reference=t.reference_sampler,
+        gated_student_steps=e.student_steps,
+        gated_teacher=f"{e.teacher_solver}:{e.teacher_steps}",
+        teacher_rows=t.teacher_rows,
+        grid_prompts=t.grid_prompts,
+        alignment_name=t.alignment_name,
+        measure={
+            "features": e.features,
+            "scorer": e.scorer,
+            "reference": t.reference_uri or spec.data.uri,
+            "reference_images": t.reference_images,
+        },
+    )
+    if reference is None:
+        storage = _data_storage(spec) if t.reference_uri is None else None
+        uri = t.reference_uri or spec.data.uri
+        reference = reference_images(uri, t.reference_images, spec.data.resolution, spec.data.channels, storage)
+    return TableEvaluator(config, features, scorer, reference)
 
 
 # ---- one job --------------------------------------------------------------------------------------
@@ -304,7 +342,7 @@ def _evaluate(spec, tracker, run_id, student_dir, config, evaluator, reference) 
     started = time.monotonic()
     try:
         evaluator = evaluator or default_evaluator(spec)
-        if reference is None and evaluator.features is not None:
+        if reference is None and getattr(evaluator, "needs_reference", True) and evaluator.features is not None:
             reference = reference_images(
                 spec.data.uri,
                 len(config.prompts) * config.images_per_prompt,
@@ -319,7 +357,14 @@ def _evaluate(spec, tracker, run_id, student_dir, config, evaluator, reference) 
         tracker.set_tags(run_id, {"eval.error": f"{type(err).__name__}: {err}"[:5000]})
         return {}
     tracker.log_metrics(run_id, {f"eval/{k}": v for k, v in outcome.metrics.items()}, step=0)
-    tracker.client.log_image(run_id, outcome.comparison_grid(), artifact_file="eval/comparison.png")
+    artifacts = getattr(outcome, "artifacts", None) or {"comparison.png": outcome.comparison_grid()}
+    for name, value in artifacts.items():
+        if isinstance(value, str):
+            tracker.client.log_text(run_id, value, artifact_file=f"eval/{name}")
+        else:
+            tracker.client.log_image(run_id, value, artifact_file=f"eval/{name}")
+    if spec.eval.table is not None and spec.eval.table.results_dir:
+        outcome.write(spec.eval.table.results_dir)
     teacher = f"{config.teacher_solver} {config.teacher_steps} steps, CFG {config.guidance_scale:g}"
     tracker.set_tags(run_id, {"eval.teacher": teacher, "timing.eval_s": f"{time.monotonic() - started:.1f}"})
     return outcome.metrics

@@ -43,6 +43,10 @@ from orchestrator.errors import CLEAR_SECRETS, JobSpecError, Problem, format_pat
 
 SECRET_REF = re.compile(r"^\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}$")
 SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY)", re.IGNORECASE)
+DEFAULT_TEACHER_SAMPLERS = (
+    "ddim:50", "ddim:25", "ddim:8", "ddim:4", "ddim:2", "ddim:1",
+    "dpmpp:25", "dpmpp:8", "dpmpp:4", "dpmpp:2", "dpmpp:1",
+)  # fmt: skip
 FACTORY_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ANY_REF = re.compile(r"\$\{env:")
@@ -263,6 +267,44 @@ class TrackingSpec(Section):
 # ---- evaluation, promotion, sweep -------------------------------------------------------------
 
 
+class TableSpec(Section):
+    """The benchmark table (``workers.eval.table``): every sampler row measured by one protocol."""
+
+    num_images: int = Field(10_000, ge=8, description="images generated per sampler row (prompts cycled)")
+    batch_size: int = Field(256, ge=1, description="images per generation call and per timed call")
+    teacher_samplers: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TEACHER_SAMPLERS),
+        description="teacher rows as solver:steps (ddim or dpmpp), all with eval.guidance_scale",
+    )
+    student_steps: list[int] = Field(default_factory=lambda: [1, 2, 4], description="student rows (steps)")
+    reference_sampler: str = Field("ddim:50", description="the teacher row every speed-up is relative to")
+    teacher_rows: str | None = Field(
+        None, description="shipped teacher rows (JSON, measured once); null: measure the teacher rows in the job"
+    )
+    reference_uri: str | None = Field(None, description="real images for FID and recall (default: data.uri)")
+    reference_images: int = Field(10_000, ge=8, description="real images read from reference_uri")
+    grid_prompts: list[str] = Field(default_factory=list, description="rows of samples.png (default: 10 prompts)")
+    alignment_name: str = Field("alignment", min_length=1, description="the alignment column's name in the table")
+    k: int = Field(3, ge=1, description="neighbourhood size of precision and recall")
+    results_dir: str | None = Field(None, description="also write table.md/json and the PNGs to this local folder")
+
+    @field_validator("teacher_samplers", "reference_sampler")
+    @classmethod
+    def _samplers(cls, v):
+        for text in [v] if isinstance(v, str) else v:
+            solver, _, steps = text.partition(":")
+            if solver not in ("ddim", "dpmpp") or not steps.isdigit() or int(steps) < 1:
+                raise ValueError(f"{text!r}: a teacher sampler is ddim:STEPS or dpmpp:STEPS")
+        return v
+
+    @field_validator("student_steps")
+    @classmethod
+    def _steps(cls, v):
+        if not v or any(n < 1 for n in v):
+            raise ValueError(f"must be a non-empty list of step counts ≥ 1 (got {v})")
+        return v
+
+
 class EvalSpec(Section):
     """The student against its teacher after training (``workers.eval.EvalConfig``); never used in training."""
 
@@ -282,6 +324,7 @@ class EvalSpec(Section):
     features: str = Field("inception", description="FID feature network: inception, none, or package.module:factory")
     scorer: str = Field("clip", description="prompt-alignment scorer: clip, none, or package.module:factory")
     clip_model: str | None = Field(None, description="CLIP path or hub id (scorer: clip; default: ViT-B/32)")
+    table: TableSpec | None = Field(None, description="measure the benchmark table instead of one comparison")
 
     @field_validator("features", "scorer")
     @classmethod
@@ -437,6 +480,14 @@ class JobSpec(Section):
             if not ENV_NAME.match(key):
                 raise ValueError(f"env.{key}: not a valid environment variable name (letters, digits, _)")
         return check_secrets(v, "env")
+
+    @model_validator(mode="after")
+    def _table_student_steps(self):
+        table = self.eval.table
+        n = len(self.student.timesteps) if self.student.timesteps else self.student.steps
+        if table is not None and any(k > n for k in table.student_steps):
+            raise ValueError(f"eval.table.student_steps: {table.student_steps} — the student samples in 1..{n} steps")
+        return self
 
     @model_validator(mode="after")
     def _batch_divides(self):

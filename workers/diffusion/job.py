@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -92,7 +92,10 @@ class TeacherTrainSpec(Section):
 
 class TeacherOutputSpec(Section):
     run: str = Field(description="run folder (checkpoint.pt, history.json, config.json); the same folder resumes")
-    export: str = Field(description="where the EMA teacher goes, as a diffusers folder (replaced atomically)")
+    export: str = Field(description="where the teacher goes, as a diffusers folder (replaced atomically)")
+    weights: Literal["ema", "model"] = Field(
+        "ema", description="export the EMA of the weights, or the trained weights themselves (short runs)"
+    )
 
 
 class TeacherTrackingSpec(Section):
@@ -296,7 +299,7 @@ def run_teacher_job(spec: TeacherJobSpec, tracking_uri: str | None = None) -> Te
             )
 
             # 4. Export (atomically), then log the teacher folder.
-            export(out, folder)
+            export(out, folder, weights=spec.output.weights)
             client.log_artifacts(run_id, str(folder), "teacher")
             client.log_artifact(run_id, str(folder / "training.json"))
         status = "FINISHED"

@@ -299,12 +299,19 @@ def minilm_encoder() -> SentencePromptEncoder:
     )
 
 
-def export(out: Path, folder: Path) -> Path:
-    """Write the EMA teacher as a diffusers folder: unet/, scheduler/, and text_encoder.json naming
-    the package that carries the text encoder (too large to ship)."""
+def export(out: Path, folder: Path, weights: str = "ema") -> Path:
+    """Write the teacher as a diffusers folder: unet/, scheduler/, and text_encoder.json naming
+    the package that carries the text encoder (too large to ship).
+
+    ``weights``: "ema" (the exponential moving average) or "model" (the trained weights). The EMA
+    starts from the initial weights without warm-up, so after t steps it still holds 0.999^t of
+    them (41% at step 900): a short run exports its trained weights instead.
+    """
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     model = fashion_mnist_unet()
-    model.load_state_dict(state["ema"])
+    model.load_state_dict(state[weights])
     tmp = folder.with_name(f".{folder.name}.tmp")
     if tmp.exists():
         import shutil
@@ -313,7 +320,8 @@ def export(out: Path, folder: Path) -> Path:
     model.save_pretrained(tmp / "unet")
     DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(tmp / "scheduler")
     (tmp / "text_encoder.json").write_text(json.dumps({"package": MINILM_PACKAGE, "subfolder": "model"}, indent=2))
-    (tmp / "training.json").write_text(json.dumps({"config": state["config"], "history": state["history"]}, indent=1))
+    record = {"config": state["config"], "history": state["history"], "step": state["step"], "weights": weights}
+    (tmp / "training.json").write_text(json.dumps(record, indent=1))
     if folder.exists():
         import shutil
 
@@ -331,11 +339,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--idx-dir", default=FASHION_MNIST_IDX, help="Fashion-MNIST idx files")
-    parser.add_argument("--export", type=Path, default=None, help="write the EMA teacher here instead of training")
+    parser.add_argument("--export", type=Path, default=None, help="write the teacher here instead of training")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights --export writes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.export:
-        print(export(args.out, args.export))
+        print(export(args.out, args.export, args.weights))
         return
     print(json.dumps(train(args.out, args.steps, args.batch_size, args.lr, seed=args.seed, idx_dir=args.idx_dir)))
 

@@ -1,0 +1,205 @@
+"""The benchmark protocol: every sampler of the table measured the same way.
+
+A row is one sampler (the teacher's DDIM or DPM-Solver++ with classifier-free guidance at some
+number of steps, or the student at 1, 2, 4 steps). For each, ``num_images`` images are generated
+from the prompts (cycled, so every prompt gets the same share), with the same seed for every
+sampler, and scored in one feature space against the reference (real) images:
+
+- FID: Fréchet distance of the Gaussians fitted to generated and reference features;
+- alignment: the mean of the prompt scorer (class accuracy for Fashion-MNIST, CLIP score for SD);
+- precision / recall: improved precision and recall, k = 3, in the same feature space;
+- ms/image: generation timed at ``batch_size`` images per call, warmed up, the median of at least
+  ``speed_repeats`` calls, all samplers in one process with the same threads.
+
+Never used in training.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from workers.eval.alignment import PromptScorer
+from workers.eval.features import FeatureExtractor
+from workers.eval.frechet import FeatureStats, frechet_distance
+from workers.eval.manifold import precision_recall
+from workers.eval.speed import _sync
+
+SOLVER_NAMES = {"ddim": "DDIM", "dpmpp": "DPM-Solver++", "add": "ADD"}
+
+Generate = Callable[[list, torch.Generator], Tensor]  # (prompts, generator) -> images (N, C, H, W) in [0, 1]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One row's sampler: who samples (``teacher`` / ``student``), how (``solver``), in how many steps."""
+
+    model: str  # "teacher" or "student"
+    solver: str  # "ddim" / "dpmpp" for the teacher, "add" for the student
+    steps: int
+    guidance_scale: float = 1.0  # the teacher's CFG scale (the student takes none)
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per image: two per step with classifier-free guidance."""
+        return self.steps * (2 if self.guidance_scale > 1 else 1)
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}-{self.solver}-{self.steps}"
+
+    @property
+    def family(self) -> str:
+        """The table's sampler column, e.g. "teacher DDIM + CFG" or "ADD student"."""
+        if self.model == "student":
+            return "ADD student"
+        return f"teacher {SOLVER_NAMES[self.solver]}" + (" + CFG" if self.guidance_scale > 1 else "")
+
+    @classmethod
+    def parse(cls, text: str, guidance_scale: float = 1.0) -> Sampler:
+        """``"ddim:50"``, ``"dpmpp:8"`` (teacher) or ``"student:4"``."""
+        solver, _, steps = text.partition(":")
+        if solver not in ("ddim", "dpmpp", "student") or not steps.isdigit() or int(steps) < 1:
+            raise ValueError(f"sampler {text!r}: expected ddim:STEPS, dpmpp:STEPS or student:STEPS")
+        if solver == "student":
+            return cls("student", "add", int(steps))
+        return cls("teacher", solver, int(steps), guidance_scale)
+
+
+@dataclass
+class Row:
+    """One measured row of the table."""
+
+    sampler: Sampler
+    num_images: int
+    fid: float
+    alignment: float
+    precision: float
+    recall: float
+    ms_per_image: float
+    speedup: float | None = None  # vs the reference sampler's ms/image (filled in by the table)
+    timing: dict = field(default_factory=dict)  # batch size, repeats, where it was timed
+
+    @property
+    def images_per_s(self) -> float:
+        return 1000.0 / self.ms_per_image
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "sampler"}
+        return {"sampler": asdict(self.sampler), "family": self.sampler.family, "nfe": self.sampler.nfe} | out | {
+            "images_per_s": self.images_per_s
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Row:
+        names = {"num_images", "fid", "alignment", "precision", "recall", "ms_per_image", "speedup", "timing"}
+        return cls(sampler=Sampler(**d["sampler"]), **{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class ProtocolConfig:
+    """How every row is measured (the same for teacher and student rows, so they compare)."""
+
+    prompts: list  # cycled to num_images: num_images / len(prompts) images each
+    num_images: int = 10_000
+    batch_size: int = 256  # images per generation call, and per timed call
+    seed: int = 0  # the same initial noise for every sampler
+    k: int = 3  # neighbourhood of precision / recall
+    speed_repeats: int = 3  # timed calls; the median counts (after one warm-up call)
+
+    def __post_init__(self):
+        if not self.prompts:
+            raise ValueError("the benchmark needs at least one prompt")
+        if self.num_images < 2 * self.k + 2:
+            raise ValueError(f"num_images={self.num_images} is too few for FID and k={self.k} recall")
+        if self.speed_repeats < 3:
+            raise ValueError(f"speed is the median of at least 3 repeats, got {self.speed_repeats}")
+
+    def all_prompts(self) -> list:
+        return [self.prompts[i % len(self.prompts)] for i in range(self.num_images)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Protocol:
+    """Measures rows against fixed reference features; ``features`` and ``scorer`` are injected
+    (the Fashion-MNIST classifier; Inception and CLIP for SD-class jobs)."""
+
+    def __init__(
+        self,
+        config: ProtocolConfig,
+        features: FeatureExtractor,
+        scorer: PromptScorer | None,
+        reference: Tensor,
+        feature_batch_size: int = 500,
+    ):
+        self.config, self.features, self.scorer = config, features, scorer
+        self.feature_batch_size = feature_batch_size
+        self.reference_features = self._features(reference)
+        self.reference_stats = FeatureStats.of(self.reference_features)
+
+    def _features(self, images: Tensor) -> Tensor:
+        return torch.cat([self.features(chunk) for chunk in images.split(self.feature_batch_size)]).float()
+
+    def score(self, images: Tensor, prompts: list) -> dict[str, float]:
+        """FID, alignment, precision and recall of ``images`` generated from ``prompts``."""
+        feats = self._features(images)
+        out = {"fid": frechet_distance(FeatureStats.of(feats), self.reference_stats)}
+        out["alignment"] = float(self.scorer(images, prompts).float().mean()) if self.scorer else float("nan")
+        return out | precision_recall(self.reference_features, feats, self.config.k)
+
+    def generate(self, sampler: Sampler, generate: Generate) -> tuple[Tensor, list[float]]:
+        """All ``num_images`` images of one sampler, and the seconds each full batch took."""
+        prompts, size = self.config.all_prompts(), self.config.batch_size
+        generator = torch.Generator().manual_seed(self.config.seed)
+        images, seconds = [], []
+        for i in tqdm(range(0, len(prompts), size), desc=f"{sampler.key}", leave=False):
+            batch = prompts[i : i + size]
+            _sync()
+            start = time.perf_counter()
+            images.append(generate(batch, generator))
+            _sync()
+            if len(batch) == size:
+                seconds.append(time.perf_counter() - start)
+        return torch.cat(images), seconds
+
+    def speed(self, generate: Generate, seconds: Sequence[float] = ()) -> tuple[float, dict]:
+        """ms/image at ``batch_size``: the generation's own full batches after the first (warm-up) when
+        there are at least ``speed_repeats`` of them, else that many extra timed calls after a warm-up."""
+        size, repeats = self.config.batch_size, self.config.speed_repeats
+        timed = list(seconds[1:])
+        if len(timed) < repeats:
+            prompts = (self.config.all_prompts() * size)[:size]
+            generator = torch.Generator().manual_seed(self.config.seed)
+            timed = []
+            with torch.inference_mode():
+                generate(prompts, generator)  # warm-up
+                for _ in range(repeats):
+                    _sync()
+                    start = time.perf_counter()
+                    generate(prompts, generator)
+                    _sync()
+                    timed.append(time.perf_counter() - start)
+        ms = 1000 * statistics.median(timed) / size
+        return ms, {"batch_size": size, "repeats": len(timed), "threads": torch.get_num_threads()}
+
+    def measure(self, sampler: Sampler, generate: Generate) -> Row:
+        """One row: generate, score, time."""
+        images, seconds = self.generate(sampler, generate)
+        metrics = self.score(images, self.config.all_prompts())
+        ms, timing = self.speed(generate, seconds)
+        return Row(sampler, len(images), ms_per_image=ms, timing=timing, **metrics)
+
+
+def with_speedups(rows: Sequence[Row], reference_ms: float) -> list[Row]:
+    """Fill each row's speed-up against the reference sampler's ms/image."""
+    for row in rows:
+        row.speedup = reference_ms / row.ms_per_image
+    return list(rows)

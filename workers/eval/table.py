@@ -1,0 +1,251 @@
+"""The benchmark table for one distilled student: the evaluator behind ``eval.table`` in a job.
+
+Teacher rows do not depend on the student: they are measured once with the full protocol and
+shipped beside the teacher (``TeacherRows``, keyed by the teacher's fingerprint and the protocol),
+and measured here only when no such file is given. Student rows are measured here, and the
+reference sampler (the teacher at 50 steps with CFG) is re-timed in this process at the same batch
+size, so every speed-up of a student row is a same-process ratio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from workers.add.components import load_teacher
+from workers.add.export import load_student
+from workers.add.student import Student
+from workers.add.teacher import Teacher
+from workers.eval.alignment import PromptScorer
+from workers.eval.features import FeatureExtractor
+from workers.eval.images import student_images, teacher_images
+from workers.eval.protocol import Generate, Protocol, ProtocolConfig, Row, Sampler, with_speedups
+from workers.eval.report import fid_vs_nfe, sample_grid, table_markdown
+
+
+class StaleTeacherRows(RuntimeError):
+    """The shipped teacher rows were measured for another teacher or another protocol."""
+
+
+def teacher_fingerprint(source: str | Path) -> str | None:
+    """sha256 of a local teacher folder's weights and configs (``None`` for a hub id)."""
+    root = Path(source)
+    if not root.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")):
+        if path.name == "teacher_rows.json":
+            continue
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class TableConfig:
+    """What the table holds and how it is measured."""
+
+    protocol: ProtocolConfig
+    teacher_samplers: Sequence[str]  # "ddim:50", "dpmpp:8", ...
+    guidance_scale: float = 3.0  # the teacher's CFG scale in every teacher row
+    student_steps: Sequence[int] = (1, 2, 4)
+    reference: str = "ddim:50"  # the sampler every speed-up is relative to
+    gated_student_steps: int = 1  # the student row the promotion gates read
+    gated_teacher: str = "ddim:50"  # the teacher row the promotion gates read
+    teacher_rows: str | None = None  # shipped teacher rows (JSON); None: measure them here
+    grid_prompts: Sequence = ()  # rows of samples.png (default: the first 10 prompts)
+    alignment_name: str = "alignment"
+    measure: dict = field(default_factory=dict)  # names of features / scorer / reference: part of the protocol key
+
+    def samplers(self) -> list[Sampler]:
+        return [Sampler.parse(s, self.guidance_scale) for s in self.teacher_samplers]
+
+    def protocol_key(self) -> dict:
+        """What must match for shipped teacher rows to compare with rows measured now."""
+        p = self.protocol
+        return {
+            "prompts": list(map(str, p.prompts)),
+            "num_images": p.num_images,
+            "seed": p.seed,
+            "k": p.k,
+            "guidance_scale": self.guidance_scale,
+        } | self.measure
+
+
+@dataclass
+class TableResult:
+    """Gate metrics, all rows, and the files a person looks at (name -> PIL image or text)."""
+
+    metrics: dict[str, float]
+    rows: list[Row]
+    artifacts: dict[str, object]
+
+    def comparison_grid(self) -> Image.Image:
+        return self.artifacts["samples.png"]
+
+    def write(self, folder: str | Path) -> Path:
+        """Every artifact into ``folder`` (each written to a temporary name, then moved into place)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, value in self.artifacts.items():
+            tmp = folder / f".{name}.tmp"
+            if isinstance(value, Image.Image):
+                value.save(tmp, format="PNG")
+            else:
+                tmp.write_text(value)
+            os.replace(tmp, folder / name)
+        return folder
+
+
+def save_teacher_rows(path: str | Path, rows: Sequence[Row], fingerprint: str | None, key: dict) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    body = {"teacher_fingerprint": fingerprint, "protocol": key, "rows": [r.to_dict() for r in rows]}
+    tmp.write_text(json.dumps(body, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def load_teacher_rows(path: str | Path, fingerprint: str | None, key: dict) -> list[Row]:
+    """The shipped rows, or ``StaleTeacherRows`` naming what differs and how to measure them again."""
+    path = Path(path)
+    redo = f"measure them again: python -m workers.benchmark.teacher_rows JOB.yaml (writes {path})"
+    if not path.is_file():
+        raise StaleTeacherRows(f"no teacher rows at {path}; {redo}")
+    body = json.loads(path.read_text())
+    if fingerprint is not None and body.get("teacher_fingerprint") != fingerprint:
+        raise StaleTeacherRows(f"{path} was measured for another teacher (its weights changed); {redo}")
+    shipped = body.get("protocol", {})
+    differ = sorted(k for k in set(shipped) | set(key) if shipped.get(k) != key.get(k))
+    if differ:
+        raise StaleTeacherRows(f"{path} was measured with another protocol ({', '.join(differ)} differ); {redo}")
+    return [Row.from_dict(d) for d in body["rows"]]
+
+
+class TableEvaluator:
+    """Evaluates an exported student into the benchmark table; injected ``features``, ``scorer``
+    and real ``reference`` images (N, C, H, W) in [0, 1]."""
+
+    needs_reference = False  # the reference images are given here, not read by the controller
+
+    def __init__(
+        self, config: TableConfig, features: FeatureExtractor, scorer: PromptScorer | None, reference: Tensor
+    ):
+        self.config, self.features, self.scorer = config, features, scorer
+        self.protocol = Protocol(config.protocol, features, scorer, reference)
+
+    # -- the generators of each row ---------------------------------------------------------------
+
+    @staticmethod
+    def teacher_generator(teacher: Teacher, sampler: Sampler) -> Generate:
+        def generate(prompts: list, generator: torch.Generator) -> Tensor:
+            return teacher_images(teacher, prompts, sampler.steps, sampler.guidance_scale, sampler.solver, generator)
+
+        return generate
+
+    @staticmethod
+    def student_generator(student: Student, parts: Teacher, steps: int) -> Generate:
+        def generate(prompts: list, generator: torch.Generator) -> Tensor:
+            return student_images(student, parts, prompts, steps, generator)
+
+        return generate
+
+    # -- rows -------------------------------------------------------------------------------------
+
+    def teacher_rows(self, teacher: Teacher) -> list[Row]:
+        """Every teacher row, measured with the full protocol (speed-ups against this set's reference)."""
+        rows = [self.protocol.measure(s, self.teacher_generator(teacher, s)) for s in self.config.samplers()]
+        reference = self._row(rows, self.config.reference, "teacher")
+        return with_speedups(rows, reference.ms_per_image)
+
+    def student_rows(self, student: Student, parts: Teacher) -> list[Row]:
+        return [
+            self.protocol.measure(Sampler("student", "add", n), self.student_generator(student, parts, n))
+            for n in self.config.student_steps
+        ]
+
+    def _row(self, rows: Sequence[Row], text: str, model: str) -> Row:
+        sampler = Sampler.parse(text, self.config.guidance_scale) if model == "teacher" else None
+        for row in rows:
+            if row.sampler == sampler or (model == "student" and row.sampler.model == "student" and
+                                          row.sampler.steps == int(text)):
+                return row
+        raise ValueError(f"the table has no {model} row {text!r}")
+
+    # -- the evaluator interface of the controller -------------------------------------------------
+
+    def evaluate_paths(self, student_path, teacher_source, config=None, reference=None, **teacher_kwargs):
+        student, parts = load_student(student_path)
+        teacher = load_teacher(str(teacher_source), **teacher_kwargs)
+        return self.evaluate(student, parts, teacher, teacher_source)
+
+    @torch.no_grad()
+    def evaluate(self, student: Student, parts: Teacher, teacher: Teacher, teacher_source) -> TableResult:
+        cfg = self.config
+        if cfg.teacher_rows:
+            teacher_rows = load_teacher_rows(cfg.teacher_rows, teacher_fingerprint(teacher_source), cfg.protocol_key())
+        else:
+            teacher_rows = self.teacher_rows(teacher)
+        reference = Sampler.parse(cfg.reference, cfg.guidance_scale)
+        ref_ms, ref_timing = self.protocol.speed(self.teacher_generator(teacher, reference))
+        student_rows = with_speedups(self.student_rows(student, parts), ref_ms)
+        for row in teacher_rows:  # speed-ups against this process's reference timing
+            if row.sampler == reference:
+                row.ms_per_image, row.timing = ref_ms, ref_timing | {"timed": "in this process"}
+            row.speedup = ref_ms / row.ms_per_image
+        rows = teacher_rows + student_rows
+
+        gated_student = self._row(rows, str(cfg.gated_student_steps), "student")
+        gated_teacher = self._row(rows, cfg.gated_teacher, "teacher")
+        metrics = {
+            "student_fid": gated_student.fid,
+            "teacher_fid": gated_teacher.fid,
+            "fid_ratio": gated_student.fid / max(gated_teacher.fid, 1e-12),
+            "student_alignment": gated_student.alignment,
+            "teacher_alignment": gated_teacher.alignment,
+            "student_recall": gated_student.recall,
+            "teacher_recall": gated_teacher.recall,
+            "recall_ratio": gated_student.recall / max(gated_teacher.recall, 1e-12),
+            "student_ms_per_image": gated_student.ms_per_image,
+            "teacher_ms_per_image": ref_ms,
+            "speedup": ref_ms / gated_student.ms_per_image,
+            "num_images": float(cfg.protocol.num_images),
+        }
+        for row in rows:
+            for name in ("fid", "alignment", "recall", "ms_per_image"):
+                metrics[f"table/{row.sampler.key}/{name}"] = float(getattr(row, name))
+
+        prompts = list(cfg.grid_prompts) or list(cfg.protocol.prompts)[:10]
+        columns = {}
+        for row in rows:
+            s = row.sampler
+            generate = (
+                self.teacher_generator(teacher, s) if s.model == "teacher"
+                else self.student_generator(student, parts, s.steps)
+            )  # fmt: skip
+            columns[f"{s.family.replace(' + CFG', '')} {s.steps}"] = generate(
+                prompts, torch.Generator().manual_seed(cfg.protocol.seed)
+            )
+        markdown = table_markdown(rows, cfg.alignment_name)
+        body = {
+            "protocol": cfg.protocol_key() | {"batch_size": cfg.protocol.batch_size},
+            "reference": cfg.reference,
+            "teacher_rows": cfg.teacher_rows,
+            "metrics": metrics,
+            "rows": [r.to_dict() for r in rows],
+        }
+        artifacts = {
+            "table.md": markdown,
+            "table.json": json.dumps(body, indent=1),
+            "samples.png": sample_grid(columns, [str(p) for p in prompts]),
+            "fid_vs_nfe.png": fid_vs_nfe(rows),
+        }
+        return TableResult(metrics, rows, artifacts)
