@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo toy clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,8 +25,26 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-demo: $(STAMP)
+# The main job (jobs/fashion-mnist.yaml): Fashion-MNIST shards into a local object-storage folder,
+# the shipped teacher distilled with ADD on a local Ray, evaluated with the benchmark protocol,
+# registered in MLflow (./runs/mlflow.db) as `candidate`; the table in results/fashion-mnist/.
+FASHION_IDX := /usr/share/datasets/fashion-mnist
+DATA := runs/data
+
+$(FASHION_IDX)/train-images-idx3-ubyte.gz:
+	@echo "installing the Fashion-MNIST idx files (Debian package dataset-fashion-mnist)"
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq dataset-fashion-mnist
+
+$(DATA)/fashion-mnist-%/_manifest.json: $(STAMP) $(FASHION_IDX)/train-images-idx3-ubyte.gz
+	$(VENV)/bin/addctl prepare-data fashion-mnist $(DATA)/fashion-mnist-$* --split $*
+
+demo: $(STAMP) $(DATA)/fashion-mnist-train/_manifest.json $(DATA)/fashion-mnist-test/_manifest.json
+	$(VENV)/bin/addctl run jobs/fashion-mnist.yaml
+	@cat results/fashion-mnist/table.md
+
+toy: $(STAMP)
 	$(PY) -m workers.add.toy --out results/toy
 
 clean:
-	rm -rf $(VENV) results/toy
+	rm -rf $(VENV) results/toy results/fashion-mnist

@@ -36,7 +36,7 @@ import yaml
 
 from orchestrator.promotion import Gates, eval_tags
 from orchestrator.registry import register_candidate
-from orchestrator.spec import JobSpec
+from orchestrator.spec import VARIANT, JobSpec, variant_fields
 from orchestrator.tracking import JobStopped, JobTracker, TrackingCallback, stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -126,18 +126,15 @@ def default_evaluator(spec: JobSpec):
     return Evaluator(extractor, prompt_scorer)
 
 
-def table_evaluator(spec: JobSpec, features, scorer, reference=None):
-    """The benchmark-table evaluator of the job's ``eval.table`` section (``workers.eval.table``)."""
+def table_config(spec: JobSpec):
+    """The job's ``eval.table`` section as a ``workers.eval.table.TableConfig``."""
     from workers.eval.protocol import ProtocolConfig
-    from workers.eval.reference import reference_images
-    from workers.eval.table import TableConfig, TableEvaluator
+    from workers.eval.table import TableConfig
 
     e, t = spec.eval, spec.eval.table
-    if features is None:
-        raise ValueError("eval.table needs a feature network (eval.features) for FID and recall")
     prompts = list(e.prompts) or list(spec.train.sample_prompts)
     protocol = ProtocolConfig(prompts, t.num_images, t.batch_size, e.seed, t.k, max(e.speed_repeats, 3))
-    config = TableConfig(
+    return TableConfig(
         protocol,
         teacher_samplers=t.teacher_samplers,
         guidance_scale=e.guidance_scale,
@@ -155,11 +152,22 @@ def table_evaluator(spec: JobSpec, features, scorer, reference=None):
             "reference_images": t.reference_images,
         },
     )
+
+
+def table_evaluator(spec: JobSpec, features, scorer, reference=None):
+    """The benchmark-table evaluator of the job's ``eval.table`` section; ``reference`` (real images)
+    default: ``eval.table.reference_images`` read from ``eval.table.reference_uri`` (or ``data.uri``)."""
+    from workers.eval.reference import reference_images
+    from workers.eval.table import TableEvaluator
+
+    t = spec.eval.table
+    if features is None:
+        raise ValueError("eval.table needs a feature network (eval.features) for FID and recall")
     if reference is None:
         storage = _data_storage(spec) if t.reference_uri is None else None
         uri = t.reference_uri or spec.data.uri
         reference = reference_images(uri, t.reference_images, spec.data.resolution, spec.data.channels, storage)
-    return TableEvaluator(config, features, scorer, reference)
+    return TableEvaluator(table_config(spec), features, scorer, reference)
 
 
 # ---- one job --------------------------------------------------------------------------------------
@@ -206,16 +214,21 @@ def run_job(
         try:
             started = time.monotonic()
             sweep = sweep if sweep is not None else sweep_config(spec)
+            evaluated: dict[str, dict] = {}
             if sweep is not None:
-                best = _train_sweep(spec, sweep, tracker, storage_path, trainer_kwargs, build_trainer)
+                best, trials = _train_sweep(spec, sweep, tracker, storage_path, trainer_kwargs, build_trainer)
+                tracker.set_tags(tracker.parent_run_id, {"timing.train_s": f"{time.monotonic() - started:.1f}"})
+                if sweep.evaluate_all:
+                    evaluator = evaluator or default_evaluator(spec)  # built once: its reference is read once
+                    best, evaluated = _evaluate_trials(spec, sweep, tracker, trials, evaluation, evaluator, reference)
             else:
                 best = _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer)
+                tracker.set_tags(tracker.parent_run_id, {"timing.train_s": f"{time.monotonic() - started:.1f}"})
             result.best_run_id, result.export_uri = best
-            tracker.set_tags(tracker.parent_run_id, {"timing.train_s": f"{time.monotonic() - started:.1f}"})
             if register:
                 started = time.monotonic()
                 _evaluate_and_register(
-                    spec, tracker, result, evaluation, evaluator, promotion_gates or gates(spec), reference
+                    spec, tracker, result, evaluation, evaluator, promotion_gates or gates(spec), reference, evaluated
                 )
                 tracker.set_tags(tracker.parent_run_id, {"timing.register_s": f"{time.monotonic() - started:.1f}"})
             status = "FINISHED"
@@ -281,9 +294,87 @@ def _train_sweep(spec, config, tracker, storage_path, trainer_kwargs, build_trai
     if best is None:
         errors = "; ".join(t.error for t in trials if t.error) or "no trial ran to the end"
         raise RuntimeError(f"no sweep trial finished with an exported student: {errors}")
+    if not config.evaluate_all:
+        tracker.set_tags(tracker.parent_run_id, {"sweep.best_trial": best.trial_id, "sweep.best_run_id": best.run_id})
+        tracker.set_tags(best.run_id, {"sweep.best": "true"})
+    return (best.run_id, best.export_uri), trials
+
+
+def _evaluate_trials(spec, config, tracker, trials, evaluation, evaluator, reference):
+    """Evaluate every finished trial (each on its own run, files under ``results_dir/<run name>``); the
+    best by ``eval_metric`` wins. Writes ``ablation.md``: one row per trial, its swept values and
+    evaluation. Returns the best ``(run_id, export_uri)`` and ``{run_id: evaluation}``."""
+    config_eval = evaluation if evaluation is not None else eval_config(spec)
+    results_dir = spec.eval.table.results_dir if spec.eval.table is not None else None
+    finished = [t for t in trials if t.export_uri and t.run_id]
+    evaluated, labels = {}, {}
+    for trial in finished:
+        run = tracker.client.get_run(trial.run_id)
+        labels[trial.run_id] = trial_label(run.data.params)
+        folder = Path(tempfile.mkdtemp(prefix="add-trial-"))
+        try:
+            student_dir = local_copy(trial.export_uri, spec, folder)
+            out = str(Path(results_dir) / run.info.run_name) if results_dir else None
+            evaluated[trial.run_id] = _evaluate(
+                spec, tracker, trial.run_id, student_dir, config_eval, evaluator, reference, results_dir=out
+            )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    ranked = [t for t in finished if config.eval_metric in evaluated[t.run_id]]
+    if not ranked:
+        raise RuntimeError(f"no finished trial has the evaluation metric {config.eval_metric!r}")
+    pick = min if config.eval_mode == "min" else max
+    best = pick(ranked, key=lambda t: evaluated[t.run_id][config.eval_metric])
     tracker.set_tags(tracker.parent_run_id, {"sweep.best_trial": best.trial_id, "sweep.best_run_id": best.run_id})
     tracker.set_tags(best.run_id, {"sweep.best": "true"})
-    return best.run_id, best.export_uri
+    table = ablation_markdown(labels, evaluated, best.run_id)
+    tracker.client.log_text(tracker.parent_run_id, table, artifact_file="eval/ablation.md")
+    if results_dir:
+        Path(results_dir).mkdir(parents=True, exist_ok=True)
+        Path(results_dir, "ablation.md").write_text(table)
+    return (best.run_id, best.export_uri), evaluated
+
+
+ABLATION_COLUMNS = (
+    ("table/student-add-1/fid", "FID 1 step", 2),
+    ("table/student-add-4/fid", "FID 4 steps", 2),
+    ("student_alignment", "alignment 1 step", 3),
+    ("student_recall", "recall 1 step", 3),
+    ("fid_ratio", "FID ÷ teacher", 2),
+)
+
+
+def trial_label(params: dict[str, str]) -> dict[str, str]:
+    """What a trial's search-space point set, from its ``trial.*`` params (a variant by its label)."""
+    import ast
+
+    label = {}
+    for key, value in params.items():
+        if not key.startswith("trial."):
+            continue
+        key = key.removeprefix("trial.")
+        if key == VARIANT:
+            try:
+                variant = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                variant = {}
+            value = variant.get("label") or ", ".join(f"{k}={v}" for k, v in variant_fields(variant).items())
+        label[key] = value
+    return label
+
+
+def ablation_markdown(labels: dict[str, dict], evaluated: dict[str, dict], best: str | None = None) -> str:
+    """One row per trial: the swept values that differ between trials, then its evaluation."""
+    keys = sorted({k for v in labels.values() for k in v})
+    varying = [k for k in keys if len({v.get(k) for v in labels.values()}) > 1] or keys
+    columns = [c for c in ABLATION_COLUMNS if any(c[0] in m for m in evaluated.values())]
+    lines = ["| " + " | ".join(varying + [c[1] for c in columns]) + " |", "|" + "---|" * (len(varying) + len(columns))]
+    for run_id, metrics in evaluated.items():
+        values = [str(labels[run_id].get(k, "")) for k in varying]
+        values += [f"{metrics[c[0]]:.{c[2]}f}" if c[0] in metrics else "–" for c in columns]
+        mark = " **(best)**" if run_id == best else ""
+        lines.append("| " + " | ".join(values) + mark + " |")
+    return "\n".join(lines) + "\n"
 
 
 def local_copy(uri: str, spec: JobSpec, folder: Path) -> Path:
@@ -301,7 +392,9 @@ def local_copy(uri: str, spec: JobSpec, folder: Path) -> Path:
     return target
 
 
-def _evaluate_and_register(spec, tracker, result, evaluation, evaluator, promotion_gates, reference) -> None:
+def _evaluate_and_register(
+    spec, tracker, result, evaluation, evaluator, promotion_gates, reference, evaluated=None
+) -> None:
     from orchestrator.pyfunc import log_student_model
 
     if not result.export_uri:
@@ -311,7 +404,10 @@ def _evaluate_and_register(spec, tracker, result, evaluation, evaluator, promoti
     try:
         student_dir = local_copy(result.export_uri, spec, folder)
         config = evaluation if evaluation is not None else eval_config(spec)
-        result.evaluation = _evaluate(spec, tracker, run_id, student_dir, config, evaluator, reference)
+        if evaluated and run_id in evaluated:  # a sweep that evaluated every trial
+            result.evaluation = evaluated[run_id]
+        else:
+            result.evaluation = _evaluate(spec, tracker, run_id, student_dir, config, evaluator, reference)
         prompts = list(config.prompts) if config is not None else list(spec.train.sample_prompts) or ["0"]
         info = log_student_model(run_id, str(student_dir), [str(p) for p in prompts], tracking_uri=tracker.tracking_uri)
         name = spec.tracking.model_name or spec.name
@@ -331,7 +427,7 @@ def _evaluate_and_register(spec, tracker, result, evaluation, evaluator, promoti
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _evaluate(spec, tracker, run_id, student_dir, config, evaluator, reference) -> dict[str, float]:
+def _evaluate(spec, tracker, run_id, student_dir, config, evaluator, reference, results_dir=None) -> dict[str, float]:
     """Evaluate and log; an evaluation that cannot run is recorded (``eval.error``), never fatal:
     the version is still registered, and its gates then fail as ``missing``."""
     from workers.eval.reference import reference_images
@@ -363,8 +459,9 @@ def _evaluate(spec, tracker, run_id, student_dir, config, evaluator, reference) 
             tracker.client.log_text(run_id, value, artifact_file=f"eval/{name}")
         else:
             tracker.client.log_image(run_id, value, artifact_file=f"eval/{name}")
-    if spec.eval.table is not None and spec.eval.table.results_dir:
-        outcome.write(spec.eval.table.results_dir)
+    results_dir = results_dir or (spec.eval.table.results_dir if spec.eval.table is not None else None)
+    if results_dir and hasattr(outcome, "write"):
+        outcome.write(results_dir)
     teacher = f"{config.teacher_solver} {config.teacher_steps} steps, CFG {config.guidance_scale:g}"
     tracker.set_tags(run_id, {"eval.teacher": teacher, "timing.eval_s": f"{time.monotonic() - started:.1f}"})
     return outcome.metrics

@@ -443,6 +443,11 @@ class SweepSpec(Section):
     max_t: int | None = Field(None, ge=1, description="ASHA: reports in a full run (default: from train.steps)")
     seed: int | None = Field(0, description="seed of the random search (null: random)")
     trial_cpus: float = Field(0.25, ge=0, description="CPUs of each trial's driver (it only waits on its trainer)")
+    evaluate_all: bool = Field(
+        False, description="evaluate every finished trial (the eval section) and register the best by eval_metric"
+    )
+    eval_metric: str = Field("student_fid", min_length=1, description="evaluate_all: the evaluation metric that ranks")
+    eval_mode: Literal["min", "max"] = Field("min", description="evaluate_all: whether eval_metric is better low")
 
 
 # ---- the job --------------------------------------------------------------------------------------
@@ -561,6 +566,9 @@ def check_search_space(spec: JobSpec) -> None:
     base = spec.model_dump(mode="python", exclude={"sweep"})
     for path, domain in spec.sweep.search_space.items():
         where = format_path(("sweep", "search_space", path))
+        if path == VARIANT:
+            _check_variants(spec, domain, where, allowed, base)
+            continue
         if path not in allowed:
             close = difflib.get_close_matches(path, allowed, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -587,6 +595,36 @@ def check_search_space(spec: JobSpec) -> None:
                 if kind in ("uniform", "loguniform") and "integer" in message:
                     message += " (a float domain over an integer field: use randint, choice or grid)"
                 raise ValueError(f"{at}: {value!r} is not a valid {path}: {message}") from None
+
+
+VARIANT = "variant"  # a search-space key whose values each set several fields: {label: ..., dotted.path: value}
+
+
+def variant_fields(variant: Mapping) -> dict:
+    """The fields a variant sets (its optional ``label`` names it in tables and is not a field)."""
+    return {k: v for k, v in variant.items() if k != "label"}
+
+
+def _check_variants(spec: JobSpec, domain, where: str, allowed: list[str], base: dict) -> None:
+    kind = _domain_kind(domain)
+    if kind not in ("choice", "grid"):
+        raise ValueError(f"{where}: variants are a choice or a grid of mappings, not {kind}")
+    for i, variant in enumerate(getattr(domain, kind)):
+        at = f"{where}.{kind}[{i}]"
+        if not isinstance(variant, Mapping) or not variant_fields(variant):
+            raise ValueError(f"{at}: a variant is a mapping of dotted field paths to values (and an optional label)")
+        data = copy.deepcopy(base)
+        for path, value in variant_fields(variant).items():
+            if path not in allowed:
+                close = difflib.get_close_matches(path, allowed, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ValueError(f"{at}: {path!r} is not a field of the job spec that a sweep can vary{hint}")
+            set_path(data, path, value)
+        try:
+            JobSpec.model_validate(data)
+        except ValidationError as err:
+            problem = problems_from_validation(err, JobSpec)[0]
+            raise ValueError(f"{at}: {problem.path}: {problem.message}") from None
 
 
 def set_path(data: dict, path: str, value: Any) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import ray
 from ray import tune
 
-from orchestrator.spec import JobSpec
+from orchestrator.spec import VARIANT, JobSpec, variant_fields
 from orchestrator.tracking import JobTracker, TrackingCallback
 
 TRIAL_TAG = "sweep.trial_id"
@@ -43,6 +43,9 @@ class SweepConfig:
     max_t: int | None = None  # ASHA: reports in a full run (default: train.steps / train.log_every)
     seed: int | None = 0  # of the random search
     trial_cpus: float = 0.25  # the trial's driver function only waits on the trainer
+    evaluate_all: bool = False  # evaluate every finished trial; the best by eval_metric is registered
+    eval_metric: str = "student_fid"  # an evaluation metric (without the eval/ prefix)
+    eval_mode: str = "min"
 
     def __post_init__(self):
         if self.mode not in ("min", "max"):
@@ -89,6 +92,9 @@ def param_space(search_space: Mapping[str, object]) -> dict[str, object]:
 def apply_overrides(spec: JobSpec, values: Mapping[str, object]) -> JobSpec:
     """``spec`` with dotted-path values set, validated again (a bad path or value names the field)."""
     data = spec.model_dump(mode="json")
+    values = dict(values)
+    if VARIANT in values:  # one search-space point that sets several fields
+        values = {k: v for k, v in values.items() if k != VARIANT} | variant_fields(values[VARIANT])
     for path, value in values.items():
         *parents, last = path.split(".")
         node = data

@@ -54,6 +54,24 @@ def test_search_space_and_overrides(tmp_path):
         apply_overrides(spec, {"train.lr": 1.0})
     with pytest.raises(ValueError, match="greater than 0"):
         apply_overrides(spec, {"train.lr_student": -1.0})
+    both = apply_overrides(spec, {"variant": {"label": "x", "loss.lambda_adv": 0.0, "train.seed": 5}})
+    assert (both.loss.lambda_adv, both.train.seed) == (0.0, 5)
+
+
+def test_variants_are_checked_field_by_field(tmp_path):
+    from orchestrator.errors import JobSpecError
+    from orchestrator.spec import validate_job
+
+    job = tiny_job(tmp_path, "http://unused", "variants")
+    ok = {"search_space": {"variant": {"grid": [{"label": "a", "loss.lambda_adv": 0.0}]}}}
+    assert validate_job(job | {"sweep": ok}).sweep is not None
+    for variant, message in (
+        ({"loss.lambda_adverse": 0.0}, "'loss.lambda_adverse' is not a field"),
+        ({"loss.lambda_adv": 0.0, "loss.lambda_distill": 0.0}, "both 0"),
+        ({"label": "only a label"}, "a variant is a mapping"),
+    ):
+        with pytest.raises(JobSpecError, match=message):
+            validate_job(job | {"sweep": {"search_space": {"variant": {"grid": [variant]}}}})
 
 
 def test_trials_fill_the_cluster(tmp_path, ray_cluster):
@@ -114,3 +132,56 @@ def test_asha_sweep_of_four_trials_registers_the_best(mlflow_server, ray_cluster
     assert best.data.tags["sweep.best"] == "true" and "eval/student_fid" in best.data.metrics
     version = client.get_model_version_by_alias("tiny-sweep", CANDIDATE)
     assert version.run_id == best.info.run_id and version.version == result.model_version
+
+
+def test_ablation_sweep_evaluates_every_trial_and_registers_the_best_by_its_evaluation(
+    mlflow_server, ray_cluster, tmp_path
+):
+    variants = [
+        {"label": "adversarial only", "loss.lambda_distill": 0.0},
+        {"label": "distillation only", "loss.lambda_adv": 0.0},
+        {"label": "both, sds", "loss.weighting": "sds", "train.lr_student": 2e-5},
+    ]
+    sweep = {
+        "search_space": {"variant": {"grid": variants}},
+        "num_samples": 1,
+        "max_concurrent_trials": 2,
+        "scheduler": "fifo",
+        "evaluate_all": True,
+        "eval_metric": "student_fid",
+        "eval_mode": "min",
+    }
+    results = tmp_path / "results"
+    table = {
+        "num_images": 8,
+        "batch_size": 4,
+        "teacher_samplers": ["ddim:2"],
+        "student_steps": [1, 4],
+        "reference_sampler": "ddim:2",
+        "reference_images": 16,
+        "results_dir": str(results),
+    }
+    job = tiny_job(tmp_path, mlflow_server.url, "tiny-ablation", sweep=sweep, eval={"teacher_steps": 2, "table": table})
+    result = run_job(JobSpec.model_validate(job))
+
+    client = mlflow_server.client()
+    children = [client.get_run(r) for r in result.child_run_ids]
+    assert len(children) == 3
+    fids = {c.info.run_id: c.data.metrics["eval/student_fid"] for c in children}  # every trial evaluated
+    assert result.best_run_id == min(fids, key=fids.get)
+    assert client.get_model_version_by_alias("tiny-ablation", CANDIDATE).run_id == result.best_run_id
+
+    for child in children:  # each trial ran the fields its variant set
+        lambdas = (child.data.params["loss.lambda_adv"], child.data.params["loss.lambda_distill"])
+        assert lambdas in {("1.0", "0.0"), ("0.0", "2.5"), ("1.0", "2.5")}
+        if lambdas == ("1.0", "2.5"):
+            assert child.data.params["loss.weighting"] == "sds" and child.data.params["train.lr_student"] == "2e-05"
+    ablation = (results / "ablation.md").read_text().splitlines()
+    assert ablation[0].startswith("| variant |") and "FID 1 step" in ablation[0]
+    labels = {line.split("|")[1].strip() for line in ablation[2:]}
+    assert labels == {"adversarial only", "distillation only", "both, sds"}
+    assert len(ablation) == 2 + 3 and sum("**(best)**" in line for line in ablation) == 1
+    for child in children:  # each trial's own table beside the ablation
+        assert (results / child.info.run_name / "table.md").is_file()
+    logged = client.download_artifacts(result.parent_run_id, "eval/ablation.md", str(tmp_path))
+    assert open(logged).read().splitlines() == ablation

@@ -1,0 +1,102 @@
+"""The main job (jobs/fashion-mnist.yaml), small: the shipped teacher and evaluator, a few hundred
+Fashion-MNIST images prepared into shards, a few ADD steps on a local Ray, the benchmark table,
+the student registered as `candidate` in MLflow. And the shipped teacher rows still describe the
+shipped teacher under the job's protocol."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from orchestrator.spec import load_job
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "jobs" / "fashion-mnist.yaml"
+FASHION = "/usr/share/datasets/fashion-mnist"
+TEACHER = ROOT / "jobs" / "fashion-mnist" / "teacher"
+
+pytestmark = pytest.mark.skipif(
+    not Path(FASHION, "train-images-idx3-ubyte.gz").exists(), reason="apt-get install dataset-fashion-mnist"
+)
+
+
+def test_the_shipped_teacher_rows_are_those_of_the_shipped_teacher_under_the_jobs_protocol():
+    from orchestrator.controller import table_config
+    from workers.eval.table import load_teacher_rows, teacher_fingerprint
+
+    spec = load_job(JOB)
+    config = table_config(spec)
+    fingerprint = teacher_fingerprint(spec.teacher.source)
+    rows = load_teacher_rows(spec.eval.table.teacher_rows, fingerprint, config.protocol_key())
+    assert [f"{r.sampler.solver}:{r.sampler.steps}" for r in rows] == list(spec.eval.table.teacher_samplers)
+    assert all(r.num_images == spec.eval.table.num_images for r in rows)
+    reference = {f"{r.sampler.solver}:{r.sampler.steps}": r for r in rows}["ddim:50"]
+    assert reference.alignment > 0.8, "the teacher's 50-step samples should show the prompt's class"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def test_main_job_small_prepares_trains_evaluates_writes_the_table_and_registers(
+    tmp_path, mlflow_tracking, ray_local
+):
+    from orchestrator.controller import run_job
+    from orchestrator.registry import CANDIDATE
+    from workers.data import prepare_fashion_mnist
+
+    prepare_fashion_mnist(FASHION, str(tmp_path / "train"), split="train", limit=256, rows_per_shard=128)
+    prepare_fashion_mnist(FASHION, str(tmp_path / "test"), split="test", limit=200)
+    results = tmp_path / "results"
+    spec = load_job(
+        JOB,
+        [
+            f"data.uri={tmp_path / 'train'}",
+            "data.local_shuffle_buffer=16",
+            "train.steps=3",
+            "train.batch_size=8",
+            "train.log_every=1",
+            "train.checkpoint_every=3",
+            "train.sample_every=3",
+            f"storage.uri={tmp_path / 'storage'}",
+            f"tracking.uri={mlflow_tracking.url}",
+            "tracking.experiment=fashion-mnist-small",
+            "eval.teacher_steps=2",
+            "eval.table.num_images=20",
+            "eval.table.batch_size=10",
+            "eval.table.teacher_samplers=[ddim:2, dpmpp:2]",
+            "eval.table.reference_sampler=ddim:2",
+            "eval.table.teacher_rows=null",
+            f"eval.table.reference_uri={tmp_path / 'test'}",
+            "eval.table.reference_images=200",
+            f"eval.table.results_dir={results}",
+        ],
+    )
+    result = run_job(spec)
+
+    assert result.model_version == "1"
+    table = (results / "table.md").read_text()
+    for row in ("| teacher DDIM + CFG | 2 | 4 |", "| teacher DPM-Solver++ + CFG | 2 | 4 |", "| ADD student | 1 | 1 |",
+                "| ADD student | 2 | 2 |", "| ADD student | 4 | 4 |"):
+        assert row in table
+    body = json.loads((results / "table.json").read_text())
+    assert len(body["rows"]) == 5 and all(r["num_images"] == 20 for r in body["rows"])
+    assert {p.name for p in results.iterdir()} >= {"samples.png", "fid_vs_nfe.png"}
+
+    client = mlflow_tracking.client()
+    version = client.get_model_version_by_alias(spec.tracking.model_name, CANDIDATE)
+    assert version.version == "1"
+    assert float(version.tags["eval/student_fid"]) == pytest.approx(body["metrics"]["student_fid"])
+    run = client.get_run(result.best_run_id)
+    assert run.data.metrics["eval/speedup"] > 1
+    logged = {a.path for a in client.list_artifacts(result.best_run_id, "eval")}
+    assert {"eval/table.md", "eval/table.json", "eval/samples.png", "eval/fid_vs_nfe.png"} <= logged
