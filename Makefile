@@ -41,7 +41,6 @@ $(DATA)/fashion-mnist-%/_manifest.json: $(STAMP) $(FASHION_IDX)/train-images-idx
 
 demo: $(STAMP) $(DATA)/fashion-mnist-train/_manifest.json $(DATA)/fashion-mnist-test/_manifest.json
 	$(VENV)/bin/addctl run jobs/fashion-mnist.yaml
-	@cat results/fashion-mnist/table.md
 
 toy: $(STAMP)
 	$(PY) -m workers.add.toy --out results/toy

@@ -216,6 +216,9 @@ def run(job, overrides, address, tracking_uri, storage_path, run_name, num_cpus)
     except Exception as err:  # noqa: BLE001  (the controller has recorded it on the runs)
         raise Failed(f"job {spec.name} failed: {_redact(f'{type(err).__name__}: {err}')}") from None
     click.echo(json.dumps({k: v for k, v in vars(result).items()}, indent=2, default=str))
+    table = spec.eval.table
+    if table is not None and table.results_dir and Path(table.results_dir, "table.md").is_file():
+        click.echo(f"\n{Path(table.results_dir, 'table.md').read_text()}(also in {table.results_dir}/)")
 
 
 @main.command()

@@ -90,7 +90,8 @@ def param_space(search_space: Mapping[str, object]) -> dict[str, object]:
 
 
 def apply_overrides(spec: JobSpec, values: Mapping[str, object]) -> JobSpec:
-    """``spec`` with dotted-path values set, validated again (a bad path or value names the field)."""
+    """``spec`` with dotted-path values set, validated again (a bad path or value names the field), as a
+    single run (no ``sweep`` section)."""
     data = spec.model_dump(mode="json")
     values = dict(values)
     if VARIANT in values:  # one search-space point that sets several fields
@@ -103,7 +104,8 @@ def apply_overrides(spec: JobSpec, values: Mapping[str, object]) -> JobSpec:
         if not isinstance(node, dict) or last not in node:
             raise ValueError(f"sweep.search_space: {path!r} is not a field of the job spec")
         node[last] = value
-    return JobSpec.model_validate(data)
+    # a trial is one run: its search space, checked against the base job, says nothing about it
+    return JobSpec.model_validate(data | {"sweep": None})
 
 
 def reports_per_run(spec: JobSpec) -> int:
