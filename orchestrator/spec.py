@@ -427,7 +427,9 @@ class SweepSpec(Section):
     """A Ray Tune search over spec fields (``orchestrator.sweep.SweepConfig``); the best trial is registered."""
 
     search_space: dict[str, Domain] = Field(
-        min_length=1, description="dotted spec path -> {choice|grid: [...]} or {uniform|loguniform|randint: [lo, hi]}"
+        min_length=1,
+        description="dotted spec path -> {choice|grid: [...]} or {uniform|loguniform|randint: [lo, hi]}; "
+        "variant -> {grid: [{label: ..., dotted.path: value, ...}, ...]} sets several fields per point",
     )
     metric: str = Field("loss/distill", min_length=1, description="reported metric the trials are ranked by")
     mode: Literal["min", "max"] = Field("min", description="whether the metric is better low (min) or high (max)")

@@ -197,6 +197,19 @@ def test_stop_and_resume_equals_the_uninterrupted_run(ray_cluster, assets, refer
     assert_same_weights(exported_unet(result["export_uri"]), reference["two"]["unet"], **TOL)
 
 
+def test_a_finished_job_run_again_with_more_steps_replaces_its_export(ray_cluster, assets, reference):
+    from workers.add.export import STUDENT_FILE
+
+    storage = str(assets["root"] / "runs")
+    shutil.copytree(os.path.join(storage, "ref-one"), os.path.join(storage, "longer"))
+    result = fit(make_spec(assets, workers=1, accum=2, steps=STEPS + 2), storage, "longer").return_value
+    assert result["status"] == "completed" and result["restored_from_step"] == STEPS
+    with open(os.path.join(result["export_uri"], STUDENT_FILE)) as f:
+        assert json.load(f)["step"] == STEPS + 2
+    longer = exported_unet(result["export_uri"])
+    assert any(not torch.equal(longer[k], reference["one"]["unet"][k]) for k in longer)
+
+
 def test_a_non_finite_loss_stops_the_run_at_that_step_keeping_the_last_good_checkpoint(ray_cluster, assets, tmp_path):
     from workers.train.trainer import NonFiniteLossError
 

@@ -31,6 +31,28 @@ def export_exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(f"{path}/{STUDENT_FILE}").type == pafs.FileType.File
 
 
+def export_step(fs: pafs.FileSystem, path: str) -> int | None:
+    """The training step of the complete export at ``path`` (None when there is none)."""
+    import json
+
+    from workers.add.export import STUDENT_FILE
+
+    if not export_exists(fs, path):
+        return None
+    with fs.open_input_stream(f"{path}/{STUDENT_FILE}") as f:
+        return json.loads(f.read().decode()).get("step")
+
+
+def remove_export(fs: pafs.FileSystem, path: str) -> None:
+    """Delete a stale export (of an earlier step): its marker first, so it is never read half-deleted."""
+    from workers.add.export import STUDENT_FILE
+
+    if export_exists(fs, path):
+        fs.delete_file(f"{path}/{STUDENT_FILE}")
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
 def consolidated_state(student: nn.Module, ema: EMA | None, rank: int) -> dict[str, torch.Tensor]:
     """The full state dict of ``student`` on rank 0 (empty elsewhere), its trainable parameters replaced
     by the EMA's when there is one. Collective: every rank calls it."""

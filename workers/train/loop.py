@@ -49,7 +49,7 @@ from orchestrator.spec import JobSpec, resolve_secrets
 from workers.add.step import discriminator_loss, student_loss
 from workers.train.checkpoint import TrainState, apply_model_state, load_checkpoint, model_state, save_checkpoint
 from workers.train.ema import EMA
-from workers.train.export import consolidated_state, export_exists, write_export
+from workers.train.export import consolidated_state, export_step, remove_export, write_export
 from workers.train.fsdp import ReplicaSync, distributed, full_norm, local_fractions, shard_unet, state_bytes
 from workers.train.metrics import STEP_KEYS, IntervalMetrics, non_finite
 from workers.train.models import (
@@ -437,10 +437,13 @@ class ADDLoop:
         fs, path = self.options.export_filesystem, self.options.export_path
         if fs is None or path is None:
             return None
-        if _broadcast(self.rank == 0 and export_exists(fs, path), self.rank):
+        # the same step already exported (a retried last attempt): keep it; an earlier step's export
+        # (a job run again with more steps) is replaced
+        if _broadcast(self.rank == 0 and export_step(fs, path) == self.state.step, self.rank):
             return self.options.export_uri
         full = consolidated_state(self.models.student, self.ema, self.rank)
         if self.rank == 0:
+            remove_export(fs, path)
             student = export_copy(self.spec, self.models.teacher, full)
             metadata = {"job": self.spec.name, "step": self.state.step, "ema": self.ema is not None}
             write_export(student, self.models.teacher, fs, path, metadata)
