@@ -172,8 +172,11 @@ def test_a_run_folder_of_other_data_is_not_resumed(shards, tmp_path):
 def test_the_shipped_teacher_job_has_the_shipped_teachers_settings():
     spec = load_teacher_job(ROOT / "jobs" / "fashion-mnist-teacher.yaml")
     t = spec.train
-    assert (t.steps, t.batch_size, t.lr, t.warmup, t.ema_decay) == (6000, 128, 5e-4, 200, 0.999)
-    assert (t.caption_dropout, t.seed, t.bf16) == (0.1, 0, True)
+    shipped = json.loads((ROOT / "jobs" / "fashion-mnist" / "teacher" / "training.json").read_text())
+    c = shipped["config"]
+    assert t.steps == shipped["step"] and spec.output.weights == shipped["weights"]
+    assert (t.batch_size, t.lr, t.warmup, t.ema_decay) == (c["batch_size"], c["lr"], c["warmup"], c["ema_decay"])
+    assert (t.caption_dropout, t.seed, t.bf16) == (c["caption_dropout"], c["seed"], c["bf16"])
     assert spec.data.uri == "runs/data/fashion-mnist-train" and spec.output.export == "jobs/fashion-mnist/teacher"
     with pytest.raises(JobSpecError):  # a teacher job, not an ADD job
         load_job(ROOT / "jobs" / "fashion-mnist-teacher.yaml")
