@@ -29,6 +29,7 @@ import functools
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import ray
@@ -129,6 +130,18 @@ def _check_cpus(spec: JobSpec) -> None:
         )
 
 
+def with_local_paths_absolute(spec: JobSpec) -> JobSpec:
+    """``spec`` with the model folders it names on this machine (the teacher, a DINOv2 folder) made
+    absolute, so Ray workers, which run elsewhere in the file system, find them. Hub ids stay."""
+
+    def absolute(value: str | None) -> str | None:
+        return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+    teacher = spec.teacher.model_copy(update={"source": absolute(spec.teacher.source)})
+    discriminator = spec.discriminator.model_copy(update={"dinov2": absolute(spec.discriminator.dinov2)})
+    return spec.model_copy(update={"teacher": teacher, "discriminator": discriminator})
+
+
 def build_trainer(
     spec: JobSpec,
     *,
@@ -148,6 +161,7 @@ def build_trainer(
     of the workers; ``run_callbacks`` (Ray Train ``UserCallback``s, e.g. Tune's
     ``TuneReportCallback``) on the controller. ``stop_at_step`` checkpoints and stops early (resume
     with a new trainer of the same name); ``fault`` and ``dinov2`` are for tests."""
+    spec = with_local_paths_absolute(spec)  # the workers' working directory is not the driver's
     uri = storage_path or spec.storage.uri
     name = run_name or spec.name
     options = storage_options(spec.storage.options, "storage.options")
