@@ -9,6 +9,7 @@ size, so every speed-up of a student row is a same-process ratio.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -29,6 +30,8 @@ from workers.eval.features import FeatureExtractor
 from workers.eval.images import student_images, teacher_images
 from workers.eval.protocol import Generate, Protocol, ProtocolConfig, Row, Sampler, with_speedups
 from workers.eval.report import fid_vs_nfe, sample_grid, table_markdown
+
+SHORT_NAMES = {"ddim": "DDIM", "dpmpp": "DPM++", "add": "ADD"}  # column titles of samples.png
 
 
 class StaleTeacherRows(RuntimeError):
@@ -141,6 +144,8 @@ class TableEvaluator:
     ):
         self.config, self.features, self.scorer = config, features, scorer
         self.protocol = Protocol(config.protocol, features, scorer, reference)
+        self._reference_speed: dict[str, tuple[float, dict]] = {}  # per teacher: timed once per evaluator
+        self._measured_rows: dict[str, list[Row]] = {}
 
     # -- the generators of each row ---------------------------------------------------------------
 
@@ -192,10 +197,16 @@ class TableEvaluator:
         cfg = self.config
         if cfg.teacher_rows:
             teacher_rows = load_teacher_rows(cfg.teacher_rows, teacher_fingerprint(teacher_source), cfg.protocol_key())
-        else:
-            teacher_rows = self.teacher_rows(teacher)
+        else:  # measured here, once per evaluator and teacher (a sweep evaluates many students)
+            key = str(teacher_source)
+            if key not in self._measured_rows:
+                self._measured_rows[key] = self.teacher_rows(teacher)
+            teacher_rows = copy.deepcopy(self._measured_rows[key])
         reference = Sampler.parse(cfg.reference, cfg.guidance_scale)
-        ref_ms, ref_timing = self.protocol.speed(self.teacher_generator(teacher, reference))
+        key = str(teacher_source)
+        if key not in self._reference_speed:  # a sweep evaluating every trial times its teacher once
+            self._reference_speed[key] = self.protocol.speed(self.teacher_generator(teacher, reference))
+        ref_ms, ref_timing = self._reference_speed[key]
         student_rows = with_speedups(self.student_rows(student, parts), ref_ms)
         for row in teacher_rows:  # speed-ups against this process's reference timing
             if row.sampler == reference:
@@ -231,7 +242,7 @@ class TableEvaluator:
                 self.teacher_generator(teacher, s) if s.model == "teacher"
                 else self.student_generator(student, parts, s.steps)
             )  # fmt: skip
-            columns[f"{s.family.replace(' + CFG', '')} {s.steps}"] = generate(
+            columns[f"{SHORT_NAMES[s.solver]} {s.steps}"] = generate(
                 prompts, torch.Generator().manual_seed(cfg.protocol.seed)
             )
         markdown = table_markdown(rows, cfg.alignment_name)
