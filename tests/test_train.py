@@ -252,3 +252,24 @@ def _assert_no_credentials_in_ray_logs(ray_cluster, s3_server) -> None:
                 content = f.read()
             assert s3_server.secret_key.encode() not in content, name
             assert s3_server.access_key.encode() not in content, name
+
+
+def test_local_paths_become_absolute_and_uris_and_hub_ids_stay(tmp_path, monkeypatch):
+    from workers.train.trainer import with_local_paths_absolute
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher").mkdir()
+    spec = JobSpec.model_validate(
+        {"name": "paths", "teacher": {"source": "teacher"}, "data": {"uri": "data/shards"}, "storage": {"uri": "runs"}}
+    )
+    out = with_local_paths_absolute(spec)
+    assert out.teacher.source == str(tmp_path / "teacher")
+    assert (out.data.uri, out.storage.uri) == (str(tmp_path / "data" / "shards"), str(tmp_path / "runs"))
+    remote = spec.model_copy(
+        update={
+            "teacher": spec.teacher.model_copy(update={"source": "stabilityai/sd-turbo"}),
+            "data": spec.data.model_copy(update={"uri": "s3://bucket/shards"}),
+        }
+    )
+    out = with_local_paths_absolute(remote)
+    assert (out.teacher.source, out.data.uri) == ("stabilityai/sd-turbo", "s3://bucket/shards")

@@ -131,15 +131,24 @@ def _check_cpus(spec: JobSpec) -> None:
 
 
 def with_local_paths_absolute(spec: JobSpec) -> JobSpec:
-    """``spec`` with the model folders it names on this machine (the teacher, a DINOv2 folder) made
-    absolute, so Ray workers, which run elsewhere in the file system, find them. Hub ids stay."""
+    """``spec`` with its paths on this machine made absolute: the model folders it names (the teacher,
+    a DINOv2 folder) when they exist here, and ``data.uri`` / ``storage.uri`` when they are local
+    paths. Ray workers and Tune trials run in other working directories. Hub ids and URIs stay."""
 
-    def absolute(value: str | None) -> str | None:
+    def folder(value: str | None) -> str | None:
         return str(Path(value).resolve()) if value and Path(value).exists() else value
 
-    teacher = spec.teacher.model_copy(update={"source": absolute(spec.teacher.source)})
-    discriminator = spec.discriminator.model_copy(update={"dinov2": absolute(spec.discriminator.dinov2)})
-    return spec.model_copy(update={"teacher": teacher, "discriminator": discriminator})
+    def local(uri: str) -> str:
+        return uri if "://" in uri else str(Path(uri).resolve())
+
+    return spec.model_copy(
+        update={
+            "teacher": spec.teacher.model_copy(update={"source": folder(spec.teacher.source)}),
+            "discriminator": spec.discriminator.model_copy(update={"dinov2": folder(spec.discriminator.dinov2)}),
+            "data": spec.data.model_copy(update={"uri": local(spec.data.uri)}),
+            "storage": spec.storage.model_copy(update={"uri": local(spec.storage.uri)}),
+        }
+    )
 
 
 def build_trainer(
