@@ -82,7 +82,7 @@ class TeacherTrainSpec(Section):
     batch_size: int = Field(128, ge=1, description="images per step")
     lr: float = Field(5e-4, gt=0, description="AdamW learning rate")
     warmup: int = Field(200, ge=1, description="linear learning-rate warmup, in steps")
-    ema_decay: float = Field(0.999, gt=0, lt=1, description="decay of the EMA of the weights (what is exported)")
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay (exported unless output.weights: model)")
     caption_dropout: float = Field(0.1, ge=0, le=1, description="probability of the empty caption (for guidance)")
     checkpoint_every: int = Field(100, ge=1, description="checkpoint (and log the mean loss) every this many steps")
     seed: int = Field(0, description="seed of the initial weights and of every step's draws")
