@@ -155,6 +155,13 @@ class DiscriminatorSpec(Section):
     image_conditioning: bool = Field(False, description="also condition on the real image's CLS embedding")
     augment_policy: str | None = Field(None, description="DiffAugment ops, e.g. 'color,translation,cutout'")
     resolution: int | None = Field(224, ge=14, description="DINOv2 input resolution")
+    t_hat_loc: float = Field(
+        0.0, description="teacher backbone: t̂/T = sigmoid(n), n ~ N(t_hat_loc, t_hat_scale²); lower judges finer detail"
+    )
+    t_hat_scale: float = Field(1.0, gt=0, description="teacher backbone: spread of the logit-normal t̂")
+    text_rms: bool = Field(
+        True, description="rescale the pooled text embedding to unit RMS before the heads' projection"
+    )
 
 
 class LossSpec(Section):

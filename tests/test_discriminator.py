@@ -157,6 +157,8 @@ def test_teacher_t_hat_is_logit_normal_over_the_timesteps():
     t_hat = F.sample_t_hat(4000, torch.Generator().manual_seed(0))
     assert t_hat.dtype == torch.long and 0 <= t_hat.min() and t_hat.max() <= 999
     assert abs(t_hat.float().median().item() - 499.5) < 25  # sigmoid(N(0, 1)) has median 1/2
+    low = TeacherFeatures(tiny_teacher(), t_hat_loc=-2.0).sample_t_hat(4000, torch.Generator().manual_seed(0))
+    assert abs(low.float().median().item() - 999 * torch.sigmoid(torch.tensor(-2.0)).item()) < 10
 
 
 # --- the discriminator ------------------------------------------------------------------------
@@ -214,6 +216,18 @@ def test_image_conditioning_uses_the_real_image_and_needs_it():
     assert any(not torch.allclose(p, q) for p, q in zip(a, b, strict=True))
     with pytest.raises(ValueError, match="needs x_real"):
         D(x, cond)
+
+
+def test_text_condition_is_rescaled_to_unit_rms_and_a_null_one_stays_zero():
+    D, _ = build("dinov2")
+    unit = torch.nn.functional.normalize(torch.randn(B, POOLED), dim=1)  # a sentence encoder's pooled
+    unit[0] = 0  # the null caption of an SDXL-style encoder
+    c = D.condition(Conditioning(pooled=unit), None, None)
+    assert torch.allclose(c[1:].square().mean(dim=1), torch.ones(B - 1), atol=1e-5)
+    assert torch.equal(c[0], torch.zeros(POOLED))
+    assert torch.allclose(c[1:] / c[1:].norm(dim=1, keepdim=True), unit[1:], atol=1e-6)  # direction kept
+    D, _ = build("dinov2", text_rms=False)
+    assert torch.equal(D.condition(Conditioning(pooled=unit), None, None), unit)
 
 
 def test_unconditional_discriminators():

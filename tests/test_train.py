@@ -273,3 +273,19 @@ def test_local_paths_become_absolute_and_uris_and_hub_ids_stay(tmp_path, monkeyp
     )
     out = with_local_paths_absolute(remote)
     assert (out.teacher.source, out.data.uri) == ("stabilityai/sd-turbo", "s3://bucket/shards")
+
+
+def test_the_discriminator_section_reaches_the_built_discriminator(assets):
+    from workers.train.models import build_models
+
+    spec = make_spec(assets)
+    spec = spec.model_copy(
+        update={
+            "discriminator": spec.discriminator.model_copy(
+                update={"t_hat_loc": -2.0, "t_hat_scale": 0.5, "text_rms": False}
+            )
+        }
+    )
+    D = build_models(spec, torch.device("cpu")).discriminator
+    F = D.feature_network
+    assert (F.t_hat_loc, F.t_hat_scale, D.text_rms) == (-2.0, 0.5, False)

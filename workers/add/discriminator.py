@@ -30,7 +30,10 @@ class Discriminator(nn.Module):
 
     ``cond_dim`` is the width of ``Conditioning.pooled`` (0: the heads ignore the text). With
     ``image_conditioning`` the condition also holds F's image embedding of the real x0 (ADD's best
-    setting, text + image); F must then have ``image_embedding``.
+    setting, text + image); F must then have ``image_embedding``. With ``text_rms`` the pooled text
+    is rescaled to unit RMS per sample (ours): a unit-norm sentence embedding has components of
+    about 1/√dim, which started every projection logit near zero and left the heads unable to move
+    it in a few hundred steps; rescaled, the text weighs like F's extra condition.
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class Discriminator(nn.Module):
         augment: DiffAugment | None = None,
         virtual_bs: int = 8,
         kernel_size: int | None = None,
+        text_rms: bool = True,
     ):
         super().__init__()
         if image_conditioning and not hasattr(feature_network, "image_embedding"):
@@ -52,6 +56,7 @@ class Discriminator(nn.Module):
         self.augment = augment if augment is not None else DiffAugment("")
         self.cond_dim = cond_dim
         self.image_conditioning = image_conditioning
+        self.text_rms = text_rms
         image_dim = feature_network.embedding_dim if image_conditioning else 0
         self.c_dim = cond_dim + image_dim + feature_network.cond_dim_extra
         self.heads = nn.ModuleList(
@@ -84,7 +89,10 @@ class Discriminator(nn.Module):
                 raise ValueError(
                     f"discriminator expects Conditioning.pooled of width {self.cond_dim}, got {got}"
                 )
-            parts.append(cond.pooled.float())
+            text = cond.pooled.float()
+            if self.text_rms:  # an all-zero (null) embedding stays zero
+                text = text * torch.rsqrt(text.square().mean(dim=1, keepdim=True).clamp(min=1e-12))
+            parts.append(text)
         if self.image_conditioning:
             if x_real is None:
                 raise ValueError("image conditioning needs x_real, the real x0 the caption belongs to")
@@ -136,6 +144,7 @@ def build_discriminator(
     t_hat_loc: float = 0.0,
     t_hat_scale: float = 1.0,
     virtual_bs: int = 8,
+    text_rms: bool = True,
 ) -> Discriminator:
     """D on the named backbone: "dinov2" (pixels, ADD) or "teacher" (the teacher's input space, LADD).
 
@@ -159,4 +168,5 @@ def build_discriminator(
         image_conditioning=image_conditioning,
         augment=DiffAugment(policy),
         virtual_bs=virtual_bs,
+        text_rms=text_rms,
     )

@@ -76,6 +76,9 @@ def build_models(spec: JobSpec, device: torch.device, dinov2: torch.nn.Module | 
         image_conditioning=d.image_conditioning,
         augment_policy=d.augment_policy,
         resolution=d.resolution,
+        t_hat_loc=d.t_hat_loc,
+        t_hat_scale=d.t_hat_scale,
+        text_rms=d.text_rms,
     ).to(device)
     return ADDModels(student, teacher, D)
 
