@@ -15,8 +15,10 @@ the same as ``{"type": "loguniform", "low": lo, "high": hi}`` / ``{"type": "choi
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
 from ray import tune
@@ -108,6 +110,16 @@ def apply_overrides(spec: JobSpec, values: Mapping[str, object]) -> JobSpec:
     return JobSpec.model_validate(data | {"sweep": None})
 
 
+def trial_spec(spec_data: dict, values: Mapping[str, object], driver_cwd: str | None) -> JobSpec:
+    """The job spec of one trial: the base job with the trial's values, whose relative local paths
+    (a variant's ``discriminator.dinov2`` folder, say) are the driver's: a trial runs in its own
+    working directory."""
+    from orchestrator.jobs import localize_paths
+
+    spec = apply_overrides(JobSpec.model_validate(spec_data), values)
+    return localize_paths(spec, Path(driver_cwd)) if driver_cwd else spec
+
+
 def reports_per_run(spec: JobSpec) -> int:
     """How many reports a full run makes: every ``log_every`` steps and at each checkpoint."""
     t = spec.train
@@ -174,6 +186,7 @@ def train_driver_fn(
     storage_path: str | None,
     trainer_kwargs: dict,
     build_trainer: Callable | None = None,
+    driver_cwd: str | None = None,
 ) -> None:
     """One trial: the job spec with the trial's values, a child run, a trainer fitted to the end."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -183,7 +196,7 @@ def train_driver_fn(
 
     context = tune.get_context()
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
-    spec = apply_overrides(JobSpec.model_validate(spec_data), config)
+    spec = trial_spec(spec_data, config, driver_cwd)
     run_name = f"{spec.name}-{trial_name}"
     run_id = tracker.start_child(
         spec, run_name, params={f"trial.{k}": v for k, v in config.items()}, tags={TRIAL_TAG: trial_id}
@@ -239,6 +252,7 @@ def run_sweep(
         storage_path=storage_path,
         trainer_kwargs=trainer_kwargs or {},
         build_trainer=build_trainer,
+        driver_cwd=os.getcwd(),
     )
     fs, path = run_storage(storage_path, storage_options(spec.storage.options, "storage.options"))
     local = isinstance(fs, pafs.LocalFileSystem)

@@ -19,6 +19,7 @@ from orchestrator.sweep import (
     param_space,
     reports_per_run,
     trial_resources,
+    trial_spec,
 )
 from orchestrator.tracking import JobTracker
 from tests.mlflow_server import tiny_job
@@ -56,6 +57,20 @@ def test_search_space_and_overrides(tmp_path):
         apply_overrides(spec, {"train.lr_student": -1.0})
     both = apply_overrides(spec, {"variant": {"label": "x", "loss.lambda_adv": 0.0, "train.seed": 5}})
     assert (both.loss.lambda_adv, both.train.seed) == (0.0, 5)
+
+
+def test_a_variants_relative_folder_is_the_drivers_not_the_trials(tmp_path, monkeypatch):
+    driver, trial_dir = tmp_path / "driver", tmp_path / "trial"
+    (driver / "runs" / "dinov2").mkdir(parents=True)
+    trial_dir.mkdir()
+    spec = JobSpec.model_validate(tiny_job(tmp_path, "http://unused", "paths"))
+    dinov2 = {"label": "dinov2", "discriminator.backbone": "dinov2", "discriminator.dinov2": "runs/dinov2"}
+    variant = {"variant": dinov2}
+    monkeypatch.chdir(trial_dir)  # Tune runs a trial in its own working directory
+    trial = trial_spec(spec.model_dump(mode="json"), variant, str(driver))
+    assert trial.discriminator.dinov2 == str(driver / "runs" / "dinov2")
+    hub = {"variant": {"label": "hub", "discriminator.dinov2": "facebook/dinov2-small"}}
+    assert trial_spec(spec.model_dump(mode="json"), hub, str(driver)).discriminator.dinov2 == "facebook/dinov2-small"
 
 
 def test_variants_are_checked_field_by_field(tmp_path):
