@@ -32,8 +32,8 @@ class Discriminator(nn.Module):
     ``image_conditioning`` the condition also holds F's image embedding of the real x0 (ADD's best
     setting, text + image); F must then have ``image_embedding``. With ``text_rms`` the pooled text
     is rescaled to unit RMS per sample (ours): a unit-norm sentence embedding has components of
-    about 1/√dim, which started every projection logit near zero and left the heads unable to move
-    it in a few hundred steps; rescaled, the text weighs like F's extra condition.
+    about 1/√dim, which started every projection logit near zero and slowed the heads' learning
+    (README, the Fashion-MNIST results); rescaled, the text weighs like F's extra condition.
     """
 
     def __init__(
