@@ -198,11 +198,11 @@ def run_job(
     """
     import ray
 
-    from workers.train.trainer import with_local_paths_absolute
+    from orchestrator.jobs import localize_paths
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
-    spec = with_local_paths_absolute(spec)  # relative to here, not to a Tune trial's working directory
+    spec = localize_paths(spec)  # relative to here, not to a Tune trial's working directory
     tracker = JobTracker(spec, tracking_uri)
 
     def stop(signum: int) -> None:  # from the watcher thread, at once

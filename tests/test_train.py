@@ -255,14 +255,14 @@ def _assert_no_credentials_in_ray_logs(ray_cluster, s3_server) -> None:
 
 
 def test_local_paths_become_absolute_and_uris_and_hub_ids_stay(tmp_path, monkeypatch):
-    from workers.train.trainer import with_local_paths_absolute
+    from orchestrator.jobs import localize_paths
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "teacher").mkdir()
     spec = JobSpec.model_validate(
         {"name": "paths", "teacher": {"source": "teacher"}, "data": {"uri": "data/shards"}, "storage": {"uri": "runs"}}
     )
-    out = with_local_paths_absolute(spec)
+    out = localize_paths(spec)
     assert out.teacher.source == str(tmp_path / "teacher")
     assert (out.data.uri, out.storage.uri) == (str(tmp_path / "data" / "shards"), str(tmp_path / "runs"))
     remote = spec.model_copy(
@@ -271,7 +271,7 @@ def test_local_paths_become_absolute_and_uris_and_hub_ids_stay(tmp_path, monkeyp
             "data": spec.data.model_copy(update={"uri": "s3://bucket/shards"}),
         }
     )
-    out = with_local_paths_absolute(remote)
+    out = localize_paths(remote)
     assert (out.teacher.source, out.data.uri) == ("stabilityai/sd-turbo", "s3://bucket/shards")
 
 

@@ -195,15 +195,14 @@ class TableEvaluator:
     @torch.no_grad()
     def evaluate(self, student: Student, parts: Teacher, teacher: Teacher, teacher_source) -> TableResult:
         cfg = self.config
+        key = str(teacher_source)  # what a sweep's evaluator measures once per teacher
         if cfg.teacher_rows:
             teacher_rows = load_teacher_rows(cfg.teacher_rows, teacher_fingerprint(teacher_source), cfg.protocol_key())
         else:  # measured here, once per evaluator and teacher (a sweep evaluates many students)
-            key = str(teacher_source)
             if key not in self._measured_rows:
                 self._measured_rows[key] = self.teacher_rows(teacher)
             teacher_rows = copy.deepcopy(self._measured_rows[key])
         reference = Sampler.parse(cfg.reference, cfg.guidance_scale)
-        key = str(teacher_source)
         if key not in self._reference_speed:  # a sweep evaluating every trial times its teacher once
             self._reference_speed[key] = self.protocol.speed(self.teacher_generator(teacher, reference))
         ref_ms, ref_timing = self._reference_speed[key]

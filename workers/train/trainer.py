@@ -29,7 +29,6 @@ import functools
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import pyarrow.fs as pafs
 import ray
@@ -38,6 +37,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, Result, RunCo
 from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
 
+from orchestrator.jobs import localize_paths
 from orchestrator.spec import STORAGE_OPTIONS, JobSpec, resolve_secrets
 from workers.data.shards import read_manifest
 from workers.data.storage import StorageOptions, check_reachable, display_uri, join_uri, resolve, split_uri
@@ -130,27 +130,6 @@ def _check_cpus(spec: JobSpec) -> None:
         )
 
 
-def with_local_paths_absolute(spec: JobSpec) -> JobSpec:
-    """``spec`` with its paths on this machine made absolute: the model folders it names (the teacher,
-    a DINOv2 folder) when they exist here, and ``data.uri`` / ``storage.uri`` when they are local
-    paths. Ray workers and Tune trials run in other working directories. Hub ids and URIs stay."""
-
-    def folder(value: str | None) -> str | None:
-        return str(Path(value).resolve()) if value and Path(value).exists() else value
-
-    def local(uri: str) -> str:
-        return uri if "://" in uri else str(Path(uri).resolve())
-
-    return spec.model_copy(
-        update={
-            "teacher": spec.teacher.model_copy(update={"source": folder(spec.teacher.source)}),
-            "discriminator": spec.discriminator.model_copy(update={"dinov2": folder(spec.discriminator.dinov2)}),
-            "data": spec.data.model_copy(update={"uri": local(spec.data.uri)}),
-            "storage": spec.storage.model_copy(update={"uri": local(spec.storage.uri)}),
-        }
-    )
-
-
 def build_trainer(
     spec: JobSpec,
     *,
@@ -170,7 +149,7 @@ def build_trainer(
     of the workers; ``run_callbacks`` (Ray Train ``UserCallback``s, e.g. Tune's
     ``TuneReportCallback``) on the controller. ``stop_at_step`` checkpoints and stops early (resume
     with a new trainer of the same name); ``fault`` and ``dinov2`` are for tests."""
-    spec = with_local_paths_absolute(spec)  # the workers' working directory is not the driver's
+    spec = localize_paths(spec)  # the workers' working directory is not the driver's
     uri = storage_path or spec.storage.uri
     name = run_name or spec.name
     options = storage_options(spec.storage.options, "storage.options")
