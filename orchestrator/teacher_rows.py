@@ -8,6 +8,12 @@ command.
 
     python -m orchestrator.teacher_rows jobs/fashion-mnist.yaml            # writes eval.table.teacher_rows
     python -m orchestrator.teacher_rows jobs/fashion-mnist.yaml --set eval.table.num_images=1000
+
+The full protocol takes hours on a CPU, so finished rows and the finished batches of the row being
+measured are kept in a progress folder (``--progress``, default ``runs/teacher-rows/<job name>``):
+run the same command again after a kill and it goes on where it stopped. ``--retime`` times the rows
+of an existing file again on a quiet machine (their images and scores stay), for rows whose
+generation shared the CPU with other work.
 """
 
 from __future__ import annotations
@@ -21,11 +27,16 @@ from orchestrator.controller import default_evaluator
 from orchestrator.spec import load_job
 
 
-def measure_teacher_rows(spec, out: str | Path | None = None) -> Path:
+def default_progress(spec) -> Path:
+    return Path("runs") / "teacher-rows" / spec.name
+
+
+def measure_teacher_rows(spec, out: str | Path | None = None, progress: str | Path | None = None) -> Path:
     """Sample, score and time every teacher row of the job's table; write them (atomically) to ``out``
-    (default ``eval.table.teacher_rows``) with a Markdown table beside them."""
+    (default ``eval.table.teacher_rows``) with a Markdown table beside them. Rows and batches finished
+    so far are kept under ``progress`` (default ``default_progress(spec)``), so a killed run resumes."""
     from workers.add.components import load_teacher
-    from workers.eval.report import table_markdown
+    from workers.eval.progress import RowProgress
     from workers.eval.table import save_teacher_rows, teacher_fingerprint
 
     table = spec.eval.table
@@ -34,16 +45,45 @@ def measure_teacher_rows(spec, out: str | Path | None = None) -> Path:
     out = Path(out or table.teacher_rows or "teacher_rows.json")
     evaluator = default_evaluator(spec)
     teacher = load_teacher(spec.teacher.source, prediction_type=spec.teacher.prediction_type)
+    fingerprint, key = teacher_fingerprint(spec.teacher.source), evaluator.config.protocol_key()
+    kept = RowProgress(progress or default_progress(spec), {"teacher_fingerprint": fingerprint} | key)
     started = time.monotonic()
-    rows = evaluator.teacher_rows(teacher)
-    key = evaluator.config.protocol_key()
-    save_teacher_rows(out, rows, teacher_fingerprint(spec.teacher.source), key)
-    markdown = table_markdown(rows, evaluator.config.alignment_name)
-    out.with_suffix(".md").write_text(
-        f"Teacher rows of {spec.teacher.source}: {key['num_images']} images per row, measured in "
-        f"{time.monotonic() - started:.0f} s by `python -m orchestrator.teacher_rows`.\n\n{markdown}"
-    )
+    rows = evaluator.teacher_rows(teacher, kept)
+    save_teacher_rows(out, rows, fingerprint, key)
+    _write_markdown(out, rows, evaluator, spec, f"measured by `python -m orchestrator.teacher_rows` "
+                    f"({time.monotonic() - started:.0f} s in its last run)")
     return out
+
+
+def retime_teacher_rows(spec, path: str | Path | None = None) -> Path:
+    """Time every row of an existing teacher-rows file again (warm-up, then the median of
+    ``speed_repeats`` calls at the protocol's batch size); images and scores are not touched."""
+    from workers.add.components import load_teacher
+    from workers.eval.protocol import with_speedups
+    from workers.eval.table import load_teacher_rows, save_teacher_rows, teacher_fingerprint
+
+    path = Path(path or spec.eval.table.teacher_rows)
+    evaluator = default_evaluator(spec)
+    teacher = load_teacher(spec.teacher.source, prediction_type=spec.teacher.prediction_type)
+    fingerprint, key = teacher_fingerprint(spec.teacher.source), evaluator.config.protocol_key()
+    rows = load_teacher_rows(path, fingerprint, key)
+    for row in rows:
+        row.ms_per_image, timing = evaluator.protocol.speed(evaluator.teacher_generator(teacher, row.sampler))
+        row.timing = timing | {"timed": "by --retime"}
+    reference = evaluator._row(rows, evaluator.config.reference, "teacher")
+    rows = with_speedups(rows, reference.ms_per_image)
+    save_teacher_rows(path, rows, fingerprint, key)
+    _write_markdown(path, rows, evaluator, spec, "measured by `python -m orchestrator.teacher_rows`, "
+                    "re-timed by its `--retime`")
+    return path
+
+
+def _write_markdown(out: Path, rows, evaluator, spec, how: str) -> None:
+    from workers.eval.report import table_markdown
+
+    markdown = table_markdown(rows, evaluator.config.alignment_name)
+    n = evaluator.config.protocol.num_images
+    out.with_suffix(".md").write_text(f"Teacher rows of {spec.teacher.source}: {n} images per row, {how}.\n\n{markdown}")
 
 
 def main(argv=None) -> None:
@@ -51,6 +91,8 @@ def main(argv=None) -> None:
     parser.add_argument("job", help="the job file whose eval.table protocol the rows are measured with")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default=None, help="where to write the rows (default: eval.table.teacher_rows)")
+    parser.add_argument("--progress", default=None, help="folder of finished rows and batches (default: runs/teacher-rows/<job name>)")
+    parser.add_argument("--retime", action="store_true", help="only time the rows of the existing file again")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args(argv)
     if args.threads:
@@ -58,7 +100,7 @@ def main(argv=None) -> None:
 
         torch.set_num_threads(args.threads)
     spec = load_job(args.job, args.overrides)
-    path = measure_teacher_rows(spec, args.out)
+    path = retime_teacher_rows(spec, args.out) if args.retime else measure_teacher_rows(spec, args.out, args.progress)
     print(path.with_suffix(".md").read_text())
     print(json.dumps({"written": str(path)}))
 

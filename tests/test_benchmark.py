@@ -207,3 +207,43 @@ def test_sd_class_table_with_injected_extractors_measures_every_row_and_writes_i
     (source / "unet" / "config.json").write_text((source / "unet" / "config.json").read_text() + "\n")
     with pytest.raises(StaleTeacherRows, match="another teacher"):
         reused.evaluate_paths(student_dir, source)
+
+
+def test_a_killed_row_measurement_resumes_from_its_kept_batches_and_gives_the_uninterrupted_row(tmp_path):
+    from workers.eval.progress import RowProgress, StaleProgress
+    from workers.eval.protocol import Protocol, Sampler
+
+    config = _table_config(num_images=18).protocol  # batches of 4: four full ones and a short one
+    torch.manual_seed(2)
+    protocol = Protocol(config, _TinyFeatures(3), _TinyScorer(), torch.rand(20, 3, 16, 16))
+    sampler = Sampler.parse("ddim:4", 2.0)
+    calls = []
+
+    def generate(prompts, generator, kill_at=None):
+        calls.append(len(prompts))
+        if kill_at is not None and len(calls) == kill_at:
+            raise KeyboardInterrupt  # the session ends in the middle of the row
+        return torch.rand(len(prompts), 3, 16, 16, generator=generator)
+
+    whole = protocol.measure(sampler, generate)
+    key = {"teacher_fingerprint": "abc", "num_images": 18}
+    progress = RowProgress(tmp_path / "progress", key)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        protocol.measure(sampler, lambda p, g: generate(p, g, kill_at=4), progress)
+    images, seconds, state = RowProgress(tmp_path / "progress", key).batches(sampler)
+    assert len(images) == 3 and len(seconds) == 3 and state is not None  # three finished batches kept
+
+    calls.clear()
+    resumed = protocol.measure(sampler, generate, RowProgress(tmp_path / "progress", key))
+    assert calls[:2] == [4, 2]  # only the last full batch and the short one were generated again
+    assert resumed.fid == pytest.approx(whole.fid) and resumed.recall == whole.recall
+    assert resumed.alignment == pytest.approx(whole.alignment) and resumed.num_images == 18
+
+    calls.clear()  # a finished row is read back, not measured
+    again = protocol.measure(sampler, generate, RowProgress(tmp_path / "progress", key))
+    assert calls == [] and again.fid == pytest.approx(whole.fid)
+    assert not (tmp_path / "progress" / "batches" / sampler.key).exists()  # its batches are dropped
+
+    with pytest.raises(StaleProgress, match="num_images"):
+        RowProgress(tmp_path / "progress", key | {"num_images": 20})

@@ -100,3 +100,46 @@ def test_main_job_small_prepares_trains_evaluates_writes_the_table_and_registers
     assert run.data.metrics["eval/speedup"] > 1
     logged = {a.path for a in client.list_artifacts(result.best_run_id, "eval")}
     assert {"eval/table.md", "eval/table.json", "eval/samples.png", "eval/fid_vs_nfe.png"} <= logged
+
+
+def test_teacher_rows_command_resumes_after_a_kill_and_retimes_the_written_rows(tmp_path, monkeypatch):
+    from orchestrator import teacher_rows
+    from workers.data import prepare_fashion_mnist
+    from workers.eval.table import load_teacher_rows, teacher_fingerprint
+    from workers.eval.protocol import Protocol
+
+    prepare_fashion_mnist(FASHION, str(tmp_path / "test"), split="test", limit=100)
+    out, progress = tmp_path / "rows.json", tmp_path / "progress"
+    args = [str(JOB), "--out", str(out), "--progress", str(progress), "--threads", "1",
+            "--set", "eval.table.num_images=12", "--set", "eval.table.batch_size=4",
+            "--set", "eval.table.teacher_samplers=[ddim:2, dpmpp:1]", "--set", "eval.table.reference_sampler=ddim:2",
+            "--set", f"eval.table.reference_uri={tmp_path / 'test'}", "--set", "eval.table.reference_images=100"]
+
+    measure, calls = Protocol.measure, []
+
+    def killed_in_the_second_row(self, sampler, generate, progress=None):
+        calls.append(sampler.key)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(self, sampler, generate, progress)
+
+    monkeypatch.setattr(Protocol, "measure", killed_in_the_second_row)
+    with pytest.raises(KeyboardInterrupt):
+        teacher_rows.main(args)
+    assert not out.exists() and len(list((progress / "rows").iterdir())) == 1  # the first row is kept
+
+    monkeypatch.setattr(Protocol, "measure", measure)
+    teacher_rows.main(args)
+    spec = load_job(JOB, [a for a in args[args.index("--set"):] if a != "--set"])
+    from orchestrator.controller import table_config
+
+    key = table_config(spec).protocol_key()
+    rows = load_teacher_rows(out, teacher_fingerprint(spec.teacher.source), key)
+    assert [r.sampler.key for r in rows] == ["teacher-ddim-2", "teacher-dpmpp-1"]
+    assert all(r.num_images == 12 and r.fid > 0 for r in rows) and "DPM-Solver++" in out.with_suffix(".md").read_text()
+
+    teacher_rows.main(args + ["--retime"])
+    retimed = load_teacher_rows(out, teacher_fingerprint(spec.teacher.source), key)
+    assert [r.fid for r in retimed] == [r.fid for r in rows]  # scores untouched
+    assert all(r.timing["timed"] == "by --retime" and r.timing["repeats"] >= 3 for r in retimed)
+    assert retimed[0].speedup == pytest.approx(1.0)

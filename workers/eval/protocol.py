@@ -20,6 +20,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -30,6 +31,9 @@ from workers.eval.features import FeatureExtractor
 from workers.eval.frechet import FeatureStats, frechet_distance
 from workers.eval.manifold import precision_recall
 from workers.eval.speed import _sync
+
+if TYPE_CHECKING:
+    from workers.eval.progress import RowProgress
 
 SOLVER_NAMES = {"ddim": "DDIM", "dpmpp": "DPM-Solver++", "add": "ADD"}
 
@@ -155,20 +159,28 @@ class Protocol:
         out["alignment"] = float(self.scorer(images, prompts).float().mean()) if self.scorer else float("nan")
         return out | precision_recall(self.reference_features, feats, self.config.k)
 
-    def generate(self, sampler: Sampler, generate: Generate) -> tuple[Tensor, list[float]]:
-        """All ``num_images`` images of one sampler, and the seconds each full batch took."""
+    def generate(
+        self, sampler: Sampler, generate: Generate, progress: RowProgress | None = None
+    ) -> tuple[Tensor, list[float]]:
+        """All ``num_images`` images of one sampler, and the seconds each full batch took; with
+        ``progress``, finished batches are kept and a resumed call starts after the last of them."""
         prompts, size = self.config.all_prompts(), self.config.batch_size
         generator = torch.Generator().manual_seed(self.config.seed)
-        images, seconds = [], []
-        for i in tqdm(range(0, len(prompts), size), desc=f"{sampler.key}", leave=False):
+        images, seconds, state = progress.batches(sampler) if progress else ([], [], None)
+        if state is not None:
+            generator.set_state(state)
+        done = len(images)
+        starts = range(done * size, len(prompts), size)
+        for index, i in enumerate(tqdm(starts, desc=f"{sampler.key}", leave=False), start=done):
             batch = prompts[i : i + size]
             _sync()
             start = time.perf_counter()
             images.append(generate(batch, generator))
             _sync()
-            if len(batch) == size:
-                seconds.append(time.perf_counter() - start)
-        return torch.cat(images), seconds
+            seconds.append(time.perf_counter() - start if len(batch) == size else None)
+            if progress:
+                progress.save_batch(sampler, index, images[-1], seconds[-1], generator.get_state())
+        return torch.cat(images), [s for s in seconds if s is not None]
 
     def speed(self, generate: Generate, seconds: Sequence[float] = ()) -> tuple[float, dict]:
         """ms/image at ``batch_size``: the generation's own full batches after the first (warm-up) when
@@ -190,12 +202,17 @@ class Protocol:
         ms = 1000 * statistics.median(timed) / size
         return ms, {"batch_size": size, "repeats": len(timed), "threads": torch.get_num_threads()}
 
-    def measure(self, sampler: Sampler, generate: Generate) -> Row:
-        """One row: generate, score, time."""
-        images, seconds = self.generate(sampler, generate)
+    def measure(self, sampler: Sampler, generate: Generate, progress: RowProgress | None = None) -> Row:
+        """One row: generate, score, time (with ``progress``: a row finished before is read back)."""
+        if progress and (row := progress.row(sampler)) is not None:
+            return row
+        images, seconds = self.generate(sampler, generate, progress)
         metrics = self.score(images, self.config.all_prompts())
         ms, timing = self.speed(generate, seconds)
-        return Row(sampler, len(images), ms_per_image=ms, timing=timing, **metrics)
+        row = Row(sampler, len(images), ms_per_image=ms, timing=timing, **metrics)
+        if progress:
+            progress.save_row(row)
+        return row
 
 
 def with_speedups(rows: Sequence[Row], reference_ms: float) -> list[Row]:

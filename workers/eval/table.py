@@ -28,6 +28,7 @@ from workers.add.teacher import Teacher
 from workers.eval.alignment import PromptScorer
 from workers.eval.features import FeatureExtractor
 from workers.eval.images import student_images, teacher_images
+from workers.eval.progress import RowProgress
 from workers.eval.protocol import Generate, Protocol, ProtocolConfig, Row, Sampler, with_speedups
 from workers.eval.report import fid_vs_nfe, sample_grid, table_markdown
 
@@ -120,7 +121,7 @@ def save_teacher_rows(path: str | Path, rows: Sequence[Row], fingerprint: str | 
 def load_teacher_rows(path: str | Path, fingerprint: str | None, key: dict) -> list[Row]:
     """The shipped rows, or ``StaleTeacherRows`` naming what differs and how to measure them again."""
     path = Path(path)
-    redo = f"measure them again: python -m workers.benchmark.teacher_rows JOB.yaml (writes {path})"
+    redo = f"measure them again: python -m orchestrator.teacher_rows JOB.yaml (writes {path})"
     if not path.is_file():
         raise StaleTeacherRows(f"no teacher rows at {path}; {redo}")
     body = json.loads(path.read_text())
@@ -165,9 +166,12 @@ class TableEvaluator:
 
     # -- rows -------------------------------------------------------------------------------------
 
-    def teacher_rows(self, teacher: Teacher) -> list[Row]:
-        """Every teacher row, measured with the full protocol (speed-ups against this set's reference)."""
-        rows = [self.protocol.measure(s, self.teacher_generator(teacher, s)) for s in self.config.samplers()]
+    def teacher_rows(self, teacher: Teacher, progress: RowProgress | None = None) -> list[Row]:
+        """Every teacher row, measured with the full protocol (speed-ups against this set's reference);
+        with ``progress``, a killed measurement resumes where it stopped."""
+        rows = [
+            self.protocol.measure(s, self.teacher_generator(teacher, s), progress) for s in self.config.samplers()
+        ]
         reference = self._row(rows, self.config.reference, "teacher")
         return with_speedups(rows, reference.ms_per_image)
 

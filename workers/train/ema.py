@@ -9,6 +9,9 @@ communication, and ``torch.distributed.checkpoint`` saves and reshards them like
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -30,6 +33,22 @@ class EMA:
         for name, p in module.named_parameters():
             if name in self.shadow:
                 self.shadow[name].lerp_(p.detach(), 1.0 - self.decay)
+
+    @contextmanager
+    def swapped_in(self, module: nn.Module) -> Iterator[nn.Module]:
+        """``module`` holds the EMA weights inside the block and its own weights again after it (what
+        the samples during training show: the weights the export will hold)."""
+        params = {name: p for name, p in module.named_parameters() if name in self.shadow}
+        with torch.no_grad():
+            own = {name: p.detach().clone() for name, p in params.items()}
+            for name, p in params.items():
+                p.copy_(self.shadow[name])
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(own[name])
 
     def state_dict(self) -> dict[str, Tensor]:
         """The shadows themselves (loading into them in place restores the EMA)."""

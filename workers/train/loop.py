@@ -399,7 +399,8 @@ class ADDLoop:
 
     @torch.no_grad()
     def _samples(self) -> None:
-        """One-step samples for ``train.sample_prompts`` (every rank runs them: θ is sharded)."""
+        """One-step samples for ``train.sample_prompts`` from the weights the export will hold (the EMA's
+        when there is one; every rank runs them: θ is sharded)."""
         from workers.add.sampler import sample_student
 
         teacher, spec = self.models.teacher, self.spec
@@ -411,7 +412,8 @@ class ADDLoop:
         shape = (len(prompts), teacher.unet.config.in_channels, size, size)
         generator = torch.Generator().manual_seed(spec.train.seed)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-        with autocast:
+        weights = self.ema.swapped_in(self.models.student) if self.ema is not None else nullcontext()
+        with autocast, weights:
             x0 = sample_student(self.models.student, cond, shape, steps=1, generator=generator)
             images = teacher.codec.decode(x0) if teacher.codec is not None else x0
         if self.rank == 0:
