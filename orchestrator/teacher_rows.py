@@ -59,7 +59,7 @@ def retime_teacher_rows(spec, path: str | Path | None = None) -> Path:
     """Time every row of an existing teacher-rows file again (warm-up, then the median of
     ``speed_repeats`` calls at the protocol's batch size); images and scores are not touched."""
     from workers.add.components import load_teacher
-    from workers.eval.protocol import with_speedups
+    from workers.eval.protocol import Sampler, with_speedups
     from workers.eval.table import load_teacher_rows, save_teacher_rows, teacher_fingerprint
 
     path = Path(path or spec.eval.table.teacher_rows)
@@ -70,7 +70,8 @@ def retime_teacher_rows(spec, path: str | Path | None = None) -> Path:
     for row in rows:
         row.ms_per_image, timing = evaluator.protocol.speed(evaluator.teacher_generator(teacher, row.sampler))
         row.timing = timing | {"timed": "by --retime"}
-    reference = evaluator._row(rows, evaluator.config.reference, "teacher")
+    config = evaluator.config
+    reference = next(r for r in rows if r.sampler == Sampler.parse(config.reference, config.guidance_scale))
     rows = with_speedups(rows, reference.ms_per_image)
     save_teacher_rows(path, rows, fingerprint, key)
     _write_markdown(path, rows, evaluator, spec, "measured by `python -m orchestrator.teacher_rows`, "

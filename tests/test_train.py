@@ -83,6 +83,7 @@ def make_spec(assets, *, workers: int = 2, accum: int = 1, data: str | None = No
                 "lr_student": 1e-4,
                 "lr_discriminator": 1e-4,
                 "ema_decay": 0.9,
+                "sample_every": 3,  # the samples swap the EMA into the sharded student and back
                 **train,
             },
             "resources": {"num_workers": workers, "max_failures": 2},
