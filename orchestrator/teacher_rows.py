@@ -84,7 +84,8 @@ def _write_markdown(out: Path, rows, evaluator, spec, how: str) -> None:
 
     markdown = table_markdown(rows, evaluator.config.alignment_name)
     n = evaluator.config.protocol.num_images
-    out.with_suffix(".md").write_text(f"Teacher rows of {spec.teacher.source}: {n} images per row, {how}.\n\n{markdown}")
+    heading = f"Teacher rows of {spec.teacher.source}: {n} images per row, {how}."
+    out.with_suffix(".md").write_text(f"{heading}\n\n{markdown}")
 
 
 def main(argv=None) -> None:
@@ -92,7 +93,9 @@ def main(argv=None) -> None:
     parser.add_argument("job", help="the job file whose eval.table protocol the rows are measured with")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default=None, help="where to write the rows (default: eval.table.teacher_rows)")
-    parser.add_argument("--progress", default=None, help="folder of finished rows and batches (default: runs/teacher-rows/<job name>)")
+    parser.add_argument(
+        "--progress", default=None, help="folder of finished rows and batches (default: runs/teacher-rows/<job name>)"
+    )
     parser.add_argument("--retime", action="store_true", help="only time the rows of the existing file again")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args(argv)

@@ -105,8 +105,8 @@ def test_main_job_small_prepares_trains_evaluates_writes_the_table_and_registers
 def test_teacher_rows_command_resumes_after_a_kill_and_retimes_the_written_rows(tmp_path, monkeypatch):
     from orchestrator import teacher_rows
     from workers.data import prepare_fashion_mnist
-    from workers.eval.table import load_teacher_rows, teacher_fingerprint
     from workers.eval.protocol import Protocol
+    from workers.eval.table import load_teacher_rows, teacher_fingerprint
 
     prepare_fashion_mnist(FASHION, str(tmp_path / "test"), split="test", limit=100)
     out, progress = tmp_path / "rows.json", tmp_path / "progress"
