@@ -184,11 +184,24 @@ def test_stop_a_running_job(head, cli, tmp_path):
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     def training_run():
+        """Read with sqlite3, not the MLflow client: a client opening the store while the job is still
+        creating it runs the same schema migrations at once and breaks the job's."""
+        import sqlite3
+        from contextlib import closing
+
         if JobsClient(head.url).info(job_id).status in TERMINAL:
             raise AssertionError(cli("logs", job_id).output[-3000:])
-        experiment = client.get_experiment_by_name("tiny-stopped") if (tmp_path / "mlflow.db").exists() else None
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        return len(runs) >= 2  # the parent and its training run: the driver is inside trainer.fit()
+        if not (tmp_path / "mlflow.db").exists():
+            return False
+        try:
+            with closing(sqlite3.connect(f"file:{tmp_path / 'mlflow.db'}?mode=ro", uri=True)) as db:
+                (runs,) = db.execute(
+                    "SELECT COUNT(*) FROM runs JOIN experiments USING (experiment_id) WHERE experiments.name = ?",
+                    ("tiny-stopped",),
+                ).fetchone()
+        except sqlite3.OperationalError:  # no tables yet, or locked: the job is setting its store up
+            return False
+        return runs >= 2  # the parent and its training run: the driver is inside trainer.fit()
 
     wait_for(training_run, JOB_TIMEOUT_S, "the job's training run")
     stopped = cli("stop", job_id, "--timeout", "60", "--tracking-uri", uri)
