@@ -35,17 +35,14 @@ def measure_teacher_rows(spec, out: str | Path | None = None, progress: str | Pa
     """Sample, score and time every teacher row of the job's table; write them (atomically) to ``out``
     (default ``eval.table.teacher_rows``) with a Markdown table beside them. Rows and batches finished
     so far are kept under ``progress`` (default ``default_progress(spec)``), so a killed run resumes."""
-    from workers.add.components import load_teacher
     from workers.eval.progress import RowProgress
-    from workers.eval.table import save_teacher_rows, teacher_fingerprint
+    from workers.eval.table import save_teacher_rows
 
     table = spec.eval.table
     if table is None:
         raise ValueError("the job has no eval.table section: nothing to measure")
     out = Path(out or table.teacher_rows or "teacher_rows.json")
-    evaluator = default_evaluator(spec)
-    teacher = load_teacher(spec.teacher.source, prediction_type=spec.teacher.prediction_type)
-    fingerprint, key = teacher_fingerprint(spec.teacher.source), evaluator.config.protocol_key()
+    evaluator, teacher, fingerprint, key = _measuring(spec)
     kept = RowProgress(progress or default_progress(spec), {"teacher_fingerprint": fingerprint} | key)
     started = time.monotonic()
     rows = evaluator.teacher_rows(teacher, kept)
@@ -58,25 +55,32 @@ def measure_teacher_rows(spec, out: str | Path | None = None, progress: str | Pa
 def retime_teacher_rows(spec, path: str | Path | None = None) -> Path:
     """Time every row of an existing teacher-rows file again (warm-up, then the median of
     ``speed_repeats`` calls at the protocol's batch size); images and scores are not touched."""
-    from workers.add.components import load_teacher
-    from workers.eval.protocol import Sampler, with_speedups
-    from workers.eval.table import load_teacher_rows, save_teacher_rows, teacher_fingerprint
+    from workers.eval.table import load_teacher_rows, save_teacher_rows
 
-    path = Path(path or spec.eval.table.teacher_rows)
-    evaluator = default_evaluator(spec)
-    teacher = load_teacher(spec.teacher.source, prediction_type=spec.teacher.prediction_type)
-    fingerprint, key = teacher_fingerprint(spec.teacher.source), evaluator.config.protocol_key()
+    table = spec.eval.table
+    if path is None and (table is None or table.teacher_rows is None):
+        raise ValueError("no teacher rows to re-time: give --out or set eval.table.teacher_rows")
+    path = Path(path or table.teacher_rows)
+    evaluator, teacher, fingerprint, key = _measuring(spec)
     rows = load_teacher_rows(path, fingerprint, key)
     for row in rows:
         row.ms_per_image, timing = evaluator.protocol.speed(evaluator.teacher_generator(teacher, row.sampler))
         row.timing = timing | {"timed": "by --retime"}
-    config = evaluator.config
-    reference = next(r for r in rows if r.sampler == Sampler.parse(config.reference, config.guidance_scale))
-    rows = with_speedups(rows, reference.ms_per_image)
+    rows = evaluator.teacher_speedups(rows)
     save_teacher_rows(path, rows, fingerprint, key)
     _write_markdown(path, rows, evaluator, spec, "measured by `python -m orchestrator.teacher_rows`, "
                     "re-timed by its `--retime`")
     return path
+
+
+def _measuring(spec):
+    """The job's table evaluator, its teacher, the teacher's fingerprint and the protocol key."""
+    from workers.add.components import load_teacher
+    from workers.eval.table import teacher_fingerprint
+
+    evaluator = default_evaluator(spec)
+    teacher = load_teacher(spec.teacher.source, prediction_type=spec.teacher.prediction_type)
+    return evaluator, teacher, teacher_fingerprint(spec.teacher.source), evaluator.config.protocol_key()
 
 
 def _write_markdown(out: Path, rows, evaluator, spec, how: str) -> None:
@@ -103,8 +107,17 @@ def main(argv=None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    from workers.eval.progress import StaleProgress
+    from workers.eval.table import StaleTeacherRows
+
     spec = load_job(args.job, args.overrides)
-    path = retime_teacher_rows(spec, args.out) if args.retime else measure_teacher_rows(spec, args.out, args.progress)
+    try:
+        if args.retime:
+            path = retime_teacher_rows(spec, args.out)
+        else:
+            path = measure_teacher_rows(spec, args.out, args.progress)
+    except (StaleTeacherRows, StaleProgress) as e:  # rows or progress of another teacher or protocol
+        parser.exit(2, f"error: {e}\n")
     print(path.with_suffix(".md").read_text())
     print(json.dumps({"written": str(path)}))
 

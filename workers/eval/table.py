@@ -172,8 +172,11 @@ class TableEvaluator:
         rows = [
             self.protocol.measure(s, self.teacher_generator(teacher, s), progress) for s in self.config.samplers()
         ]
-        reference = self._row(rows, self.config.reference, "teacher")
-        return with_speedups(rows, reference.ms_per_image)
+        return self.teacher_speedups(rows)
+
+    def teacher_speedups(self, rows: Sequence[Row]) -> list[Row]:
+        """Fill each teacher row's speed-up against the reference row among them."""
+        return with_speedups(rows, self._row(rows, self.config.reference, "teacher").ms_per_image)
 
     def student_rows(self, student: Student, parts: Teacher) -> list[Row]:
         return [
