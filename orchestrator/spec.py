@@ -184,17 +184,10 @@ class LossSpec(Section):
 # ---- data, training, resources ----------------------------------------------------------------
 
 
-class DataSpec(Section):
+class ShardsSpec(Section):
+    """Where image-caption shards are read from: their URI and the options of that storage."""
+
     uri: str = Field(description="shards: s3://bucket/prefix, file:///path, gs://..., or a local path")
-    format: Literal["parquet", "webdataset"] = Field("parquet", description="shard format")
-    resolution: int = Field(32, ge=8, description="images are resized and centre-cropped to this size")
-    channels: Literal[1, 3] = Field(3, description="image channels the model takes")
-    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="fail when more records than this are bad")
-    shuffle_seed: int = Field(0, description="seed of the per-epoch file and local shuffles")
-    local_shuffle_buffer: int = Field(256, ge=0, description="rows in Ray Data's local shuffle buffer")
-    embed_captions: bool = Field(
-        False, description="encode captions in Ray Data (an actor pool, on GPUs if any), not on the training workers"
-    )
     storage_options: dict[str, str] = Field(
         default_factory=dict,
         description="endpoint_url, region, profile, anonymous, timeouts, max_attempts; values may be ${env:NAME}",
@@ -209,6 +202,18 @@ class DataSpec(Section):
     @classmethod
     def _options(cls, v):
         return check_storage_options(v, "data.storage_options")
+
+
+class DataSpec(ShardsSpec):
+    format: Literal["parquet", "webdataset"] = Field("parquet", description="shard format")
+    resolution: int = Field(32, ge=8, description="images are resized and centre-cropped to this size")
+    channels: Literal[1, 3] = Field(3, description="image channels the model takes")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="fail when more records than this are bad")
+    shuffle_seed: int = Field(0, description="seed of the per-epoch file and local shuffles")
+    local_shuffle_buffer: int = Field(256, ge=0, description="rows in Ray Data's local shuffle buffer")
+    embed_captions: bool = Field(
+        False, description="encode captions in Ray Data (an actor pool, on GPUs if any), not on the training workers"
+    )
 
 
 class TrainSpec(Section):

@@ -147,6 +147,14 @@ def test_a_wrong_field_is_named(shards, tmp_path):
     result = CliRunner().invoke(main, ["train-teacher", str(good), "--set", "output.exprot=x"])
     assert result.exit_code == 2 and "output.exprot: unknown key; allowed here: run, export" in result.output
 
+    # the shard source is validated as an ADD job's data section is
+    with pytest.raises(JobSpecError, match=r"data\.storage_options\.endpoint: unknown storage option"):
+        load_teacher_job(good, ["data.storage_options.endpoint=http://127.0.0.1:9000"])
+    with pytest.raises(JobSpecError, match=r"data\.storage_options\.anonymous: must be true or false"):
+        load_teacher_job(good, ["data.storage_options.anonymous=maybe"])
+    with pytest.raises(JobSpecError, match="password in clear"):
+        load_teacher_job(good, ["data.uri=s3://key:secret@bucket/shards"])
+
 
 def test_missing_shards_are_a_clear_error_and_track_nothing(tmp_path):
     missing = str(tmp_path / "no-shards-here")

@@ -37,10 +37,9 @@ from orchestrator.spec import (
     STORAGE_OPTIONS,
     URI_PASSWORD,
     Section,
-    check_storage_options,
+    ShardsSpec,
     parse_yaml,
     resolve_secrets,
-    scalars_as_strings,
     set_path,
 )
 from workers.data.storage import StorageError, StorageOptions, display_uri, split_uri
@@ -48,13 +47,9 @@ from workers.data.storage import StorageError, StorageOptions, display_uri, spli
 __all__ = ["TeacherJobResult", "TeacherJobSpec", "load_teacher_job", "run_teacher_job", "validate_teacher_job"]
 
 
-class TeacherDataSpec(Section):
+class TeacherDataSpec(ShardsSpec):
     uri: str = Field(
         description="image-caption Parquet shards (addctl prepare-data): a local folder, file://, s3://, gs://"
-    )
-    storage_options: dict[str, str] = Field(
-        default_factory=dict,
-        description="endpoint_url, region, profile, anonymous, timeouts, max_attempts; values may be ${env:NAME}",
     )
 
     @field_validator("uri")
@@ -63,16 +58,6 @@ class TeacherDataSpec(Section):
         if URI_PASSWORD.match(v):
             raise ValueError("the URI holds a password in clear; put credentials in the environment")
         return v
-
-    @field_validator("storage_options", mode="before")
-    @classmethod
-    def _unquoted(cls, v):
-        return scalars_as_strings(v)
-
-    @field_validator("storage_options")
-    @classmethod
-    def _options(cls, v):
-        return check_storage_options(v, "data.storage_options")
 
 
 class TeacherTrainSpec(Section):
