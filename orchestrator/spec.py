@@ -222,6 +222,12 @@ class TrainSpec(Section):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr_student: float = Field(1e-5, gt=0, description="AdamW learning rate of θ")
     lr_discriminator: float = Field(2e-5, gt=0, description="AdamW learning rate of the heads φ")
+    discriminator_steps: int = Field(
+        1,
+        ge=1,
+        description="updates of the heads φ per student update (ours; the paper: 1): each extra one on a fresh "
+        "real batch and a fresh student sample",
+    )
     adam_betas: tuple[float, float] = Field((0.0, 0.99), description="AdamW betas for both optimizers")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip gradients to this total norm")

@@ -7,7 +7,15 @@ from tests.tiny_models import PIXEL_SIZE, save_tiny_pixel_unet, save_tiny_sd, ti
 from workers.add.components import load_teacher
 from workers.add.discriminator import build_discriminator
 from workers.add.losses import DistillationLoss, R1Penalty
-from workers.add.step import ADDBatch, ADDModels, ADDObjective, discriminator_step, student_step
+from workers.add.step import (
+    ADDBatch,
+    ADDModels,
+    ADDObjective,
+    discriminator_step,
+    student_loss,
+    student_sample,
+    student_step,
+)
 from workers.add.student import Student
 
 B = 2
@@ -114,6 +122,24 @@ def test_discriminator_step_updates_heads_only(sd_teacher, backbone):
         "logits/fake",
         "grad_norm/discriminator",
     } <= metrics.keys()
+
+
+@pytest.mark.parametrize("backbone", ["dinov2", "teacher"])
+def test_an_extra_heads_update_sees_the_students_own_sample(sd_teacher, backbone):
+    """student_sample draws sg(x̂θ) as the student's step does (same generator, same fake), without
+    a graph, in D's input space (decoded pixels for DINOv2, latents for the teacher's encoder)."""
+    models, _, opt_d = make(sd_teacher, backbone)
+    batch = batch_for(sd_teacher)
+    fake = student_sample(models, batch, torch.Generator().manual_seed(3))
+    _, _, fake_of_step = student_loss(models, ADDObjective(), batch, torch.Generator().manual_seed(3))
+    assert not fake.requires_grad and fake.grad_fn is None
+    torch.testing.assert_close(fake, fake_of_step)
+    space = batch.pixels if backbone == "dinov2" else batch.x0
+    assert fake.shape == space.shape
+    assert not torch.equal(fake, student_sample(models, batch, torch.Generator().manual_seed(4)))
+    discriminator_step(models, ADDObjective(), batch, fake, opt_d, step=0)
+    assert has_grad(models.discriminator.trainable_parameters())
+    assert all(p.grad is None for p in models.student.parameters())
 
 
 def test_lora_student_trains_adapters_only(sd_teacher):

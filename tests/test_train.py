@@ -84,6 +84,7 @@ def make_spec(assets, *, workers: int = 2, accum: int = 1, data: str | None = No
                 "lr_discriminator": 1e-4,
                 "ema_decay": 0.9,
                 "sample_every": 3,  # the samples swap the EMA into the sharded student and back
+                "discriminator_steps": 2,  # an extra heads' update per step: its own data and noise
                 **train,
             },
             "resources": {"num_workers": workers, "max_failures": 2},
@@ -152,6 +153,9 @@ def test_fsdp_shards_the_student_and_matches_one_worker(reference):
     assert_same_weights(reference["two"]["unet"], reference["one"]["unet"], **TOL)
     for key in ("lr/student", "throughput/samples_per_s", "time/data_wait_fraction", "memory/rss_bytes_max"):
         assert key in first
+    # train.discriminator_steps: 2 reads a second micro-batch per step and rank for the extra update
+    assert [m["data/micro_batches"] for m in two] == [2 * s for s in range(1, STEPS + 1)]
+    assert [m["data/micro_batches"] for m in one] == [2 * 2 * s for s in range(1, STEPS + 1)]
 
 
 def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(
@@ -211,13 +215,23 @@ def test_a_finished_job_run_again_with_more_steps_replaces_its_export(ray_cluste
     assert any(not torch.equal(longer[k], reference["one"]["unet"][k]) for k in longer)
 
 
-def test_a_non_finite_loss_stops_the_run_at_that_step_keeping_the_last_good_checkpoint(ray_cluster, assets, tmp_path):
+@pytest.mark.parametrize(
+    ("discriminator_steps", "first_bad"),
+    [(1, r"loss/student=(inf|nan)"), (2, r"loss/D(_real|_fake)?=(inf|nan)")],
+    ids=["joint update", "extra heads' update"],
+)
+def test_a_non_finite_loss_stops_the_run_at_that_step_keeping_the_last_good_checkpoint(
+    ray_cluster, assets, tmp_path, discriminator_steps, first_bad
+):
     from workers.train.trainer import NonFiniteLossError
 
-    # lr 1e30: after one AdamW step every weight is ~1e30, and step 2's losses overflow
-    spec = make_spec(assets, lr_student=1e30, checkpoint_every=1, steps=4)
+    # lr 1e30: after one AdamW step every weight is ~1e30, and step 2's losses overflow; with an extra
+    # heads' update, that update comes first in step 2 and its fake is already non-finite
+    spec = make_spec(
+        assets, lr_student=1e30, checkpoint_every=1, steps=4, discriminator_steps=discriminator_steps
+    )
     storage = str(tmp_path / "runs")
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2: .*loss/student=(inf|nan)") as err:
+    with pytest.raises(NonFiniteLossError, match=rf"non-finite loss at step 2: .*{first_bad}") as err:
         fit(spec, storage, "diverged")
     assert err.value.step == 2
     assert os.path.basename(err.value.checkpoint.path).startswith("checkpoint_00000001_")

@@ -1,4 +1,5 @@
-"""One ADD iteration: ``student_step()`` then ``discriminator_step()``.
+"""One ADD iteration: ``student_step()`` then ``discriminator_step()``; ``student_sample()`` gives the
+fake of any extra heads' update a loop runs before it.
 
 Numbered comments follow "One training iteration" in ADD_METHOD.md. Sections are labelled with
 ``torch.profiler.record_function`` ("add/student", "add/teacher", "add/discriminator") so a
@@ -94,6 +95,25 @@ def _update(loss: Tensor, params: list[nn.Parameter], optimizer, max_grad_norm: 
     return float(norm)
 
 
+def _student_prediction(student: Student, batch: ADDBatch, generator: torch.Generator | None) -> Tensor:
+    """Steps 2–4: x̂θ(x_s, s, c) as an x0-estimate of the batch re-noised to a student timestep."""
+    x0 = batch.x0
+    # 2. s ~ U(T_student)
+    s = student.sample_timesteps(x0.shape[0], generator).to(x0.device)
+    # 3. x_s = α_s·x0 + σ_s·ε with the student's own (zero-terminal-SNR) schedule
+    x_s = student.schedule.add_noise(x0, _randn(x0, generator), s)
+    # 4. x̂θ(x_s, s, c), whatever the model's prediction type
+    return student.denoise(x_s, s, batch.cond)
+
+
+@torch.no_grad()
+def student_sample(models: ADDModels, batch: ADDBatch, generator: torch.Generator | None = None) -> Tensor:
+    """sg(x̂θ) in D's input space from steps 2–4 on a fresh batch: the fake of an extra heads' update
+    (``train.discriminator_steps`` > 1, ours), drawn exactly as the student's own step draws it."""
+    with record_function("add/student"):
+        return _discriminator_input(models, _student_prediction(models.student, batch, generator))
+
+
 def student_loss(
     models: ADDModels,
     objective: ADDObjective,
@@ -108,12 +128,8 @@ def student_loss(
     student, teacher, D = models.student, models.teacher, models.discriminator
     x0, cond = batch.x0, batch.cond
     with record_function("add/student"):
-        # 2. s ~ U(T_student)
-        s = student.sample_timesteps(x0.shape[0], generator).to(x0.device)
-        # 3. x_s = α_s·x0 + σ_s·ε with the student's own (zero-terminal-SNR) schedule
-        x_s = student.schedule.add_noise(x0, _randn(x0, generator), s)
-        # 4. x̂θ(x_s, s, c) as an x0-estimate; NOT detached: both losses must reach θ
-        x_hat_theta = student.denoise(x_s, s, cond)
+        # 2–4. x̂θ; NOT detached: both losses must reach θ
+        x_hat_theta = _student_prediction(student, batch, generator)
 
     with record_function("add/teacher"):
         # 5. re-noise sg(x̂θ) to t ~ U(teacher timesteps) with fresh ε′; one teacher call

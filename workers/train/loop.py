@@ -2,6 +2,8 @@
 
 One optimizer step, on every rank in lockstep::
 
+    train.discriminator_steps − 1 extra updates of the heads first (ours; 1 by default, the paper's):
+        each on fresh micro-batches and fresh student samples sg(x̂θ), no gradient to θ
     for each of train.grad_accum micro-batches (rows from this rank's share of the Ray Data stream):
         L = student_loss(...)        heads frozen, so L_G reaches θ only (through F and the heads)
         (L / grad_accum).backward()  FSDP reduce-scatters θ's gradient, averaged over ranks
@@ -12,8 +14,9 @@ One optimizer step, on every rank in lockstep::
         rank stops every rank here, before any optimizer step
     AdamW steps for θ and φ, then the EMA of θ
 
-Randomness is a pure function of (seed, step, micro-batch index in the global batch), where the
-index of micro-batch i on rank r is r·grad_accum + i. So a run is reproducible bit for bit on
+Randomness is a pure function of (seed, step, micro-batch index in the global batch, update), where
+the index of micro-batch i on rank r is r·grad_accum + i and the update is 0 for the joint one and
+j for the j-th extra heads' update. So a run is reproducible bit for bit on
 CPU, resumes exactly, and a one-worker run with grad_accum = W draws the same noise as W workers.
 
 A non-finite loss does not raise out of the loop: Ray Train would count it as a worker failure
@@ -46,12 +49,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from orchestrator.spec import JobSpec, resolve_secrets
-from workers.add.step import discriminator_loss, student_loss
+from workers.add.step import discriminator_loss, student_loss, student_sample
 from workers.train.checkpoint import TrainState, apply_model_state, load_checkpoint, model_state, save_checkpoint
 from workers.train.ema import EMA
 from workers.train.export import consolidated_state, export_step, remove_export, write_export
 from workers.train.fsdp import ReplicaSync, distributed, full_norm, local_fractions, shard_unet, state_bytes
-from workers.train.metrics import STEP_KEYS, IntervalMetrics, non_finite
+from workers.train.metrics import DISCRIMINATOR_KEYS, STEP_KEYS, IntervalMetrics, non_finite
 from workers.train.models import (
     build_models,
     build_objective,
@@ -138,9 +141,11 @@ class NonFiniteLoss(Exception):
         self.step = step
 
 
-def step_seed(seed: int, step: int, index: int) -> int:
-    """The seed of one micro-batch's randomness: a pure function of (seed, step, global index)."""
-    return int(np.random.SeedSequence([seed, step, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def step_seed(seed: int, step: int, index: int, update: int = 0) -> int:
+    """The seed of one micro-batch's randomness: a pure function of (seed, step, global index) and,
+    for the extra heads' updates, which one (``update`` ≥ 1)."""
+    entropy = [seed, step, index] + ([update] if update else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 @contextmanager
@@ -253,22 +258,54 @@ class ADDLoop:
 
     # ---- one step -------------------------------------------------------------------------------
 
+    def _micro_batch(self, stream: BatchStream, step: int, i: int, update: int = 0):
+        """Micro-batch ``i`` of this rank, its generator (seeded as the module docstring says), the wait."""
+        waited = time.perf_counter()
+        rows = next(stream)
+        wait = time.perf_counter() - waited
+        batch = make_batch(self.models.teacher, rows, self.device)
+        seed = step_seed(self.spec.train.seed, step, self.rank * self.accum + i, update)
+        torch.manual_seed(seed)
+        return batch, torch.Generator().manual_seed(seed), wait
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def discriminator_update(self, stream: BatchStream, update: int) -> float:
+        """One extra update of the heads (``update`` ≥ 1) on fresh real micro-batches and fresh student
+        samples; θ gets no gradient. Returns the data wait."""
+        step, models, objective = self.state.step, self.models, self.objective
+        self.opt_d.zero_grad(set_to_none=True)
+        wait, local = 0.0, np.zeros(len(DISCRIMINATOR_KEYS))
+        for i in range(self.accum):
+            batch, generator, waited = self._micro_batch(stream, step, i, update)
+            wait += waited
+            with self._autocast():
+                fake = student_sample(models, batch, generator)
+                loss_d, metrics = discriminator_loss(models, objective, batch, fake, step, generator)
+            (loss_d / self.accum).backward()
+            local += np.array([metrics[k] for k in DISCRIMINATOR_KEYS]) / self.accum
+        self.head_sync.all_reduce_grads()
+        max_norm = self.spec.train.max_grad_norm or math.inf
+        norm_d = full_norm(torch.nn.utils.clip_grad_norm_(self.head_sync.params, max_norm))
+        per_rank = _gather(local.tolist(), self.device)
+        self._check_finite(step + 1, DISCRIMINATOR_KEYS, per_rank, {"grad_norm/discriminator": norm_d})
+        self.opt_d.step()
+        return wait
+
     def train_step(self, stream: BatchStream) -> tuple[dict[str, float], float, float]:
         """One optimizer step; returns the global metrics, the data wait and the step time."""
         start, wait = time.perf_counter(), 0.0
         step, models, objective = self.state.step, self.models, self.objective
+        for update in range(1, self.spec.train.discriminator_steps):
+            wait += self.discriminator_update(stream, update)
         self.opt_g.zero_grad(set_to_none=True)
         self.opt_d.zero_grad(set_to_none=True)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        autocast = self._autocast()
         local = np.zeros(len(STEP_KEYS))
         for i in range(self.accum):
-            waited = time.perf_counter()
-            rows = next(stream)
-            wait += time.perf_counter() - waited
-            batch = make_batch(models.teacher, rows, self.device)
-            seed = step_seed(self.spec.train.seed, step, self.rank * self.accum + i)
-            torch.manual_seed(seed)
-            generator = torch.Generator().manual_seed(seed)
+            batch, generator, waited = self._micro_batch(stream, step, i)
+            wait += waited
             with frozen(self.head_sync.params), autocast:
                 loss_g, metrics, fake = student_loss(models, objective, batch, generator)
             (loss_g / self.accum).backward()
@@ -285,23 +322,23 @@ class ADDLoop:
         norm_d = full_norm(torch.nn.utils.clip_grad_norm_(self.head_sync.params, max_norm))
 
         per_rank = _gather(local.tolist(), self.device)
-        values = {k: float(np.mean([row[j] for row in per_rank])) for j, k in enumerate(STEP_KEYS)}
-        values |= {"grad_norm/student": norm_g, "grad_norm/discriminator": norm_d}
-        self._check_finite(step + 1, per_rank, norm_g, norm_d)
+        norms = {"grad_norm/student": norm_g, "grad_norm/discriminator": norm_d}
+        values = {k: float(np.mean([row[j] for row in per_rank])) for j, k in enumerate(STEP_KEYS)} | norms
+        self._check_finite(step + 1, STEP_KEYS, per_rank, norms)
         self.opt_g.step()
         self.opt_d.step()
         if self.ema is not None:
             self.ema.update(models.student)
         return values, wait, time.perf_counter() - start
 
-    def _check_finite(self, step: int, per_rank: list[list[float]], norm_g: float, norm_d: float) -> None:
+    def _check_finite(self, step: int, keys, per_rank: list[list[float]], norms: dict[str, float]) -> None:
         problems = []
         for r, row in enumerate(per_rank):
-            bad = non_finite(dict(zip(STEP_KEYS, row, strict=True)))
+            bad = non_finite(dict(zip(keys, row, strict=True)))
             if bad:
                 shown = ", ".join(f"{k}={v}" for k, v in bad.items())
                 problems.append(f"rank {r}: {shown}")
-        bad_norms = non_finite({"grad_norm/student": norm_g, "grad_norm/discriminator": norm_d})
+        bad_norms = non_finite(norms)
         if bad_norms:
             problems.append(", ".join(f"{k}={v}" for k, v in bad_norms.items()))
         if problems:

@@ -19,18 +19,10 @@ import torch
 
 # The per-micro-batch values every rank contributes each step, in a fixed order: the all-gather
 # that averages them is also how all ranks learn together that one of them went non-finite.
-STEP_KEYS = (
-    "loss/student",
-    "loss/G_adv",
-    "loss/distill",
-    "logits/fake_G",
-    "loss/D",
-    "loss/D_real",
-    "loss/D_fake",
-    "loss/R1",
-    "logits/real",
-    "logits/fake",
-)
+DISCRIMINATOR_KEYS = ("loss/D", "loss/D_real", "loss/D_fake", "loss/R1", "logits/real", "logits/fake")
+STEP_KEYS = ("loss/student", "loss/G_adv", "loss/distill", "logits/fake_G", *DISCRIMINATOR_KEYS)
+# An extra heads' update (train.discriminator_steps > 1) contributes DISCRIMINATOR_KEYS only, to
+# the finiteness check; the reported D losses are the joint update's.
 
 
 def non_finite(values: dict[str, float]) -> dict[str, float]:
