@@ -331,7 +331,9 @@ class ADDLoop:
             self.ema.update(models.student)
         return values, wait, time.perf_counter() - start
 
-    def _check_finite(self, step: int, keys, per_rank: list[list[float]], norms: dict[str, float]) -> None:
+    def _check_finite(
+        self, step: int, keys: tuple[str, ...], per_rank: list[list[float]], norms: dict[str, float]
+    ) -> None:
         problems = []
         for r, row in enumerate(per_rank):
             bad = non_finite(dict(zip(keys, row, strict=True)))
