@@ -133,7 +133,9 @@ def table_config(spec: JobSpec):
 
     e, t = spec.eval, spec.eval.table
     prompts = list(e.prompts) or list(spec.train.sample_prompts)
-    protocol = ProtocolConfig(prompts, t.num_images, t.batch_size, e.seed, t.k, max(e.speed_repeats, 3))
+    protocol = ProtocolConfig(
+        prompts, t.num_images, t.batch_size, e.seed, t.k, max(e.speed_repeats, 3), t.generation_batch_size
+    )
     return TableConfig(
         protocol,
         teacher_samplers=t.teacher_samplers,

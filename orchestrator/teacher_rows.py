@@ -43,7 +43,9 @@ def measure_teacher_rows(spec, out: str | Path | None = None, progress: str | Pa
         raise ValueError("the job has no eval.table section: nothing to measure")
     out = Path(out or table.teacher_rows or "teacher_rows.json")
     evaluator, teacher, fingerprint, key = _measuring(spec)
-    kept = RowProgress(progress or default_progress(spec), {"teacher_fingerprint": fingerprint} | key)
+    # kept batches are numbered in generation calls: a folder of another batch size is stale
+    batches = {"generation_batch_size": evaluator.config.protocol.generation_size}
+    kept = RowProgress(progress or default_progress(spec), {"teacher_fingerprint": fingerprint} | key | batches)
     started = time.monotonic()
     rows = evaluator.teacher_rows(teacher, kept)
     save_teacher_rows(out, rows, fingerprint, key)

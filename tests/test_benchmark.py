@@ -247,3 +247,29 @@ def test_a_killed_row_measurement_resumes_from_its_kept_batches_and_gives_the_un
 
     with pytest.raises(StaleProgress, match="num_images"):
         RowProgress(tmp_path / "progress", key | {"num_images": 20})
+
+
+def test_generation_at_another_batch_size_is_timed_at_the_protocols():
+    """table.generation_batch_size: images are generated in calls of that size (a CPU's fastest), and
+    the speed columns still come from warmed-up calls at batch_size."""
+    from dataclasses import replace
+
+    from workers.eval.protocol import Protocol, Sampler
+
+    config = replace(_table_config(num_images=18).protocol, generation_batch_size=6)
+    protocol = Protocol(config, _TinyFeatures(3), _TinyScorer(), torch.rand(20, 3, 16, 16))
+    calls = []
+
+    def generate(prompts, generator):
+        calls.append(len(prompts))
+        return torch.rand(len(prompts), 3, 16, 16, generator=generator)
+
+    row = protocol.measure(Sampler.parse("ddim:4", 2.0), generate)
+    assert calls == [6, 6, 6] + [4] * 4  # the row in calls of 6; a warm-up and 3 timed calls of 4
+    assert row.num_images == 18 and row.timing["batch_size"] == 4 and row.timing["repeats"] == 3
+
+    calls.clear()  # without it, the generation's own batches of 4 are timed: no extra calls
+    Protocol(replace(config, generation_batch_size=None), _TinyFeatures(3), None, torch.rand(20, 3, 16, 16)).measure(
+        Sampler.parse("ddim:4", 2.0), generate
+    )
+    assert calls == [4, 4, 4, 4, 2]

@@ -102,7 +102,7 @@ def test_main_job_small_prepares_trains_evaluates_writes_the_table_and_registers
     assert {"eval/table.md", "eval/table.json", "eval/samples.png", "eval/fid_vs_nfe.png"} <= logged
 
 
-def test_teacher_rows_command_resumes_after_a_kill_and_retimes_the_written_rows(tmp_path, monkeypatch):
+def test_teacher_rows_command_resumes_after_a_kill_and_retimes_the_written_rows(tmp_path, monkeypatch, capsys):
     from orchestrator import teacher_rows
     from workers.data import prepare_fashion_mnist
     from workers.eval.protocol import Protocol
@@ -143,3 +143,8 @@ def test_teacher_rows_command_resumes_after_a_kill_and_retimes_the_written_rows(
     assert [r.fid for r in retimed] == [r.fid for r in rows]  # scores untouched
     assert all(r.timing["timed"] == "by --retime" and r.timing["repeats"] >= 3 for r in retimed)
     assert retimed[0].speedup == pytest.approx(1.0)
+
+    # kept batches are numbered in generation calls: another generation batch size is refused by name
+    with pytest.raises(SystemExit) as stopped:
+        teacher_rows.main(args + ["--set", "eval.table.generation_batch_size=2"])
+    assert stopped.value.code == 2 and "generation_batch_size" in capsys.readouterr().err

@@ -112,10 +112,16 @@ class ProtocolConfig:
 
     prompts: list  # cycled to num_images: num_images / len(prompts) images each
     num_images: int = 10_000
-    batch_size: int = 256  # images per generation call, and per timed call
+    batch_size: int = 256  # images per timed call (and per generation call unless generation_batch_size)
     seed: int = 0  # the same initial noise for every sampler
     k: int = 3  # neighbourhood of precision / recall
     speed_repeats: int = 3  # timed calls; the median counts (after one warm-up call)
+    generation_batch_size: int | None = None  # images per generation call when not batch_size (a CPU's
+    # fastest batch): the timing then takes its own calls at batch_size
+
+    @property
+    def generation_size(self) -> int:
+        return self.generation_batch_size or self.batch_size
 
     def __post_init__(self):
         if not self.prompts:
@@ -164,7 +170,7 @@ class Protocol:
     ) -> tuple[Tensor, list[float]]:
         """All ``num_images`` images of one sampler, and the seconds each full batch took; with
         ``progress``, finished batches are kept and a resumed call starts after the last of them."""
-        prompts, size = self.config.all_prompts(), self.config.batch_size
+        prompts, size = self.config.all_prompts(), self.config.generation_size
         generator = torch.Generator().manual_seed(self.config.seed)
         images, seconds, state = progress.batches(sampler) if progress else ([], [], None)
         if state is not None:
@@ -184,9 +190,10 @@ class Protocol:
 
     def speed(self, generate: Generate, seconds: Sequence[float] = ()) -> tuple[float, dict]:
         """ms/image at ``batch_size``: the generation's own full batches after the first (warm-up) when
-        there are at least ``speed_repeats`` of them, else that many extra timed calls after a warm-up."""
+        they were of ``batch_size`` and there are at least ``speed_repeats`` of them, else that many
+        extra timed calls after a warm-up."""
         size, repeats = self.config.batch_size, self.config.speed_repeats
-        timed = list(seconds[1:])
+        timed = list(seconds[1:]) if self.config.generation_size == size else []
         if len(timed) < repeats:
             prompts = (self.config.all_prompts() * size)[:size]
             generator = torch.Generator().manual_seed(self.config.seed)
