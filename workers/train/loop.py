@@ -269,6 +269,7 @@ class ADDLoop:
         return batch, torch.Generator().manual_seed(seed), wait
 
     def _autocast(self):
+        """bf16 autocast where the job asks for it (train.mixed_precision), else nothing."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
     def discriminator_update(self, stream: BatchStream, update: int) -> float:
@@ -450,7 +451,7 @@ class ADDLoop:
         size = spec.data.resolution // (teacher.codec.downsample_factor if teacher.codec is not None else 1)
         shape = (len(prompts), teacher.unet.config.in_channels, size, size)
         generator = torch.Generator().manual_seed(spec.train.seed)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        autocast = self._autocast()
         weights = self.ema.swapped_in(self.models.student) if self.ema is not None else nullcontext()
         with autocast, weights:
             x0 = sample_student(self.models.student, cond, shape, steps=1, generator=generator)
