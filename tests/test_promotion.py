@@ -195,8 +195,11 @@ def test_without_the_lock_the_same_race_is_inconsistent(model, mlflow_tracking, 
     versions = [new_version(client, name, GOOD), new_version(client, name, GOOD)]
     lockstep = threading.Barrier(2)
     factory = lambda: LockstepChampionReads(mlflow_tracking.url, lockstep)  # noqa: E731
-    assert promote_concurrently(mlflow_tracking.url, name, versions, factory) == []
-    assert consistency_problems(client, name, versions) != []
+    errors = promote_concurrently(mlflow_tracking.url, name, versions, factory)
+    if errors:  # the race can also trip the server: both writers insert the same alias row at once
+        assert all("registered_model_aliases" in str(err) for err in errors), errors
+    else:
+        assert consistency_problems(client, name, versions) != []
 
 
 def test_registry_lock_excludes_times_out_and_breaks_stale_leases(mlflow_tracking):
