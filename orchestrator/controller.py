@@ -54,6 +54,7 @@ class JobResult:
     model_name: str | None = None
     model_version: str | None = None
     evaluation: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what training said a person must see (heads at chance)
 
 
 # ---- the job's sections (written by the spec's owner; read here by name, explicit arguments win) ----
@@ -230,6 +231,8 @@ def run_job(
                 best = _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer)
                 tracker.set_tags(tracker.parent_run_id, {"timing.train_s": f"{time.monotonic() - started:.1f}"})
             result.best_run_id, result.export_uri = best
+            warning = tracker.client.get_run(result.best_run_id).data.tags.get("train.warning")
+            result.warnings = warning.split(" | ") if warning else []
             if register:
                 started = time.monotonic()
                 _evaluate_and_register(

@@ -166,8 +166,18 @@ class DiscriminatorSpec(Section):
 
 class LossSpec(Section):
     weighting: Literal["exponential", "sds", "nfsd"] = Field("exponential", description="distillation c(t)")
-    lambda_distill: float = Field(2.5, ge=0, description="λ, weight of the distillation loss")
-    lambda_adv: float = Field(1.0, ge=0, description="weight of the adversarial loss L_G")
+    lambda_distill: float = Field(
+        2.5, ge=0, description="λ, weight of the distillation loss (c(t) × the mean squared error per element)"
+    )
+    balance: Literal["fixed", "adaptive"] = Field(
+        "fixed",
+        description="λ_adv, the weight of L_G: fixed (lambda_adv) or adaptive (set each step so the two gradients "
+        "at x̂θ keep the ratio adv_ratio)",
+    )
+    lambda_adv: float = Field(1.0, ge=0, description="balance: fixed: weight of the adversarial loss L_G")
+    adv_ratio: float = Field(
+        1.0, gt=0, description="balance: adaptive: ‖λ_adv·∇L_G‖ / ‖∇λ·L_distill‖ at the student's output x̂θ"
+    )
     guidance_scale: float = Field(3.0, ge=1, description="teacher CFG scale in the distillation target")
     gamma_r1: float = Field(1e-5, ge=0, description="γ, weight of R1 at the heads' inputs")
     r1_interval: int = Field(1, ge=1, description="apply R1 every this many D steps (lazy)")
@@ -176,8 +186,13 @@ class LossSpec(Section):
 
     @model_validator(mode="after")
     def _some_loss(self):
-        if self.lambda_distill == 0 and self.lambda_adv == 0:
+        if self.lambda_distill == 0 and self.lambda_adv == 0 and self.balance == "fixed":
             raise ValueError("loss.lambda_adv: lambda_distill and lambda_adv are both 0: nothing to train")
+        if self.balance == "adaptive" and self.lambda_distill == 0:
+            raise ValueError(
+                "loss.balance: adaptive sets λ_adv relative to the distillation gradient, but lambda_distill is 0 "
+                "(for adversarial-only training use balance: fixed)"
+            )
         return self
 
 

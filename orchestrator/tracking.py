@@ -334,6 +334,7 @@ class TrackingCallback:
             "train.final_step": summary.get("step"),
             "train.message": summary.get("message") or None,
             "export.uri": summary.get("export_uri"),
+            "train.warning": " | ".join(summary.get("warnings") or []) or None,
         }
         self._safely("the end of training", self._tags, tags)
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests.tiny_models import PIXEL_SIZE, save_tiny_pixel_unet, save_tiny_sd, tiny_dinov2
+from workers.add.balance import Balance
 from workers.add.components import load_teacher
 from workers.add.discriminator import build_discriminator
 from workers.add.losses import DistillationLoss, R1Penalty
@@ -67,8 +68,8 @@ def has_grad(params):
 @pytest.mark.parametrize("backbone", ["dinov2", "teacher"])
 @pytest.mark.parametrize(
     "weights",
-    [{}, {"lambda_distill": 0.0}, {"lambda_adv": 0.0}],
-    ids=["both", "adversarial only", "distill only"],
+    [{}, {"lambda_distill": 0.0}, {"balance": Balance(lambda_adv=0.0)}, {"balance": Balance("adaptive", ratio=0.5)}],
+    ids=["both", "adversarial only", "distill only", "adaptive balance"],
 )
 def test_student_step_gradients(sd_teacher, backbone, weights):
     models, opt_g, _ = make(sd_teacher, backbone)

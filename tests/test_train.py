@@ -153,6 +153,15 @@ def test_fsdp_shards_the_student_and_matches_one_worker(reference):
     assert_same_weights(reference["two"]["unet"], reference["one"]["unet"], **TOL)
     for key in ("lr/student", "throughput/samples_per_s", "time/data_wait_fraction", "memory/rss_bytes_max"):
         assert key in first
+    # the balance on every report (log_every 1): θ's gradient split on the step's first micro-batch, the
+    # gradients at x̂θ, the heads one by one against chance; the split leaves training as it was (weights above)
+    heads = len([k for k in first if k.startswith("heads/") and k.endswith("/auc")])
+    assert heads >= 2 and first["heads/chance_loss_D"] == 2 * heads
+    for m in two + one:
+        for key in ("balance/grad_adv_theta", "balance/grad_distill_theta", "balance/cos_theta", "balance/ratio_x"):
+            assert np.isfinite(m[key]), key
+        assert m["balance/grad_adv_theta"] > 0 and m["balance/grad_distill_theta"] > 0
+        assert 0 <= m["heads/auc_mean"] <= 1 and -1 <= m["balance/cos_theta"] <= 1
     # train.discriminator_steps: 2 reads a second micro-batch per step and rank for the extra update
     assert [m["data/micro_batches"] for m in two] == [2 * s for s in range(1, STEPS + 1)]
     assert [m["data/micro_batches"] for m in one] == [2 * 2 * s for s in range(1, STEPS + 1)]

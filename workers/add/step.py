@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from workers.add.balance import Balance, output_balance, separability, split_backward
 from workers.add.conditioning import Conditioning
 from workers.add.losses import DistillationLoss, HingeLoss, R1Penalty
 from workers.add.student import Student
@@ -39,8 +40,8 @@ class ADDObjective:
     distill: DistillationLoss = field(default_factory=DistillationLoss)
     hinge: HingeLoss = field(default_factory=HingeLoss)
     r1: R1Penalty = field(default_factory=R1Penalty)
-    lambda_distill: float = 2.5  # λ, the paper's value
-    lambda_adv: float = 1.0  # weight of L_G (ours: 0 gives the distillation-only ablation)
+    lambda_distill: float = 2.5  # λ, the paper's value (on a per-element mean: see workers.add.balance)
+    balance: Balance = field(default_factory=Balance)  # λ_adv, the weight of L_G: fixed (1) or adaptive
     guidance_scale: float = 3.0  # teacher CFG scale for the distillation target (ours: not in the paper)
     distill_space: str = "pixel"  # latent teachers: distance on decoded pixels (paper) or on latents
     max_grad_norm: float | None = None  # clip θ and φ gradients to this total norm
@@ -86,10 +87,8 @@ def _real_for_discriminator(models: ADDModels, batch: ADDBatch) -> Tensor:
     return batch.pixels if models.discriminator.input_space == "pixel" else batch.x0
 
 
-def _update(loss: Tensor, params: list[nn.Parameter], optimizer, max_grad_norm: float | None) -> float:
-    """Backpropagate into ``params`` only, clip, step; returns the gradient norm before clipping."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward(inputs=params)
+def _clip_and_step(params: list[nn.Parameter], optimizer, max_grad_norm: float | None) -> float:
+    """Clip ``params``' gradients, step; returns the gradient norm before clipping."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf)
     optimizer.step()
     return float(norm)
@@ -114,13 +113,34 @@ def student_sample(models: ADDModels, batch: ADDBatch, generator: torch.Generato
         return _discriminator_input(models, _student_prediction(models.student, batch, generator))
 
 
+@dataclass
+class StudentGradients:
+    """Steps 2–6 done: x̂θ with θ's graph, and each loss's gradient at x̂θ (all of θ's gradient passes
+    through x̂θ, so step 7 is one backward from there; ``workers.add.balance``)."""
+
+    x_hat_theta: Tensor
+    g_adv: Tensor  # λ_adv·∂L_G/∂x̂θ (batch mean), λ_adv as the balance set it
+    g_distill: Tensor  # ∂(λ·L_distill)/∂x̂θ (batch mean)
+
+    def backward(self, scale: float = 1.0, split: list[nn.Parameter] | None = None) -> dict[str, float]:
+        """7. θ's backward (gradients accumulate; ψ, F and the heads get none: x̂θ's graph holds θ alone).
+
+        ``split``: θ's parameters, to run it as two passes and return ‖∇θ‖ of each term and their cosine.
+        """
+        if split is not None:
+            return split_backward(self.x_hat_theta, self.g_adv * scale, self.g_distill * scale, split)
+        self.x_hat_theta.backward((self.g_adv + self.g_distill) * scale)
+        return {}
+
+
 def student_loss(
     models: ADDModels,
     objective: ADDObjective,
     batch: ADDBatch,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, dict[str, float], Tensor]:
-    """Steps 2–6: L_G + λ·L_distill (a scalar, not yet backpropagated), its metrics, sg(x̂θ) in D's space.
+) -> tuple[StudentGradients, dict[str, float], Tensor]:
+    """Steps 2–6: L_G and λ·L_distill, their gradients at x̂θ weighted by the balance, the metrics, and
+    sg(x̂θ) in D's space. Nothing is backpropagated into θ yet: ``StudentGradients.backward`` does it.
 
     ``student_step`` is this plus the update; a distributed loop calls it to accumulate gradients
     over micro-batches and to agree across ranks on finiteness before anyone steps.
@@ -158,15 +178,26 @@ def student_loss(
         fake = _discriminator_input(models, x_hat_theta)
         fake_logits = D(fake, cond, x_real=_real_for_discriminator(models, batch), generator=generator)
         l_g = objective.hinge.generator(fake_logits)
+        # each term's gradient at x̂θ (no gradient for ψ, F or the heads), then λ_adv from the balance
+        g_adv = _grad_at(l_g.mean(), x_hat_theta, needed=objective.balance.needs_adv_gradient)
+    g_distill = _grad_at(objective.lambda_distill * l_distill.mean(), x_hat_theta, needed=objective.lambda_distill > 0)
+    lambda_adv = objective.balance.weight(g_adv.float().norm(), g_distill.float().norm())
 
-    loss = (objective.lambda_adv * l_g + objective.lambda_distill * l_distill).mean()
     metrics = {
-        "loss/student": float(loss.detach()),
+        "loss/student": float(lambda_adv * l_g.detach().mean() + objective.lambda_distill * l_distill.detach().mean()),
         "loss/G_adv": float(l_g.detach().mean()),
         "loss/distill": float(l_distill.detach().mean()),
         "logits/fake_G": float(torch.stack([f.detach().mean() for f in fake_logits]).mean()),
+        **output_balance(g_adv, g_distill, lambda_adv),
     }
-    return loss, metrics, fake.detach()
+    return StudentGradients(x_hat_theta, lambda_adv.to(g_adv.dtype) * g_adv, g_distill), metrics, fake.detach()
+
+
+def _grad_at(loss: Tensor, x: Tensor, needed: bool) -> Tensor:
+    """∂loss/∂x, keeping the graph for θ's backward; zeros when the term is switched off."""
+    if not needed:
+        return torch.zeros_like(x)
+    return torch.autograd.grad(loss, x, retain_graph=True)[0]
 
 
 def student_step(
@@ -175,18 +206,24 @@ def student_step(
     batch: ADDBatch,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator | None = None,
+    measure: bool = False,
 ) -> tuple[dict[str, float], Tensor]:
-    """Update θ on L_G + λ·L_distill; returns metrics and sg(x̂θ) in D's input space."""
-    loss, metrics, fake = student_loss(models, objective, batch, generator)
+    """Update θ on L_G + λ·L_distill; returns metrics and sg(x̂θ) in D's input space.
+
+    ``measure``: also split θ's gradient into its two terms (``balance/*_theta``; one more backward).
+    """
+    grads, metrics, fake = student_loss(models, objective, batch, generator)
     with record_function("add/student"):
-        # 7. update θ only: ψ, F and the heads get no gradient from this loss
-        if not torch.isfinite(loss):
+        if not math.isfinite(metrics["loss/student"]):
             raise FloatingPointError(
                 f"non-finite student loss: L_G={metrics['loss/G_adv']:.4g} "
                 f"L_distill={metrics['loss/distill']:.4g}"
             )
+        # 7. update θ only: ψ, F and the heads get no gradient from this loss
         params = models.student.trainable_parameters()
-        metrics["grad_norm/student"] = _update(loss, params, optimizer, objective.max_grad_norm)
+        optimizer.zero_grad(set_to_none=True)
+        metrics |= grads.backward(split=params if measure else None)
+        metrics["grad_norm/student"] = _clip_and_step(params, optimizer, objective.max_grad_norm)
     return metrics, fake
 
 
@@ -222,6 +259,8 @@ def discriminator_loss(
         "loss/R1": float(r1.detach().mean()),
         "logits/real": float(torch.stack([r.detach().mean() for r in real_logits]).mean()),
         "logits/fake": float(torch.stack([f.detach().mean() for f in fake_logits]).mean()),
+        # before the heads learn from this batch: how far each head is from chance (AUC 0.5)
+        **separability(real_logits, fake_logits),
     }
 
 
@@ -243,5 +282,7 @@ def discriminator_step(
                 f"fake={metrics['loss/D_fake']:.4g}"
             )
         params = models.discriminator.trainable_parameters()
-        metrics["grad_norm/discriminator"] = _update(loss, params, optimizer, objective.max_grad_norm)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward(inputs=params)
+        metrics["grad_norm/discriminator"] = _clip_and_step(params, optimizer, objective.max_grad_norm)
     return metrics

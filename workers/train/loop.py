@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import uuid
@@ -49,12 +50,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from orchestrator.spec import JobSpec, resolve_secrets
+from workers.add.balance import head_keys
 from workers.add.step import discriminator_loss, student_loss, student_sample
 from workers.train.checkpoint import TrainState, apply_model_state, load_checkpoint, model_state, save_checkpoint
 from workers.train.ema import EMA
 from workers.train.export import consolidated_state, export_step, remove_export, write_export
 from workers.train.fsdp import ReplicaSync, distributed, full_norm, local_fractions, shard_unet, state_bytes
-from workers.train.metrics import DISCRIMINATOR_KEYS, STEP_KEYS, IntervalMetrics, non_finite
+from workers.train.metrics import (
+    DISCRIMINATOR_KEYS,
+    STEP_KEYS,
+    THETA_KEYS,
+    HeadsMonitor,
+    IntervalMetrics,
+    non_finite,
+)
 from workers.train.models import (
     build_models,
     build_objective,
@@ -212,6 +221,8 @@ class ADDLoop:
         # without FSDP the student is replicated: its gradients are averaged like the heads'
         self.student_sync = None if self.sharded else ReplicaSync(self.models.student)
         self.heads = self.models.discriminator.heads
+        self.step_keys = STEP_KEYS + head_keys(len(self.heads))
+        self.heads_monitor = HeadsMonitor(len(self.heads))
         self.head_sync = ReplicaSync(self.heads)
         self.head_sync.broadcast()
         self.opt_g, self.opt_d = build_optimizers(spec, self.models)
@@ -303,18 +314,25 @@ class ADDLoop:
         self.opt_g.zero_grad(set_to_none=True)
         self.opt_d.zero_grad(set_to_none=True)
         autocast = self._autocast()
-        local = np.zeros(len(STEP_KEYS))
+        keys = self.step_keys
+        local = np.zeros(len(keys))
+        # before each report, θ's gradient of the first micro-batch is split into its two terms
+        measure = (step + 1) % self.spec.train.log_every == 0
+        theta = {}
         for i in range(self.accum):
             batch, generator, waited = self._micro_batch(stream, step, i)
             wait += waited
             with frozen(self.head_sync.params), autocast:
-                loss_g, metrics, fake = student_loss(models, objective, batch, generator)
-            (loss_g / self.accum).backward()
+                grads, metrics, fake = student_loss(models, objective, batch, generator)
+            split = models.student.trainable_parameters() if measure and i == 0 else None
+            theta |= grads.backward(scale=1 / self.accum, split=split)
             with autocast:
                 loss_d, metrics_d = discriminator_loss(models, objective, batch, fake, step, generator)
             (loss_d / self.accum).backward()
             metrics |= metrics_d
-            local += np.array([metrics[k] for k in STEP_KEYS]) / self.accum
+            local += np.array([metrics[k] for k in keys]) / self.accum
+        if measure:  # the split ran on every rank (its norms are global under FSDP): rank 0's are reported
+            keys, local = keys + THETA_KEYS, np.concatenate([local, [theta.get(k, 0.0) for k in THETA_KEYS]])
         self.head_sync.all_reduce_grads()
         if self.student_sync is not None:
             self.student_sync.all_reduce_grads()
@@ -324,8 +342,8 @@ class ADDLoop:
 
         per_rank = _gather(local.tolist(), self.device)
         norms = {"grad_norm/student": norm_g, "grad_norm/discriminator": norm_d}
-        values = {k: float(np.mean([row[j] for row in per_rank])) for j, k in enumerate(STEP_KEYS)} | norms
-        self._check_finite(step + 1, STEP_KEYS, per_rank, norms)
+        values = {k: float(np.mean([row[j] for row in per_rank])) for j, k in enumerate(keys)} | norms
+        self._check_finite(step + 1, keys, per_rank, norms)
         self.opt_g.step()
         self.opt_d.step()
         if self.ema is not None:
@@ -369,6 +387,9 @@ class ADDLoop:
             **self.sharding,
         }
         self.state.micro_batches = self.stream.consumed
+        warning = self.heads_monitor.update(self.state.step, metrics)
+        if warning and self.rank == 0:
+            tqdm.write(f"WARNING: {warning}", file=sys.stderr)
         if checkpoint:
             self._checkpoint(metrics)
         else:
@@ -431,6 +452,7 @@ class ADDLoop:
             "restored_from_step": self.restored_from,
             "export_uri": export_uri,
             "message": message,
+            "warnings": self.heads_monitor.warnings[-1:],  # the latest: the state the run ended in
         }
         if self.rank == 0:
             for callback in options.callbacks:

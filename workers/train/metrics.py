@@ -17,10 +17,21 @@ from collections import defaultdict
 import psutil
 import torch
 
+from workers.add.balance import hinge_chance
+
 # The per-micro-batch values every rank contributes each step, in a fixed order: the all-gather
 # that averages them is also how all ranks learn together that one of them went non-finite.
 DISCRIMINATOR_KEYS = ("loss/D", "loss/D_real", "loss/D_fake", "loss/R1", "logits/real", "logits/fake")
-STEP_KEYS = ("loss/student", "loss/G_adv", "loss/distill", "logits/fake_G", *DISCRIMINATOR_KEYS)
+BALANCE_KEYS = (
+    "balance/lambda_adv",
+    "balance/grad_adv_x",
+    "balance/grad_distill_x",
+    "balance/ratio_x",
+    "balance/cos_x",
+)
+STEP_KEYS = ("loss/student", "loss/G_adv", "loss/distill", "logits/fake_G", *DISCRIMINATOR_KEYS, *BALANCE_KEYS)
+# θ's gradient split into its two terms: on the step before each report only (one more backward)
+THETA_KEYS = ("balance/grad_adv_theta", "balance/grad_distill_theta", "balance/ratio_theta", "balance/cos_theta")
 # An extra heads' update (train.discriminator_steps > 1) contributes DISCRIMINATOR_KEYS only, to
 # the finiteness check; the reported D losses are the joint update's.
 
@@ -37,6 +48,7 @@ class IntervalMetrics:
 
     def reset(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)  # a key missing from some steps is averaged over its own
         self.steps = 0
         self.samples = 0
         self.wait_s = 0.0
@@ -47,6 +59,7 @@ class IntervalMetrics:
     def add_step(self, values: dict[str, float], samples: int, wait_s: float, step_s: float) -> None:
         for k, v in values.items():
             self.sums[k] += v
+            self.counts[k] += 1
         self.steps += 1
         self.samples += samples
         self.wait_s += wait_s
@@ -63,7 +76,7 @@ class IntervalMetrics:
         """Interval means, throughput and timing from every rank's ``local_timing()``."""
         elapsed = time.perf_counter() - self.started
         n = max(self.steps, 1)
-        out = {k: v / n for k, v in self.sums.items()}
+        out = {k: v / self.counts[k] for k, v in self.sums.items()}
         fractions = [wait / busy if busy > 0 else 0.0 for wait, busy, *_ in per_rank_timing]
         out |= {
             "throughput/samples_per_s": self.samples / elapsed if elapsed > 0 else 0.0,
@@ -78,3 +91,39 @@ class IntervalMetrics:
         if torch.cuda.is_available():
             out["memory/cuda_peak_bytes_max"] = max(t[3] for t in per_rank_timing)
         return out
+
+
+class HeadsMonitor:
+    """Says, loudly, when the discriminator heads sit at chance: L_D within ``margin`` of its value with
+    every logit at 0 (2 per head) and a mean real/fake AUC under ``max_auc``, for ``patience`` reports
+    in a row. Then L_G's gradient comes from heads that know nothing (ADD_METHOD.md: "a hinge loss at
+    its chance value for long is a bug signal, not an equilibrium")."""
+
+    def __init__(self, num_heads: int, patience: int = 5, margin: float = 0.05, max_auc: float = 0.6):
+        self.chance = hinge_chance(num_heads)
+        self.patience, self.margin, self.max_auc = patience, margin, max_auc
+        self.run = 0  # reports in a row at chance
+        self.warnings: list[str] = []
+
+    def at_chance(self, metrics: dict) -> bool:
+        loss_d, auc = metrics.get("loss/D"), metrics.get("heads/auc_mean")
+        if loss_d is None or auc is None:
+            return False
+        return loss_d >= (1 - self.margin) * self.chance and auc <= self.max_auc
+
+    def update(self, step: int, metrics: dict) -> str | None:
+        """The warning to show after this report, if any (once per ``patience`` reports at chance)."""
+        self.run = self.run + 1 if self.at_chance(metrics) else 0
+        metrics["heads/chance_loss_D"] = self.chance
+        metrics["heads/reports_at_chance"] = self.run
+        if self.run == 0 or self.run % self.patience:
+            return None
+        message = (
+            f"the discriminator heads are at chance at step {step}: L_D {metrics['loss/D']:.2f} of "
+            f"{self.chance:.0f} (all logits 0), mean real/fake AUC {metrics['heads/auc_mean']:.2f}, for the last "
+            f"{self.run} reports. L_G pushes the student along heads that know nothing; look at "
+            f"balance/ratio_theta (‖∇θ L_G‖ / ‖∇θ λ·L_distill‖) and try loss.balance: adaptive with a smaller "
+            f"loss.adv_ratio"
+        )
+        self.warnings.append(message)
+        return message

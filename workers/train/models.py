@@ -11,6 +11,7 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
 from orchestrator.spec import JobSpec
+from workers.add.balance import Balance
 from workers.add.components import load_teacher
 from workers.add.conditioning import Conditioning
 from workers.add.discriminator import build_discriminator
@@ -30,7 +31,7 @@ def build_objective(spec: JobSpec) -> ADDObjective:
         distill=DistillationLoss(loss.weighting, w=loss.sds_w),
         r1=R1Penalty(gamma=loss.gamma_r1, interval=loss.r1_interval),
         lambda_distill=loss.lambda_distill,
-        lambda_adv=loss.lambda_adv,
+        balance=Balance(loss.balance, lambda_adv=loss.lambda_adv, ratio=loss.adv_ratio),
         guidance_scale=loss.guidance_scale,
         distill_space=loss.distill_space,
         max_grad_norm=spec.train.max_grad_norm,

@@ -1,0 +1,126 @@
+"""The balance between L_G and λ·L_distill: its figures against hand-computed cases, the adaptive λ_adv,
+the heads-at-chance warning, and a learning test in which the heads leave chance and help the student."""
+
+import math
+
+import pytest
+import torch
+
+from orchestrator.spec import JobSpec
+from workers.add.balance import Balance, hinge_chance, output_balance, separability, split_backward
+from workers.add.losses import DistillationLoss, R1Penalty
+from workers.add.step import ADDObjective
+from workers.add.toy import run_toy
+from workers.train.metrics import HeadsMonitor, IntervalMetrics
+
+
+def test_output_balance_by_hand():
+    g_adv, g_distill = torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 2.0]])
+    m = output_balance(g_adv, g_distill, torch.tensor(2.0))
+    # ‖2·(3, 4)‖ = 10, ‖(0, 2)‖ = 2, cos = (3·0 + 4·2) / (5·2) = 0.8
+    assert m["balance/grad_adv_x"] == pytest.approx(10.0)
+    assert m["balance/grad_distill_x"] == pytest.approx(2.0)
+    assert m["balance/ratio_x"] == pytest.approx(5.0)
+    assert m["balance/cos_x"] == pytest.approx(0.8)
+    assert m["balance/lambda_adv"] == 2.0
+
+
+def test_split_backward_gives_each_terms_gradient_and_their_sum():
+    """A linear student x̂θ = W x: ∇_W of ⟨g, x̂θ⟩ is g xᵀ, so both norms and the cosine are known."""
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(3, 4))
+    x = torch.randn(5, 4)
+    g_adv, g_distill = torch.randn(5, 3), torch.randn(5, 3)
+    expected_adv, expected_distill = g_adv.T @ x, g_distill.T @ x
+    m = split_backward(x @ W.T, g_adv, g_distill, [W])
+    assert m["balance/grad_adv_theta"] == pytest.approx(float(expected_adv.norm()), rel=1e-5)
+    assert m["balance/grad_distill_theta"] == pytest.approx(float(expected_distill.norm()), rel=1e-5)
+    cos = float((expected_adv * expected_distill).sum() / (expected_adv.norm() * expected_distill.norm()))
+    assert m["balance/cos_theta"] == pytest.approx(cos, rel=1e-4, abs=1e-6)
+    assert m["balance/ratio_theta"] == pytest.approx(float(expected_adv.norm() / expected_distill.norm()), rel=1e-5)
+    # the two passes add up to the one-pass gradient the optimizer steps on
+    torch.testing.assert_close(W.grad, expected_adv + expected_distill)
+    with pytest.raises(RuntimeError, match="first micro-batch"):
+        split_backward(x @ W.T, g_adv, g_distill, [W])
+
+
+def test_adaptive_balance_keeps_the_ratio_and_fixed_keeps_lambda():
+    adaptive = Balance("adaptive", ratio=0.25)
+    lam = adaptive.weight(torch.tensor(8.0), torch.tensor(2.0))
+    assert float(lam) * 8.0 == pytest.approx(0.25 * 2.0)
+    assert float(adaptive.weight(torch.tensor(0.0), torch.tensor(1.0))) == 1e4  # clamped, not infinite
+    assert float(Balance(lambda_adv=0.7).weight(torch.tensor(8.0), torch.tensor(2.0))) == pytest.approx(0.7)
+    assert not Balance(lambda_adv=0.0).needs_adv_gradient and Balance("adaptive").needs_adv_gradient
+    with pytest.raises(ValueError, match="unknown balance"):
+        Balance("auto")
+
+
+def test_separability_by_hand():
+    real = [torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])]  # per-sample means 1, 2, 3
+    fake = [torch.tensor([[0.0], [2.5], [-1.0]])]
+    m = separability(real, fake)
+    # pairs (r > f): r=1 beats 0 and −1; r=2 beats 0 and −1; r=3 beats all three: 7 of 9
+    assert m["heads/0/auc"] == pytest.approx(7 / 9)
+    assert m["heads/0/logit_real"] == pytest.approx(2.0) and m["heads/0/logit_fake"] == pytest.approx(0.5)
+    assert separability([torch.zeros(4, 3)], [torch.zeros(4, 3)])["heads/auc_mean"] == 0.5  # ties: chance
+    assert hinge_chance(4) == 8.0
+
+
+def test_heads_at_chance_warn_after_patience_and_a_learning_head_resets():
+    monitor = HeadsMonitor(num_heads=4, patience=3)
+    at_chance = {"loss/D": 7.97, "heads/auc_mean": 0.52}
+    assert monitor.update(10, dict(at_chance)) is None
+    assert monitor.update(20, dict(at_chance)) is None
+    warning = monitor.update(30, dict(at_chance))
+    assert warning and "at chance at step 30" in warning and "7.97 of 8" in warning
+    assert monitor.update(40, {"loss/D": 6.1, "heads/auc_mean": 0.8}) is None and monitor.run == 0
+    metrics = dict(at_chance)
+    monitor.update(50, metrics)
+    assert metrics["heads/reports_at_chance"] == 1 and metrics["heads/chance_loss_D"] == 8.0
+
+
+def test_a_metric_logged_on_some_steps_is_averaged_over_those_steps():
+    interval = IntervalMetrics()
+    interval.add_step({"loss/D": 2.0}, 4, 0.0, 1.0)
+    interval.add_step({"loss/D": 4.0, "balance/ratio_theta": 0.5}, 4, 0.0, 1.0)
+    summary = interval.summary([[0.0, 2.0, 0.0, 0.0, 1.0]])
+    assert summary["loss/D"] == 3.0 and summary["balance/ratio_theta"] == 0.5
+
+
+def test_the_spec_declares_the_balance():
+    base = {"name": "x", "teacher": {"source": "t"}, "data": {"uri": "d"}}
+    spec = JobSpec.model_validate(base | {"loss": {"balance": "adaptive", "adv_ratio": 0.3}})
+    assert (spec.loss.balance, spec.loss.adv_ratio) == ("adaptive", 0.3)
+    with pytest.raises(ValueError, match="loss.balance"):
+        JobSpec.model_validate(base | {"loss": {"balance": "adaptive", "lambda_distill": 0}})
+    with pytest.raises(ValueError, match="adv_ratio"):
+        JobSpec.model_validate(base | {"loss": {"balance": "adaptive", "adv_ratio": 0}})
+
+
+def _toy(objective: ADDObjective, steps: int = 300) -> dict:
+    return run_toy(steps=steps, objective=objective, n_eval=1000)
+
+
+def _objective(balance: Balance) -> ADDObjective:
+    return ADDObjective(
+        distill=DistillationLoss("exponential"), r1=R1Penalty(gamma=0.1), guidance_scale=1.0, balance=balance
+    )
+
+
+def test_with_the_adversarial_loss_on_the_heads_learn_and_the_student_beats_distillation_alone():
+    """The toy problem, same steps and seed: with L_G on (adaptive balance) the heads' hinge loss falls
+    well below its chance value, and the one-step student ends closer to the data than the
+    distillation-only student; with L_G off the heads still learn (they see its samples) but the
+    student gets nothing from them."""
+    both = _toy(_objective(Balance("adaptive", ratio=1.0)))
+    distill_only = _toy(_objective(Balance(lambda_adv=0.0)))
+    chance = hinge_chance(2)  # two heads
+    late = both["history"][-50:]
+    loss_d = sum(m["loss/D"] for m in late) / len(late)
+    auc = sum(m["heads/auc_mean"] for m in late) / len(late)
+    assert loss_d < 0.9 * chance, f"heads stayed near chance: L_D {loss_d:.2f} of {chance}"
+    assert auc > 0.6
+    w1_both, w1_distill = both["sliced_w1"]["student 1-step"], distill_only["sliced_w1"]["student 1-step"]
+    assert w1_both < 0.8 * w1_distill, (w1_both, w1_distill)
+    ratios = [m["balance/ratio_x"] for m in both["history"]]
+    assert all(math.isclose(r, 1.0, rel_tol=1e-3) for r in ratios if r > 0)
