@@ -219,6 +219,8 @@ def run(job, overrides, address, tracking_uri, storage_path, run_name, num_cpus)
     table = spec.eval.table
     if table is not None and table.results_dir and Path(table.results_dir, "table.md").is_file():
         click.echo(f"\n{Path(table.results_dir, 'table.md').read_text()}(also in {table.results_dir}/)")
+    if result.balance:
+        click.echo(f"balance at the last report, {result.balance}", err=True)
     for warning in result.warnings:
         click.secho(f"WARNING: {warning}", fg="yellow", bold=True, err=True)
 

@@ -55,6 +55,7 @@ class JobResult:
     model_version: str | None = None
     evaluation: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what training said a person must see (heads at chance)
+    balance: str | None = None  # the last report's balance of the two losses and the heads' state
 
 
 # ---- the job's sections (written by the spec's owner; read here by name, explicit arguments win) ----
@@ -231,8 +232,9 @@ def run_job(
                 best = _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer)
                 tracker.set_tags(tracker.parent_run_id, {"timing.train_s": f"{time.monotonic() - started:.1f}"})
             result.best_run_id, result.export_uri = best
-            warning = tracker.client.get_run(result.best_run_id).data.tags.get("train.warning")
-            result.warnings = warning.split(" | ") if warning else []
+            tags = tracker.client.get_run(result.best_run_id).data.tags
+            result.warnings = tags["train.warning"].split(" | ") if tags.get("train.warning") else []
+            result.balance = tags.get("train.balance")
             if register:
                 started = time.monotonic()
                 _evaluate_and_register(

@@ -162,6 +162,9 @@ class DiscriminatorSpec(Section):
     text_rms: bool = Field(
         True, description="rescale the pooled text embedding to unit RMS before the heads' projection"
     )
+    mix_real_fake: bool = Field(
+        False, description="each batch-norm group of the heads holds real and fake samples (else one kind)"
+    )
 
 
 class LossSpec(Section):

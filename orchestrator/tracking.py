@@ -335,6 +335,7 @@ class TrackingCallback:
             "train.message": summary.get("message") or None,
             "export.uri": summary.get("export_uri"),
             "train.warning": " | ".join(summary.get("warnings") or []) or None,
+            "train.balance": summary.get("balance"),
         }
         self._safely("the end of training", self._tags, tags)
 

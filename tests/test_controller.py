@@ -85,6 +85,10 @@ def test_metrics_per_step_and_sample_grids(job, mlflow_server):
     assert [m.step for m in history] == [1, 2, 3, 4] and all(np.isfinite(m.value) for m in history)
     metrics = client.get_run(result.best_run_id).data.metrics
     assert {"loss/distill", "loss/D", "grad_norm/student", "throughput/samples_per_s"} <= set(metrics)
+    # the balance of the two losses and the heads' state, in MLflow and in the job's result (the console)
+    assert {"balance/ratio_theta", "balance/cos_theta", "balance/ratio_x", "heads/auc_mean"} <= set(metrics)
+    assert result.balance and "‖∇θ L_G‖/‖∇θ λ·L_distill‖" in result.balance and "AUC" in result.balance
+    assert client.get_run(result.best_run_id).data.tags["train.balance"] == result.balance
     assert {"eval/student_fid", "eval/teacher_fid", "eval/speedup", "eval/student_alignment"} <= set(metrics)
     # sample grids every train.sample_every = 2 steps, and the evaluation's comparison grid, on S3
     keys = mlflow_server.artifact_keys()

@@ -230,6 +230,27 @@ def test_text_condition_is_rescaled_to_unit_rms_and_a_null_one_stays_zero():
     assert torch.equal(D.condition(Conditioning(pooled=unit), None, None), unit)
 
 
+def test_mixed_batch_norm_groups_hold_real_and_fake_and_separate_ones_do_not():
+    """discriminator.mix_real_fake: the real logits then depend on the fake batch (they share each
+    group's statistics); separate groups keep them independent, and either way each sample keeps its own
+    condition and logits come back in the order given."""
+    torch.manual_seed(0)
+    cond = conditioning()
+    for mix in (False, True):
+        D, x = build("dinov2", mix_real_fake=mix)
+        D.eval()  # spectral norm's power iteration would move between the calls
+        with torch.no_grad():
+            feats, c = D.features(x, cond, generator=torch.Generator().manual_seed(0))
+            real_a, fake_a = D.paired_logits(feats, [f.flip(0) for f in feats], c, c.flip(0))
+            real_b, _ = D.paired_logits(feats, [f.flip(0) + 1 for f in feats], c, c.flip(0))
+            alone = D.head_logits(feats, c)
+        assert [r.shape for r in real_a] == [f.shape for f in fake_a] == [a.shape for a in alone]
+        same = all(torch.allclose(a, b) for a, b in zip(real_a, real_b, strict=True))
+        assert same != mix, f"mix_real_fake={mix}"
+        if not mix:
+            assert all(torch.allclose(a, b) for a, b in zip(real_a, alone, strict=True))
+
+
 def test_unconditional_discriminators():
     D = build_discriminator("dinov2", dinov2=tiny_dinov2(), resolution=32, cond_dim=0)
     _, c = D.features(torch.zeros(B, 3, 32, 32), Conditioning())

@@ -27,7 +27,7 @@ def sd_teacher(tmp_path_factory):
     return load_teacher(str(save_tiny_sd(tmp_path_factory.mktemp("sd") / "teacher")))
 
 
-def make(teacher, backbone="dinov2", lora_rank=None, image_conditioning=False):
+def make(teacher, backbone="dinov2", lora_rank=None, image_conditioning=False, mix_real_fake=False):
     student = Student(teacher, lora_rank=lora_rank)
     if backbone == "dinov2":
         D = build_discriminator(
@@ -36,9 +36,12 @@ def make(teacher, backbone="dinov2", lora_rank=None, image_conditioning=False):
             dinov2=tiny_dinov2(),
             resolution=32,
             image_conditioning=image_conditioning,
+            mix_real_fake=mix_real_fake,
         )
     else:
-        D = build_discriminator("teacher", cond_dim=teacher.prompt_encoder.pooled_dim, teacher=teacher)
+        D = build_discriminator(
+            "teacher", cond_dim=teacher.prompt_encoder.pooled_dim, teacher=teacher, mix_real_fake=mix_real_fake
+        )
     models = ADDModels(student, teacher, D)
     opt_g = torch.optim.SGD(student.trainable_parameters(), lr=0.0)  # lr 0: inspect gradients, keep weights
     opt_d = torch.optim.SGD(D.trainable_parameters(), lr=0.0)
@@ -86,6 +89,22 @@ def test_student_step_gradients(sd_teacher, backbone, weights):
     assert not fake.requires_grad
     assert {"loss/G_adv", "loss/distill", "grad_norm/student", "logits/fake_G"} <= metrics.keys()
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+
+
+@pytest.mark.parametrize("backbone", ["dinov2", "teacher"])
+def test_mixed_batch_norm_groups_route_gradients_the_same_way(sd_teacher, backbone):
+    """discriminator.mix_real_fake: L_G sees the real batch beside the fake one, yet θ alone gets gradients;
+    the heads' update then learns from both halves."""
+    models, opt_g, opt_d = make(sd_teacher, backbone, mix_real_fake=True)
+    batch = batch_for(sd_teacher)
+    _, fake = student_step(models, ADDObjective(), batch, opt_g, torch.Generator().manual_seed(0), measure=True)
+    assert has_grad(models.student.trainable_parameters())
+    for name, params in frozen_parameters(models).items():
+        assert all(p.grad is None for p in params), f"{name} got gradients"
+    assert not has_grad(models.discriminator.trainable_parameters())
+    metrics = discriminator_step(models, ADDObjective(), batch, fake, opt_d, step=0)
+    assert has_grad(models.discriminator.trainable_parameters())
+    assert {"heads/auc_mean", "heads/0/auc"} <= metrics.keys()
 
 
 def test_adversarial_gradient_is_the_discriminators(sd_teacher):

@@ -46,6 +46,7 @@ class Discriminator(nn.Module):
         virtual_bs: int = 8,
         kernel_size: int | None = None,
         text_rms: bool = True,
+        mix_real_fake: bool = False,
     ):
         super().__init__()
         if image_conditioning and not hasattr(feature_network, "image_embedding"):
@@ -57,6 +58,7 @@ class Discriminator(nn.Module):
         self.cond_dim = cond_dim
         self.image_conditioning = image_conditioning
         self.text_rms = text_rms
+        self.mix_real_fake = mix_real_fake
         image_dim = feature_network.embedding_dim if image_conditioning else 0
         self.c_dim = cond_dim + image_dim + feature_network.cond_dim_extra
         self.heads = nn.ModuleList(
@@ -119,6 +121,19 @@ class Discriminator(nn.Module):
             raise ValueError(f"got {len(feats)} feature maps for {len(self.heads)} heads")
         return [head(f, c) for head, f in zip(self.heads, feats, strict=True)]
 
+    def paired_logits(
+        self, feats_real: list[Tensor], feats_fake: list[Tensor], c_real: Tensor | None, c_fake: Tensor | None
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """The heads' logits on real and fake features. With ``mix_real_fake`` (ours) the two batches are
+        interleaved, so each of the heads' batch-norm groups holds real and fake samples alike; otherwise
+        each group holds one kind, as two separate calls give."""
+        if not self.mix_real_fake:
+            return self.head_logits(feats_real, c_real), self.head_logits(feats_fake, c_fake)
+        both = [torch.stack([r, f], 1).flatten(0, 1) for r, f in zip(feats_real, feats_fake, strict=True)]
+        c = None if c_real is None else torch.stack([c_real, c_fake], 1).flatten(0, 1)
+        logits = self.head_logits(both, c)
+        return [x[0::2] for x in logits], [x[1::2] for x in logits]
+
     def forward(
         self,
         x: Tensor,
@@ -145,6 +160,7 @@ def build_discriminator(
     t_hat_scale: float = 1.0,
     virtual_bs: int = 8,
     text_rms: bool = True,
+    mix_real_fake: bool = False,
 ) -> Discriminator:
     """D on the named backbone: "dinov2" (pixels, ADD) or "teacher" (the teacher's input space, LADD).
 
@@ -169,4 +185,5 @@ def build_discriminator(
         augment=DiffAugment(policy),
         virtual_bs=virtual_bs,
         text_rms=text_rms,
+        mix_real_fake=mix_real_fake,
     )

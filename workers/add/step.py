@@ -176,7 +176,7 @@ def student_loss(
     with record_function("add/discriminator"):
         # 6. L_G = −Σ_k D_k(F_k(x̂θ), c): gradient flows through frozen F into x̂θ
         fake = _discriminator_input(models, x_hat_theta)
-        fake_logits = D(fake, cond, x_real=_real_for_discriminator(models, batch), generator=generator)
+        fake_logits = _fake_logits(D, fake, batch, _real_for_discriminator(models, batch), generator)
         l_g = objective.hinge.generator(fake_logits)
         # each term's gradient at x̂θ (no gradient for ψ, F or the heads), then λ_adv from the balance
         g_adv = _grad_at(l_g.mean(), x_hat_theta, needed=objective.balance.needs_adv_gradient)
@@ -191,6 +191,16 @@ def student_loss(
         **output_balance(g_adv, g_distill, lambda_adv),
     }
     return StudentGradients(x_hat_theta, lambda_adv.to(g_adv.dtype) * g_adv, g_distill), metrics, fake.detach()
+
+
+def _fake_logits(D: nn.Module, fake: Tensor, batch: ADDBatch, real: Tensor, generator) -> list[Tensor]:
+    """D_k(F_k(x̂θ), c); with the heads' batch-norm groups mixed, beside the real batch as in step 8."""
+    if not getattr(D, "mix_real_fake", False):
+        return D(fake, batch.cond, x_real=real, generator=generator)
+    with torch.no_grad():
+        feats_real, c_real = D.features(real, batch.cond, real, generator)
+    feats_fake, c_fake = D.features(fake, batch.cond, real, generator)
+    return D.paired_logits(feats_real, feats_fake, c_real, c_fake)[1]
 
 
 def _grad_at(loss: Tensor, x: Tensor, needed: bool) -> Tensor:
@@ -247,8 +257,7 @@ def discriminator_loss(
         c_real, c_fake = c.chunk(2) if c is not None else (None, None)
         apply_r1 = objective.r1.due(step)
         feats_real = [f.detach().requires_grad_(apply_r1) for f in feats_real]
-        real_logits = D.head_logits(feats_real, c_real)
-        fake_logits = D.head_logits(list(feats_fake), c_fake)
+        real_logits, fake_logits = D.paired_logits(feats_real, list(feats_fake), c_real, c_fake)
         l_real, l_fake = objective.hinge.discriminator(real_logits, fake_logits)
         r1 = objective.r1(feats_real, real_logits) if apply_r1 else torch.zeros_like(l_real)
         loss = (l_real + l_fake + r1).mean()

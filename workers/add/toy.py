@@ -131,6 +131,9 @@ class ToyDiscriminator(nn.Module):
     def head_logits(self, feats: list[Tensor], c) -> list[Tensor]:
         return [head(f) for head, f in zip(self.heads, feats, strict=True)]
 
+    def paired_logits(self, feats_real, feats_fake, c_real, c_fake) -> tuple[list[Tensor], list[Tensor]]:
+        return self.head_logits(feats_real, c_real), self.head_logits(feats_fake, c_fake)  # no batch norm to mix
+
     def forward(self, x, cond, x_real=None, generator=None) -> list[Tensor]:
         return self.head_logits(*self.features(x, cond, x_real, generator))
 

@@ -62,6 +62,7 @@ from workers.train.metrics import (
     THETA_KEYS,
     HeadsMonitor,
     IntervalMetrics,
+    balance_summary,
     non_finite,
 )
 from workers.train.models import (
@@ -388,6 +389,7 @@ class ADDLoop:
         }
         self.state.micro_batches = self.stream.consumed
         warning = self.heads_monitor.update(self.state.step, metrics)
+        self.last_balance = balance_summary(metrics)
         if warning and self.rank == 0:
             tqdm.write(f"WARNING: {warning}", file=sys.stderr)
         if checkpoint:
@@ -453,6 +455,7 @@ class ADDLoop:
             "export_uri": export_uri,
             "message": message,
             "warnings": self.heads_monitor.warnings[-1:],  # the latest: the state the run ended in
+            "balance": getattr(self, "last_balance", None),
         }
         if self.rank == 0:
             for callback in options.callbacks:

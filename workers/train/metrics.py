@@ -127,3 +127,16 @@ class HeadsMonitor:
         )
         self.warnings.append(message)
         return message
+
+
+def balance_summary(metrics: dict) -> str | None:
+    """One line for the console: how the two losses pull on θ and whether the heads know anything."""
+    needed = ("balance/ratio_theta", "balance/cos_theta", "loss/D", "heads/chance_loss_D", "heads/auc_mean")
+    if not all(k in metrics for k in needed):
+        return None
+    return (
+        f"step {metrics.get('step')}: ‖∇θ L_G‖/‖∇θ λ·L_distill‖ {metrics['balance/ratio_theta']:.2f} "
+        f"(cos {metrics['balance/cos_theta']:+.2f}, λ_adv {metrics.get('balance/lambda_adv', float('nan')):.3g}); "
+        f"heads L_D {metrics['loss/D']:.2f} of {metrics['heads/chance_loss_D']:.0f} at chance, "
+        f"real/fake AUC {metrics['heads/auc_mean']:.2f}"
+    )
