@@ -1,0 +1,244 @@
+"""``addctl serve``: a registered student behind HTTP on Ray Serve, following the registry's alias.
+
+One deployment, ``StudentServer``, is the application: replicas (CPUs/GPUs each) that load the
+student through its pyfunc and answer
+
+- ``POST /generate``: ``{"prompts": [...], "steps": 1, "seed": 0, "format": "json"}`` (see
+  ``orchestrator.serve_request``): PNG for one image, else JSON with base64 PNGs; a bad request
+  gets a 4xx with ``{"error": "<one line>"}``;
+- ``GET /health``: ``{"status": "ok", "version": ...}``;
+- ``GET /model``: the registered version, alias, steps, teacher it serves, and how it follows.
+
+Requests are batched with ``@serve.batch``: up to ``max_batch_size`` images per network call
+(counted in prompts, so the limit also caps a request), waiting at most ``batch_wait_s`` for a
+batch to fill. The computation runs in one thread beside the event loop, so requests keep
+arriving (and batching) while a batch computes.
+
+Following the alias: for ``models:/NAME@ALIAS`` every replica asks the registry every ``poll_s``
+seconds (± 25 %, so replicas move one at a time) which version the alias names; when it moved, the
+replica loads the new version beside the old one, which keeps answering, and swaps between two
+batches. A batch in flight finishes on the version it started with, so a promotion fails no
+request and costs no capacity; each answer names its version (``X-Model-Version``). A version
+that fails to load, or an alias deleted, leaves the replica serving what it had, and ``GET /model``
+says why. This works the same on a cluster from a Serve config (``infra/serve/``), where no
+``addctl`` process stays behind to redeploy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from orchestrator.serve_request import BadRequest, GenerateRequest, Limits, parse_request
+
+APP_NAME = "add-student"
+IMPORT_PATH = "orchestrator.serve:app_builder"  # what a Serve config's import_path names
+ROUTES = {"/generate": "POST", "/health": "GET", "/model": "GET"}
+logger = logging.getLogger("ray.serve")
+
+
+class ServeOptions(BaseModel):
+    """The application's arguments: ``addctl serve``'s options, or a Serve config's ``args``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="models:/NAME@ALIAS (followed), models:/NAME/VERSION, a run id, ...")
+    tracking_uri: str | None = Field(None, description="MLflow the replicas read (default: MLFLOW_TRACKING_URI)")
+    replicas: int = Field(1, ge=1, description="replicas of the student")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs each replica reserves (its torch threads on CPU)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves (> 0: the student runs on CUDA)")
+    batching: bool = Field(True, description="batch concurrent requests into one network call (@serve.batch)")
+    max_batch_size: int = Field(16, ge=1, description="images per network call; also prompts per request")
+    batch_wait_s: float = Field(0.01, ge=0, description="longest wait for a batch to fill")
+    poll_s: float = Field(10.0, gt=0, description="seconds between a replica's checks of the alias")
+    max_prompt_chars: int = Field(500, ge=1, description="characters per prompt")
+
+
+def _images_in(requests: list[GenerateRequest]) -> int:
+    return sum(len(r.prompts) for r in requests)
+
+
+def _error(status: int, reason: str) -> JSONResponse:
+    return JSONResponse({"error": " ".join(reason.split())}, status_code=status)
+
+
+@serve.deployment(name="StudentServer", health_check_period_s=5, graceful_shutdown_timeout_s=30)
+class StudentServer:
+    """Replicas of the served student (see the module docstring)."""
+
+    def __init__(self, options: dict):
+        import mlflow
+        import torch
+        from mlflow.tracking import MlflowClient
+
+        from orchestrator.served_model import ModelRef, load, resolve
+
+        self.options = ServeOptions.model_validate(options)
+        self.device = "cuda" if self.options.num_gpus > 0 else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, int(self.options.num_cpus)))
+        uri = self.options.tracking_uri
+        if uri:
+            mlflow.set_tracking_uri(uri)
+            mlflow.set_registry_uri(uri)
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self.ref = ModelRef.parse(self.options.model, self.client)
+        self.current = load(self.ref, resolve(self.ref, self.client), self.client, self.device)
+        self.follow_error: str | None = None
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="student")
+        self._batched.set_max_batch_size(self.options.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.options.batch_wait_s)
+        self._stop = threading.Event()
+        if self.ref.alias is not None:
+            threading.Thread(target=self._follow, name="alias-follower", daemon=True).start()
+
+    # ---- following the alias --------------------------------------------------------------------
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.options.poll_s * random.uniform(0.75, 1.25)):
+            self.check_alias()
+
+    def check_alias(self) -> None:
+        """Load and swap in the version the alias names now, if it moved; on failure keep serving."""
+        from orchestrator.served_model import load, resolve
+
+        try:
+            version = resolve(self.ref, self.client)
+            if version != self.current.version:
+                old = self.current.version
+                logger.info(f"{self.ref.uri} moved to v{version}: loading it (v{old} answers meanwhile)")
+                self.current = load(self.ref, version, self.client, self.device)  # one assignment: the swap
+                logger.info(f"now serving {self.current.uri}")
+            self.follow_error = None
+        except Exception as err:  # noqa: BLE001  (a registry hiccup or a broken version must not stop serving)
+            self.follow_error = f"{type(err).__name__}: {err}; still serving v{self.current.version}"
+            logger.warning(self.follow_error)
+
+    def __del__(self):
+        self._stop.set()
+
+    # ---- computing ------------------------------------------------------------------------------
+
+    def _sample(self, requests: list[GenerateRequest]) -> list:
+        """(version, PNGs) per request, or a ``BadRequest`` for one the current version cannot serve."""
+        model = self.current  # a batch runs on one version, whatever the follower swaps meanwhile
+        fits = [r for r in requests if r.steps <= model.max_steps]
+        images = iter(model.sample(fits)) if fits else iter(())
+        return [
+            (model, next(images)) if r.steps <= model.max_steps
+            else BadRequest(f"steps must be in 1..{model.max_steps} for v{model.version}, got {r.steps}")
+            for r in requests
+        ]  # fmt: skip
+
+    async def _alone(self, request: GenerateRequest):
+        (result,) = await asyncio.get_running_loop().run_in_executor(self._compute, self._sample, [request])
+        return result
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_images_in)
+    async def _batched(self, requests: list[GenerateRequest]) -> list:
+        return await asyncio.get_running_loop().run_in_executor(self._compute, self._sample, requests)
+
+    # ---- HTTP -----------------------------------------------------------------------------------
+
+    def limits(self) -> Limits:
+        o = self.options
+        return Limits(self.current.max_steps, o.max_batch_size, o.max_prompt_chars)
+
+    def model_info(self) -> dict:
+        current, o = self.current, self.options
+        return {
+            "model": o.model,
+            "name": self.ref.name,
+            "alias": self.ref.alias,
+            "version": current.version,
+            "uri": current.uri,
+            "steps": current.max_steps,
+            "timesteps": current.timesteps,
+            "teacher": current.teacher,
+            "following": self.ref.alias is not None,
+            "poll_s": o.poll_s,
+            "follow_error": self.follow_error,
+            "batching": {"on": o.batching, "max_batch_size": o.max_batch_size, "batch_wait_s": o.batch_wait_s},
+            "device": self.device,
+        }
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path.rstrip("/") or "/"
+        if path not in ROUTES:
+            return _error(404, f"no route {path}: use {', '.join(f'{m} {p}' for p, m in ROUTES.items())}")
+        if request.method != ROUTES[path]:
+            return _error(405, f"{path} takes {ROUTES[path]}, not {request.method}")
+        if path == "/health":
+            return JSONResponse({"status": "ok", "version": self.current.version})
+        if path == "/model":
+            return JSONResponse(self.model_info())
+        try:
+            limits = self.limits()
+            body = await request.body()
+            if len(body) > 64 * 1024 + limits.max_prompts * limits.max_prompt_chars * 4:
+                raise BadRequest(f"body of {len(body)} bytes is too large", status=413)
+            wanted = parse_request(body, limits)
+            result = await (self._batched(wanted) if self.options.batching else self._alone(wanted))
+            if isinstance(result, BadRequest):
+                raise result
+        except BadRequest as err:
+            return _error(err.status, str(err))
+        model, images = result
+        headers = {"X-Model-Version": str(model.version), "X-Model-Uri": model.uri}
+        if wanted.format == "png":
+            return Response(images[0], media_type="image/png", headers=headers)
+        body = {
+            "model": model.uri,
+            "version": model.version,
+            "steps": wanted.steps,
+            "seed": wanted.seed,
+            "images": [base64.b64encode(png).decode("ascii") for png in images],
+        }
+        return Response(json.dumps(body), media_type="application/json", headers=headers)
+
+
+def build_app(options: ServeOptions):
+    """The Serve application for ``options``."""
+    return StudentServer.options(
+        num_replicas=options.replicas,
+        ray_actor_options={"num_cpus": options.num_cpus, "num_gpus": options.num_gpus},
+        max_ongoing_requests=max(8, 2 * options.max_batch_size),  # room for a batch to form on each replica
+    ).bind(options.model_dump())
+
+
+def app_builder(args: dict):
+    """The application a Serve config builds (``import_path: orchestrator.serve:app_builder``, ``args``)."""
+    return build_app(ServeOptions.model_validate(args))
+
+
+def start(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, address: str | None = None) -> str:
+    """Deploy the application on the Ray at ``address`` (or ``RAY_ADDRESS``), else on a local Ray
+    started here; returns its URL once every replica answers. Raises ``RuntimeError`` if it fails."""
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        # replicas log to Ray's session folder (logs/serve/); the console stays for people
+        local = {"num_cpus": max(8, os.cpu_count() or 1), "include_dashboard": False}
+        ray.init(**({"address": address} if address else local), log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(options), name=APP_NAME, route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def stop() -> None:
+    """Delete the application and shut Serve down on this Ray."""
+    serve.delete(APP_NAME)
+    serve.shutdown()
