@@ -34,34 +34,17 @@ import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from orchestrator.serve_options import ServeOptions
 from orchestrator.serve_request import BadRequest, GenerateRequest, Limits, parse_request
 
 APP_NAME = "add-student"
 IMPORT_PATH = "orchestrator.serve:app_builder"  # what a Serve config's import_path names
 ROUTES = {"/generate": "POST", "/health": "GET", "/model": "GET"}
 logger = logging.getLogger("ray.serve")
-
-
-class ServeOptions(BaseModel):
-    """The application's arguments: ``addctl serve``'s options, or a Serve config's ``args``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(description="models:/NAME@ALIAS (followed), models:/NAME/VERSION, a run id, ...")
-    tracking_uri: str | None = Field(None, description="MLflow the replicas read (default: MLFLOW_TRACKING_URI)")
-    replicas: int = Field(1, ge=1, description="replicas of the student")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs each replica reserves (its torch threads on CPU)")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves (> 0: the student runs on CUDA)")
-    batching: bool = Field(True, description="batch concurrent requests into one network call (@serve.batch)")
-    max_batch_size: int = Field(16, ge=1, description="images per network call; also prompts per request")
-    batch_wait_s: float = Field(0.01, ge=0, description="longest wait for a batch to fill")
-    poll_s: float = Field(10.0, gt=0, description="seconds between a replica's checks of the alias")
-    max_prompt_chars: int = Field(500, ge=1, description="characters per prompt")
 
 
 def _images_in(requests: list[GenerateRequest]) -> int:
@@ -130,12 +113,14 @@ class StudentServer:
     # ---- computing ------------------------------------------------------------------------------
 
     def _sample(self, requests: list[GenerateRequest]) -> list:
-        """(version, PNGs) per request, or a ``BadRequest`` for one the current version cannot serve."""
+        """(version, PNGs, images computed together) per request, or a ``BadRequest`` for one the
+        current version cannot serve."""
         model = self.current  # a batch runs on one version, whatever the follower swaps meanwhile
         fits = [r for r in requests if r.steps <= model.max_steps]
         images = iter(model.sample(fits)) if fits else iter(())
+        together = {s: sum(len(r.prompts) for r in fits if r.steps == s) for s in {r.steps for r in fits}}
         return [
-            (model, next(images)) if r.steps <= model.max_steps
+            (model, next(images), together[r.steps]) if r.steps <= model.max_steps
             else BadRequest(f"steps must be in 1..{model.max_steps} for v{model.version}, got {r.steps}")
             for r in requests
         ]  # fmt: skip
@@ -193,8 +178,8 @@ class StudentServer:
                 raise result
         except BadRequest as err:
             return _error(err.status, str(err))
-        model, images = result
-        headers = {"X-Model-Version": str(model.version), "X-Model-Uri": model.uri}
+        model, images, together = result
+        headers = {"X-Model-Version": str(model.version), "X-Model-Uri": model.uri, "X-Batch-Images": str(together)}
         if wanted.format == "png":
             return Response(images[0], media_type="image/png", headers=headers)
         body = {
@@ -238,7 +223,8 @@ def start(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, addr
     return f"http://{host}:{port}"
 
 
-def stop() -> None:
-    """Delete the application and shut Serve down on this Ray."""
+def stop(local: bool = True) -> None:
+    """Delete the application; on a local Ray also shut Serve down (a cluster's other apps stay)."""
     serve.delete(APP_NAME)
-    serve.shutdown()
+    if local:
+        serve.shutdown()

@@ -67,14 +67,14 @@ def resolve(ref: ModelRef, client: MlflowClient) -> str | None:
         raise
     if ref.version is not None:
         return ref.version
-    version = alias_version(client, ref.name, ref.alias)
+    version = alias_version(client, ref.name, ref.alias)  # an int or a str, by MLflow version
     if version is None:
         known = ", ".join(f"{a}=v{v}" for a, v in sorted(model.aliases.items())) or "none"
         raise NoSuchModel(
             f"{ref.uri}: the alias {ref.alias!r} of registered model {ref.name!r} points to no version "
             f"(its aliases: {known})"
         )
-    return version
+    return str(version)
 
 
 @dataclass
