@@ -623,6 +623,61 @@ def serve(model, host, port, address, detach, tracking_uri, **options):
         ray.shutdown()
 
 
+@main.command(name="serve-bench")
+@click.argument("model")
+@click.option("--clients", default="1,8,32", help="concurrent clients per level, comma-separated")
+@click.option("--requests", type=click.IntRange(1), default=128, help="one-prompt requests per level")
+@click.option("--repeats", type=click.IntRange(1), default=20, help="timed one-process calls per batch size")
+@_serve_option("num_cpus", "--num-cpus", type=click.FloatRange(0, min_open=True))
+@click.option("--max-batch-size", type=click.IntRange(1), default=32, help="images per network call when batching")
+@_serve_option("batch_wait_s", "--batch-wait-s", type=click.FloatRange(0))
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, help="HTTP port of the local Serve")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the rows as JSON here")
+@TRACKING
+def serve_bench(model, clients, requests, repeats, num_cpus, max_batch_size, batch_wait_s, port, out, tracking_uri):
+    """Measure a served student on a local Ray: images/s and p50/p99 latency at each client count,
+    batching on and off, against the same student called in one process on the same batch sizes.
+
+    One replica with --num-cpus CPUs (its torch threads; the one-process calls use as many).
+
+    \b
+    Examples:
+      addctl serve-bench models:/fashion-mnist@champion
+      addctl serve-bench models:/fashion-mnist@champion --clients 1,8,32 --requests 256 --out bench.json
+    """
+    from orchestrator.serve_bench import bench, table, to_json, verdict
+    from orchestrator.serve_options import ServeOptions
+    from orchestrator.served_model import ModelRef, NoSuchModel, resolve
+
+    try:
+        levels = sorted({int(c) for c in clients.split(",")})
+    except ValueError:
+        raise BadInput(f"--clients: comma-separated integers, got {clients!r}") from None
+    if not levels or levels[0] < 1:
+        raise BadInput(f"--clients: each at least 1, got {clients!r}")
+    client, uri = _client(tracking_uri)
+    try:
+        resolve(ModelRef.parse(model, client), client)
+    except (ValueError, NoSuchModel) as err:
+        raise BadInput(str(err)) from None
+    options = ServeOptions(model=model, tracking_uri=uri, num_cpus=num_cpus, max_batch_size=max_batch_size,
+                           batch_wait_s=batch_wait_s)  # fmt: skip
+    show = lambda row: click.echo(  # noqa: E731
+        f"{row.mode:20} {row.clients:3} clients: {row.images_per_s:7.1f} images/s  p50 {row.p50_ms:7.1f} ms  "
+        f"p99 {row.p99_ms:7.1f} ms", err=True
+    )
+    try:
+        rows = bench(options, levels, requests, repeats, port, on_row=show)
+    except Exception as err:  # noqa: BLE001  (a failed request, a replica that did not start)
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        raise Failed(f"{model}: {type(err).__name__}: {lines[-1] if lines else ''}") from None
+    click.echo(table(rows))
+    for line in verdict(rows):
+        click.echo(line)
+    if out:
+        Path(out).write_text(to_json(rows))
+
+
 # ---- data -----------------------------------------------------------------------------------------
 
 

@@ -126,8 +126,11 @@ def load(ref: ModelRef, version: str | None, client: MlflowClient, device: str =
     """Load ``version`` of ``ref`` (or the run's model) through its pyfunc, as ``generate`` does."""
     import mlflow
 
+    from orchestrator.pyfunc import fluent_context
+
     uri = f"models:/{ref.name}/{version}" if version is not None else ref.uri
-    pyfunc = mlflow.pyfunc.load_model(uri)
+    with fluent_context(client.tracking_uri, None):  # the loader reads MLflow's process-wide URIs
+        pyfunc = mlflow.pyfunc.load_model(uri)
     model = pyfunc.unwrap_python_model()  # the StudentModel, its load_context already run
     student, parts = model.student.to(device), model.parts.to(device)
     return ServedStudent(student, parts, uri, version, _teacher(ref, version, client), student.timesteps.tolist())
