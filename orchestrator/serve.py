@@ -11,8 +11,9 @@ student through its pyfunc and answer
 
 Requests are batched with ``@serve.batch``: up to ``max_batch_size`` images per network call
 (counted in prompts, so the limit also caps a request), waiting at most ``batch_wait_s`` for a
-batch to fill. The computation runs in one thread beside the event loop, so requests keep
-arriving (and batching) while a batch computes.
+batch to fill. The student computes on one thread beside the event loop (``BatchQueue``), so
+requests keep arriving while it computes, and the batches Serve closes meanwhile merge into the
+next network call. Each answer says how many images it was computed with (``X-Batch-Images``).
 
 Following the alias: for ``models:/NAME@ALIAS`` every replica asks the registry every ``poll_s``
 seconds (± 25 %, so replicas move one at a time) which version the alias names; when it moved, the
@@ -26,18 +27,17 @@ says why. This works the same on a cluster from a Serve config (``infra/serve/``
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
 import random
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from orchestrator.batch_queue import BatchQueue
 from orchestrator.serve_options import ServeOptions
 from orchestrator.serve_request import BadRequest, GenerateRequest, Limits, parse_request
 
@@ -78,7 +78,8 @@ class StudentServer:
         self.ref = ModelRef.parse(self.options.model, self.client)
         self.current = load(self.ref, resolve(self.ref, self.client), self.client, self.device)
         self.follow_error: str | None = None
-        self._compute = ThreadPoolExecutor(1, thread_name_prefix="student")
+        o = self.options
+        self._queue = BatchQueue(self._sample, lambda r: len(r.prompts), o.max_batch_size, merge=o.batching)
         self._batched.set_max_batch_size(self.options.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.options.batch_wait_s)
         self._stop = threading.Event()
@@ -126,12 +127,13 @@ class StudentServer:
         ]  # fmt: skip
 
     async def _alone(self, request: GenerateRequest):
-        (result,) = await asyncio.get_running_loop().run_in_executor(self._compute, self._sample, [request])
+        (result,) = await self._queue.submit([request])
         return result
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_images_in)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, batch_size_fn=_images_in, max_concurrent_batches=1024)
     async def _batched(self, requests: list[GenerateRequest]) -> list:
-        return await asyncio.get_running_loop().run_in_executor(self._compute, self._sample, requests)
+        """A batch Serve closed; it joins the queue, where batches closed meanwhile merge into one call."""
+        return await self._queue.submit(requests)
 
     # ---- HTTP -----------------------------------------------------------------------------------
 

@@ -31,11 +31,12 @@ class Row:
     images_per_s: float
     p50_ms: float
     p99_ms: float
+    mean_batch: float  # images per network call a request shared (the server's X-Batch-Images)
 
 
-def _stats(mode: str, clients: int, latencies: list[float], images: int, wall_s: float) -> Row:
+def _stats(mode: str, clients: int, latencies: list[float], images: int, wall_s: float, batch: list[int]) -> Row:
     p50, p99 = np.percentile(np.asarray(latencies) * 1000, [50, 99])
-    return Row(mode, clients, len(latencies), images / wall_s, float(p50), float(p99))
+    return Row(mode, clients, len(latencies), images / wall_s, float(p50), float(p99), float(np.mean(batch)))
 
 
 def one_process(model, batch_sizes: list[int], repeats: int) -> list[Row]:
@@ -51,20 +52,21 @@ def one_process(model, batch_sizes: list[int], repeats: int) -> list[Row]:
             started = time.perf_counter()
             model.sample([request])
             latencies.append(time.perf_counter() - started)
-        rows.append(_stats("one process", size, latencies, size * repeats, sum(latencies)))
+        rows.append(_stats("one process", size, latencies, size * repeats, sum(latencies), [size]))
     return rows
 
 
-def drive(url: str, clients: int, requests: int, warmup: int = 2) -> tuple[list[float], float]:
-    """``requests`` one-prompt requests from ``clients`` threads; (latency of each, wall time). Raises on a non-200."""
+def drive(url: str, clients: int, requests: int, warmup: int = 2) -> tuple[list[float], float, list[int]]:
+    """``requests`` one-prompt requests from ``clients`` threads: the latency of each, the wall time, and
+    the images each was computed with. Raises on a non-200."""
     parts = urlsplit(url)
-    barrier, latencies, failures = threading.Barrier(clients + 1), [], []
+    barrier, latencies, failures, batches = threading.Barrier(clients + 1), [], [], []
     per_client = [requests // clients + (i < requests % clients) for i in range(clients)]
 
     def client(i: int, count: int) -> None:
         connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
 
-        def ask(n: int) -> float:
+        def ask(n: int) -> tuple[float, int]:
             body = json.dumps({"prompt": PROMPTS[n % len(PROMPTS)], "seed": n})
             started = time.perf_counter()
             connection.request("POST", "/generate", body, {"Content-Type": "application/json"})
@@ -72,13 +74,16 @@ def drive(url: str, clients: int, requests: int, warmup: int = 2) -> tuple[list[
             response.read()
             if response.status != 200:
                 failures.append(response.status)
-            return time.perf_counter() - started
+            return time.perf_counter() - started, int(response.getheader("X-Batch-Images", "0"))
 
         try:
             for n in range(warmup):
                 ask(n)
             barrier.wait()
-            latencies.extend(ask(1000 * i + n) for n in range(count))
+            for n in range(count):
+                latency, batch = ask(1000 * i + n)
+                latencies.append(latency)
+                batches.append(batch)
         finally:
             connection.close()
 
@@ -92,7 +97,7 @@ def drive(url: str, clients: int, requests: int, warmup: int = 2) -> tuple[list[
     wall = time.perf_counter() - started
     if failures:
         raise RuntimeError(f"{len(failures)} of {requests} requests failed (status {sorted(set(failures))})")
-    return latencies, wall
+    return latencies, wall, batches
 
 
 def bench(options, clients: list[int], requests: int, repeats: int, port: int, on_row=None) -> list[Row]:
@@ -119,8 +124,8 @@ def bench(options, clients: list[int], requests: int, repeats: int, port: int, o
             url = start(options.model_copy(update={"batching": batching}), port=port)
             mode = f"serve, {'batching' if batching else 'no batching'}"
             for n in clients:
-                latencies, wall = drive(url, n, max(requests, n))
-                rows.append(_stats(mode, n, latencies, len(latencies), wall))
+                latencies, wall, batches = drive(url, n, max(requests, n))
+                rows.append(_stats(mode, n, latencies, len(latencies), wall, batches))
                 on_row(rows[-1])
     finally:
         stop()
@@ -130,9 +135,10 @@ def bench(options, clients: list[int], requests: int, repeats: int, port: int, o
 
 def table(rows: list[Row]) -> str:
     """The rows as Markdown."""
-    lines = ["| mode | clients (batch) | requests | images/s | p50 ms | p99 ms |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r.mode} | {r.clients} | {r.requests} | {r.images_per_s:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} |"
-              for r in rows]  # fmt: skip
+    lines = ["| mode | clients (batch) | requests | images/s | p50 ms | p99 ms | images per call |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [f"| {r.mode} | {r.clients} | {r.requests} | {r.images_per_s:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} "
+              f"| {r.mean_batch:.1f} |" for r in rows]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -21,6 +21,8 @@ class ServeOptions(BaseModel):
     num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves (> 0: the student runs on CUDA)")
     batching: bool = Field(True, description="batch concurrent requests into one network call (@serve.batch)")
     max_batch_size: int = Field(16, ge=1, description="images per network call; also prompts per request")
-    batch_wait_s: float = Field(0.01, ge=0, description="longest wait for a batch to fill")
+    batch_wait_s: float = Field(
+        0.0, ge=0, description="wait of an idle replica for a batch to fill (a busy one batches what arrives meanwhile)"
+    )
     poll_s: float = Field(10.0, gt=0, description="seconds between a replica's checks of the alias")
     max_prompt_chars: int = Field(500, ge=1, description="characters per prompt")

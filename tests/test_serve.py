@@ -71,6 +71,41 @@ def test_a_good_request_has_its_defaults():
     assert (many.prompts, many.steps, many.seed, many.format) == (("a", "b"), 4, 7, "json")
 
 
+@pytest.mark.parametrize("merge", [True, False])
+def test_the_batch_queue_merges_what_waits_up_to_the_limit(merge):
+    import asyncio
+
+    from orchestrator.batch_queue import BatchQueue
+
+    calls, gate = [], threading.Event()
+
+    def compute(items):
+        gate.wait(10)  # the first call holds the thread while the rest queue up
+        calls.append(list(items))
+        if "boom" in items:
+            raise RuntimeError("boom")
+        return [item.upper() for item in items]
+
+    async def scenario():
+        queue = BatchQueue(compute, size=len, max_images=4, merge=merge)
+        first = asyncio.ensure_future(queue.submit(["a"]))
+        await asyncio.sleep(0.1)
+        rest = [asyncio.ensure_future(queue.submit(batch)) for batch in (["bb", "c"], ["d"], ["e"], ["f"])]
+        await asyncio.sleep(0.1)
+        gate.set()
+        results = await asyncio.gather(first, *rest)
+        failed = await asyncio.gather(queue.submit(["boom"]), return_exceptions=True)
+        return results, failed
+
+    results, failed = asyncio.run(scenario())
+    assert results == [["A"], ["BB", "C"], ["D"], ["E"], ["F"]]  # each caller its own results, in order
+    if merge:  # sizes 2+1+1 fit in 4 images, "f" waits for the next call
+        assert calls[:3] == [["a"], ["bb", "c", "d"], ["e", "f"]]
+    else:
+        assert calls[:6] == [["a"], ["bb"], ["c"], ["d"], ["e"], ["f"]]
+    assert isinstance(failed[0], RuntimeError) and calls[-1] == ["boom"]
+
+
 # ---- a registry with two versions of a tiny student -------------------------------------------------
 
 
