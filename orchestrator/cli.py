@@ -629,16 +629,20 @@ def serve(model, host, port, address, detach, tracking_uri, **options):
 @click.option("--requests", type=click.IntRange(1), default=128, help="one-prompt requests per level")
 @click.option("--repeats", type=click.IntRange(1), default=20, help="timed one-process calls per batch size")
 @_serve_option("num_cpus", "--num-cpus", type=click.FloatRange(0, min_open=True))
+@_serve_option("num_gpus", "--num-gpus", type=click.FloatRange(0))
 @click.option("--max-batch-size", type=click.IntRange(1), default=32, help="images per network call when batching")
 @_serve_option("batch_wait_s", "--batch-wait-s", type=click.FloatRange(0))
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, help="HTTP port of the local Serve")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the rows as JSON here")
 @TRACKING
-def serve_bench(model, clients, requests, repeats, num_cpus, max_batch_size, batch_wait_s, port, out, tracking_uri):
+def serve_bench(model, clients, requests, repeats, num_cpus, num_gpus, max_batch_size, batch_wait_s, port, out,
+                tracking_uri):  # fmt: skip
     """Measure a served student on a local Ray: images/s and p50/p99 latency at each client count,
     batching on and off, against the same student called in one process on the same batch sizes.
 
-    One replica with --num-cpus CPUs (its torch threads; the one-process calls use as many).
+    One replica with --num-cpus CPUs (its torch threads; the one-process calls use as many) and
+    --num-gpus GPUs (> 0: the one-process calls run on CUDA too). A last row sends GET /health: the
+    requests/s the HTTP path allows without a model call.
 
     \b
     Examples:
@@ -660,8 +664,8 @@ def serve_bench(model, clients, requests, repeats, num_cpus, max_batch_size, bat
         resolve(ModelRef.parse(model, client), client)
     except (ValueError, NoSuchModel) as err:
         raise BadInput(str(err)) from None
-    options = ServeOptions(model=model, tracking_uri=uri, num_cpus=num_cpus, max_batch_size=max_batch_size,
-                           batch_wait_s=batch_wait_s)  # fmt: skip
+    options = ServeOptions(model=model, tracking_uri=uri, num_cpus=num_cpus, num_gpus=num_gpus,
+                           max_batch_size=max_batch_size, batch_wait_s=batch_wait_s)  # fmt: skip
     show = lambda row: click.echo(  # noqa: E731
         f"{row.mode:20} {row.clients:3} clients: {row.images_per_s:7.1f} images/s  p50 {row.p50_ms:7.1f} ms  "
         f"p99 {row.p99_ms:7.1f} ms", err=True

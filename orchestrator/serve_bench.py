@@ -5,6 +5,7 @@ student called in this process on the same batch sizes, with the same torch thre
 Each client keeps one HTTP connection and sends its requests back to back; a level's throughput is
 its images over its wall time. The one-process rows time ``ServedStudent.sample`` (network calls and
 PNG encoding, what a replica does per batch) after a warm-up call; their latency is one call's.
+A last row sends ``GET /health`` from the most clients: the requests/s the HTTP path itself allows.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ PROMPTS = ["a black sneaker", "a white bag", "a dress", "a coat with long sleeve
 class Row:
     """One measured configuration."""
 
-    mode: str  # "one process", "serve, batching", "serve, no batching"
+    mode: str  # "one process", "serve, batching", "serve, no batching", "serve, GET /health" (no model)
     clients: int  # concurrent clients (one process: the batch size)
     requests: int
-    images_per_s: float
+    images_per_s: float  # requests/s for GET /health
     p50_ms: float
     p99_ms: float
     mean_batch: float  # images per network call a request shared (the server's X-Batch-Images)
@@ -56,9 +57,10 @@ def one_process(model, batch_sizes: list[int], repeats: int) -> list[Row]:
     return rows
 
 
-def drive(url: str, clients: int, requests: int, warmup: int = 2) -> tuple[list[float], float, list[int]]:
-    """``requests`` one-prompt requests from ``clients`` threads: the latency of each, the wall time, and
-    the images each was computed with. Raises on a non-200."""
+def drive(url: str, clients: int, requests: int, warmup: int = 2, health: bool = False) -> tuple:
+    """``requests`` one-prompt requests from ``clients`` threads (``health``: ``GET /health`` instead, the
+    HTTP path without the model): the latency of each, the wall time, and the images each was
+    computed with. Raises on a non-200."""
     parts = urlsplit(url)
     barrier, latencies, failures, batches = threading.Barrier(clients + 1), [], [], []
     per_client = [requests // clients + (i < requests % clients) for i in range(clients)]
@@ -69,7 +71,10 @@ def drive(url: str, clients: int, requests: int, warmup: int = 2) -> tuple[list[
         def ask(n: int) -> tuple[float, int]:
             body = json.dumps({"prompt": PROMPTS[n % len(PROMPTS)], "seed": n})
             started = time.perf_counter()
-            connection.request("POST", "/generate", body, {"Content-Type": "application/json"})
+            if health:
+                connection.request("GET", "/health")
+            else:
+                connection.request("POST", "/generate", body, {"Content-Type": "application/json"})
             response = connection.getresponse()
             response.read()
             if response.status != 200:
@@ -101,7 +106,8 @@ def drive(url: str, clients: int, requests: int, warmup: int = 2) -> tuple[list[
 
 
 def bench(options, clients: list[int], requests: int, repeats: int, port: int, on_row=None) -> list[Row]:
-    """Every row: the one-process figures, then the served ones with batching on and off."""
+    """Every row. Each served level with batching follows the one-process row of its batch size, so
+    the two are measured under the same load of the machine; then the levels without batching."""
     import ray
     import torch
     from mlflow.tracking import MlflowClient
@@ -109,24 +115,28 @@ def bench(options, clients: list[int], requests: int, repeats: int, port: int, o
     from orchestrator.serve import start, stop
     from orchestrator.served_model import ModelRef, load, resolve
 
-    on_row = on_row or (lambda row: None)
+    rows = []
+
+    def add(row: Row) -> None:
+        rows.append(row)
+        (on_row or (lambda _: None))(row)
+
     torch.set_num_threads(max(1, int(options.num_cpus)))  # a replica's threads
     client = MlflowClient(tracking_uri=options.tracking_uri, registry_uri=options.tracking_uri)
     ref = ModelRef.parse(options.model, client)
-    model = load(ref, resolve(ref, client), client)
-    rows = []
-    for row in one_process(model, clients, repeats):
-        rows.append(row)
-        on_row(row)
-    del model
+    model = load(ref, resolve(ref, client), client, "cuda" if options.num_gpus > 0 else "cpu")
     try:
         for batching in (True, False):
             url = start(options.model_copy(update={"batching": batching}), port=port)
             mode = f"serve, {'batching' if batching else 'no batching'}"
             for n in clients:
+                if batching:
+                    add(one_process(model, [n], repeats)[0])
                 latencies, wall, batches = drive(url, n, max(requests, n))
-                rows.append(_stats(mode, n, latencies, len(latencies), wall, batches))
-                on_row(rows[-1])
+                add(_stats(mode, n, latencies, len(latencies), wall, batches))
+        n = max(clients)  # the ceiling the HTTP path sets: requests/s with no model call
+        latencies, wall, batches = drive(url, n, max(requests, n), health=True)
+        add(_stats("serve, GET /health", n, latencies, len(latencies), wall, batches))
     finally:
         stop()
         ray.shutdown()

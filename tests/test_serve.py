@@ -376,3 +376,25 @@ def test_ctrl_c_stops_the_server_and_frees_its_port(server):
     assert process.wait(60) == 0
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_serve_bench_measures_every_level_against_one_process(registry, runner, tmp_path, monkeypatch):
+    """The benchmark command end to end, tiny (a local Ray in this process, after the server's is gone)."""
+    uri, _, _ = registry
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    out = tmp_path / "bench.json"
+    result = runner.invoke(main, ["serve-bench", f"models:/{NAME}@champion", "--tracking-uri", uri, "--clients", "1,4",
+                                  "--requests", "8", "--repeats", "2", "--max-batch-size", "4", "--port",
+                                  str(free_port()), "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["clients"]) for r in rows] == [
+        ("one process", 1), ("serve, batching", 1), ("one process", 4), ("serve, batching", 4),
+        ("serve, no batching", 1), ("serve, no batching", 4), ("serve, GET /health", 4),
+    ]  # fmt: skip
+    assert all(r["images_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in rows)
+    assert all(r["mean_batch"] == 1 for r in rows if r["mode"] == "serve, no batching")
+    assert "| serve, batching | 4 | 8 |" in result.output and "goal ≥ 0.8×" in result.output
+    import ray
+
+    assert not ray.is_initialized()
