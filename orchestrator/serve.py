@@ -13,7 +13,8 @@ Requests are batched with ``@serve.batch``: up to ``max_batch_size`` images per 
 (counted in prompts, so the limit also caps a request), waiting at most ``batch_wait_s`` for a
 batch to fill. The student computes on one thread beside the event loop (``BatchQueue``), so
 requests keep arriving while it computes, and the batches Serve closes meanwhile merge into the
-next network call. Each answer says how many images it was computed with (``X-Batch-Images``).
+next network call. Each answer says how many images it was computed with (``X-Batch-Images``) and
+how long that call took (``Server-Timing: student;dur=<ms>``).
 
 Following the alias: for ``models:/NAME@ALIAS`` every replica asks the registry every ``poll_s``
 seconds (± 25 %, so replicas move one at a time) which version the alias names; when it moved, the
@@ -32,6 +33,7 @@ import json
 import logging
 import random
 import threading
+import time
 
 from ray import serve
 from starlette.requests import Request
@@ -114,14 +116,16 @@ class StudentServer:
     # ---- computing ------------------------------------------------------------------------------
 
     def _sample(self, requests: list[GenerateRequest]) -> list:
-        """(version, PNGs, images computed together) per request, or a ``BadRequest`` for one the
-        current version cannot serve."""
+        """(version, PNGs, images computed together, seconds the call took) per request, or a
+        ``BadRequest`` for one the current version cannot serve."""
         model = self.current  # a batch runs on one version, whatever the follower swaps meanwhile
         fits = [r for r in requests if r.steps <= model.max_steps]
+        started = time.perf_counter()
         images = iter(model.sample(fits)) if fits else iter(())
+        took = time.perf_counter() - started
         together = {s: sum(len(r.prompts) for r in fits if r.steps == s) for s in {r.steps for r in fits}}
         return [
-            (model, next(images), together[r.steps]) if r.steps <= model.max_steps
+            (model, next(images), together[r.steps], took) if r.steps <= model.max_steps
             else BadRequest(f"steps must be in 1..{model.max_steps} for v{model.version}, got {r.steps}")
             for r in requests
         ]  # fmt: skip
@@ -180,8 +184,9 @@ class StudentServer:
                 raise result
         except BadRequest as err:
             return _error(err.status, str(err))
-        model, images, together = result
-        headers = {"X-Model-Version": str(model.version), "X-Model-Uri": model.uri, "X-Batch-Images": str(together)}
+        model, images, together, took = result
+        headers = {"X-Model-Version": str(model.version), "X-Model-Uri": model.uri, "X-Batch-Images": str(together),
+                   "Server-Timing": f"student;dur={took * 1000:.1f}"}  # fmt: skip
         if wanted.format == "png":
             return Response(images[0], media_type="image/png", headers=headers)
         body = {

@@ -33,11 +33,13 @@ class Row:
     p50_ms: float
     p99_ms: float
     mean_batch: float  # images per network call a request shared (the server's X-Batch-Images)
+    student_ms: float  # p50 of the student call that computed a request (the server's Server-Timing)
 
 
-def _stats(mode: str, clients: int, latencies: list[float], images: int, wall_s: float, batch: list[int]) -> Row:
+def _stats(mode, clients: int, latencies: list[float], images: int, wall_s: float, batch: list, student: list) -> Row:
     p50, p99 = np.percentile(np.asarray(latencies) * 1000, [50, 99])
-    return Row(mode, clients, len(latencies), images / wall_s, float(p50), float(p99), float(np.mean(batch)))
+    return Row(mode, clients, len(latencies), images / wall_s, float(p50), float(p99), float(np.mean(batch)),
+               float(np.median(student)))  # fmt: skip
 
 
 def one_process(model, batch_sizes: list[int], repeats: int) -> list[Row]:
@@ -53,16 +55,17 @@ def one_process(model, batch_sizes: list[int], repeats: int) -> list[Row]:
             started = time.perf_counter()
             model.sample([request])
             latencies.append(time.perf_counter() - started)
-        rows.append(_stats("one process", size, latencies, size * repeats, sum(latencies), [size]))
+        ms = [t * 1000 for t in latencies]
+        rows.append(_stats("one process", size, latencies, size * repeats, sum(latencies), [size], ms))
     return rows
 
 
 def drive(url: str, clients: int, requests: int, warmup: int = 2, health: bool = False) -> tuple:
     """``requests`` one-prompt requests from ``clients`` threads (``health``: ``GET /health`` instead, the
-    HTTP path without the model): the latency of each, the wall time, and the images each was
-    computed with. Raises on a non-200."""
+    HTTP path without the model): the latency of each, the wall time, the images each was computed
+    with and how long (ms) that student call took. Raises on a non-200."""
     parts = urlsplit(url)
-    barrier, latencies, failures, batches = threading.Barrier(clients + 1), [], [], []
+    barrier, latencies, failures, batches, students = threading.Barrier(clients + 1), [], [], [], []
     per_client = [requests // clients + (i < requests % clients) for i in range(clients)]
 
     def client(i: int, count: int) -> None:
@@ -79,16 +82,19 @@ def drive(url: str, clients: int, requests: int, warmup: int = 2, health: bool =
             response.read()
             if response.status != 200:
                 failures.append(response.status)
-            return time.perf_counter() - started, int(response.getheader("X-Batch-Images", "0"))
+            timing = response.getheader("Server-Timing", "student;dur=0")
+            return (time.perf_counter() - started, int(response.getheader("X-Batch-Images", "0")),
+                    float(timing.rsplit("dur=", 1)[1]))  # fmt: skip
 
         try:
             for n in range(warmup):
                 ask(n)
             barrier.wait()
             for n in range(count):
-                latency, batch = ask(1000 * i + n)
+                latency, batch, student = ask(1000 * i + n)
                 latencies.append(latency)
                 batches.append(batch)
+                students.append(student)
         finally:
             connection.close()
 
@@ -102,7 +108,7 @@ def drive(url: str, clients: int, requests: int, warmup: int = 2, health: bool =
     wall = time.perf_counter() - started
     if failures:
         raise RuntimeError(f"{len(failures)} of {requests} requests failed (status {sorted(set(failures))})")
-    return latencies, wall, batches
+    return latencies, wall, batches, students
 
 
 def bench(options, clients: list[int], requests: int, repeats: int, port: int, on_row=None) -> list[Row]:
@@ -132,11 +138,11 @@ def bench(options, clients: list[int], requests: int, repeats: int, port: int, o
             for n in clients:
                 if batching:
                     add(one_process(model, [n], repeats)[0])
-                latencies, wall, batches = drive(url, n, max(requests, n))
-                add(_stats(mode, n, latencies, len(latencies), wall, batches))
+                latencies, wall, batches, students = drive(url, n, max(requests, n))
+                add(_stats(mode, n, latencies, len(latencies), wall, batches, students))
         n = max(clients)  # the ceiling the HTTP path sets: requests/s with no model call
-        latencies, wall, batches = drive(url, n, max(requests, n), health=True)
-        add(_stats("serve, GET /health", n, latencies, len(latencies), wall, batches))
+        latencies, wall, batches, students = drive(url, n, max(requests, n), health=True)
+        add(_stats("serve, GET /health", n, latencies, len(latencies), wall, batches, students))
     finally:
         stop()
         ray.shutdown()
@@ -145,10 +151,10 @@ def bench(options, clients: list[int], requests: int, repeats: int, port: int, o
 
 def table(rows: list[Row]) -> str:
     """The rows as Markdown."""
-    lines = ["| mode | clients (batch) | requests | images/s | p50 ms | p99 ms | images per call |",
-             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| mode | clients (batch) | requests | images/s | p50 ms | p99 ms | images per call | student ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     lines += [f"| {r.mode} | {r.clients} | {r.requests} | {r.images_per_s:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} "
-              f"| {r.mean_batch:.1f} |" for r in rows]  # fmt: skip
+              f"| {r.mean_batch:.1f} | {r.student_ms:.1f} |" for r in rows]  # fmt: skip
     return "\n".join(lines)
 
 
