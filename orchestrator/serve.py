@@ -81,9 +81,9 @@ class StudentServer:
         self.current = load(self.ref, resolve(self.ref, self.client), self.client, self.device)
         self.follow_error: str | None = None
         o = self.options
-        self._queue = BatchQueue(self._sample, lambda r: len(r.prompts), o.max_batch_size, merge=o.batching)
-        self._batched.set_max_batch_size(self.options.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.options.batch_wait_s)
+        self._queue = BatchQueue(self._sample, lambda r: _images_in([r]), o.max_batch_size, merge=o.batching)
+        self._batched.set_max_batch_size(o.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(o.batch_wait_s)
         self._stop = threading.Event()
         if self.ref.alias is not None:
             threading.Thread(target=self._follow, name="alias-follower", daemon=True).start()
@@ -225,6 +225,7 @@ def start(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, addr
         # replicas log to Ray's session folder (logs/serve/); the console stays for people
         local = {"num_cpus": max(8, os.cpu_count() or 1), "include_dashboard": False}
         ray.init(**({"address": address} if address else local), log_to_driver=False)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # this process's Serve chatter; the caller says what runs
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(options), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
