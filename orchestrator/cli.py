@@ -610,7 +610,8 @@ def serve(model, host, port, address, detach, tracking_uri, **options):
     click.echo(f"  curl -s {url}/generate -d '{{\"prompt\": \"...\"}}' -o image.png   |   {url}/model", err=True)
     if detach:
         return
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server as Ctrl-C does
+    for signum in (signal.SIGINT, signal.SIGTERM):  # `kill` stops the server as Ctrl-C does (even if a shell
+        signal.signal(signum, _interrupt)  # started it in the background, with SIGINT ignored)
     try:
         while True:
             time.sleep(3600)
@@ -619,7 +620,7 @@ def serve(model, host, port, address, detach, tracking_uri, **options):
     finally:
         import ray
 
-        stop(local=not cluster)
+        stop()
         ray.shutdown()
 
 

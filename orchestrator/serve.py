@@ -231,8 +231,7 @@ def start(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, addr
     return f"http://{host}:{port}"
 
 
-def stop(local: bool = True) -> None:
-    """Delete the application; on a local Ray also shut Serve down (a cluster's other apps stay)."""
+def stop() -> None:
+    """Delete the application, its replicas done with what they were answering; a cluster's other
+    applications stay (a local Ray's Serve ends with ``ray.shutdown()``)."""
     serve.delete(APP_NAME)
-    if local:
-        serve.shutdown()
