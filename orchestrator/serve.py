@@ -14,7 +14,8 @@ Requests are batched with ``@serve.batch``: up to ``max_batch_size`` images per 
 batch to fill. The student computes on one thread beside the event loop (``BatchQueue``), so
 requests keep arriving while it computes, and the batches Serve closes meanwhile merge into the
 next network call. Each answer says how many images it was computed with (``X-Batch-Images``) and
-how long that call took (``Server-Timing: student;dur=<ms>``).
+how long that call and the whole request in the replica took (``Server-Timing: student;dur=<ms>,
+replica;dur=<ms>``): the rest of a client's latency is the HTTP path (proxy, routing).
 
 Following the alias: for ``models:/NAME@ALIAS`` every replica asks the registry every ``poll_s``
 seconds (± 25 %, so replicas move one at a time) which version the alias names; when it moved, the
@@ -164,6 +165,7 @@ class StudentServer:
         }
 
     async def __call__(self, request: Request) -> Response:
+        arrived = time.perf_counter()
         path = request.url.path.rstrip("/") or "/"
         if path not in ROUTES:
             return _error(404, f"no route {path}: use {', '.join(f'{m} {p}' for p, m in ROUTES.items())}")
@@ -185,8 +187,9 @@ class StudentServer:
         except BadRequest as err:
             return _error(err.status, str(err))
         model, images, together, took = result
+        in_replica = time.perf_counter() - arrived
         headers = {"X-Model-Version": str(model.version), "X-Model-Uri": model.uri, "X-Batch-Images": str(together),
-                   "Server-Timing": f"student;dur={took * 1000:.1f}"}  # fmt: skip
+                   "Server-Timing": f"student;dur={took * 1000:.1f}, replica;dur={in_replica * 1000:.1f}"}  # fmt: skip
         if wanted.format == "png":
             return Response(images[0], media_type="image/png", headers=headers)
         body = {

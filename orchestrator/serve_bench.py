@@ -84,7 +84,7 @@ def drive(url: str, clients: int, requests: int, warmup: int = 2, health: bool =
                 failures.append(response.status)
             timing = response.getheader("Server-Timing", "student;dur=0")
             return (time.perf_counter() - started, int(response.getheader("X-Batch-Images", "0")),
-                    float(timing.rsplit("dur=", 1)[1]))  # fmt: skip
+                    float(timing.split("dur=", 1)[1].split(",")[0]))  # fmt: skip
 
         try:
             for n in range(warmup):
