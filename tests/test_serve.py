@@ -71,6 +71,16 @@ def test_a_good_request_has_its_defaults():
     assert (many.prompts, many.steps, many.seed, many.format) == (("a", "b"), 4, 7, "json")
 
 
+def test_a_model_reference_follows_an_alias_only_when_it_names_one():
+    from orchestrator.served_model import ModelRef
+
+    assert ModelRef.parse("demo@champion") == ModelRef("models:/demo@champion", "demo", alias="champion")
+    assert ModelRef.parse("models:/demo/3") == ModelRef("models:/demo/3", "demo", version="3")
+    assert ModelRef.parse("runs:/0123/student") == ModelRef("runs:/0123/student")
+    with pytest.raises(ValueError, match="is not a model"):
+        ModelRef.parse("not a model")
+
+
 @pytest.mark.parametrize("merge", [True, False])
 def test_the_batch_queue_merges_what_waits_up_to_the_limit(merge):
     import asyncio
