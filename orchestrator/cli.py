@@ -538,6 +538,155 @@ def generate(model, prompts, prompts_file, out, steps, seed, columns, tracking_u
     click.echo(str(path))
 
 
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def _serve_option(name: str, *flags: str, **kwargs):
+    """A ``serve`` option whose default and help are ``ServeOptions``' own (declared once)."""
+    from orchestrator.serve_options import ServeOptions
+
+    field = ServeOptions.model_fields[name]
+    return click.option(*flags, name, default=field.default, help=field.description, **kwargs)
+
+
+@main.command()
+@click.argument("model")
+@_serve_option("replicas", "--replicas", type=click.IntRange(1))
+@_serve_option("num_cpus", "--num-cpus", type=click.FloatRange(0, min_open=True))
+@_serve_option("num_gpus", "--num-gpus", type=click.FloatRange(0))
+@_serve_option("batching", "--batching/--no-batching")
+@_serve_option("max_batch_size", "--max-batch-size", type=click.IntRange(1))
+@_serve_option("batch_wait_s", "--batch-wait-s", type=click.FloatRange(0))
+@_serve_option("poll_s", "--poll-s", type=click.FloatRange(0, min_open=True))
+@_serve_option("max_prompt_chars", "--max-prompt-chars", type=click.IntRange(1))
+@click.option("--host", default="127.0.0.1", help="address the HTTP proxy binds (0.0.0.0: every interface)")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, help="HTTP port")
+@click.option("--address", default=None, help="deploy on this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+@click.option("--detach", is_flag=True, help="on a cluster: deploy, print the URL and exit; the application stays")
+@TRACKING
+def serve(model, host, port, address, detach, tracking_uri, **options):
+    """Serve a student over HTTP on Ray Serve; a models:/NAME@ALIAS reference follows the alias.
+
+    MODEL: anything `generate` takes. With models:/NAME@ALIAS each replica checks the alias every
+    --poll-s seconds and, when `addctl promote` moved it, loads the new version beside the old one
+    and swaps between two batches: no request in flight fails. In the foreground until Ctrl-C.
+
+    \b
+    POST /generate  {"prompts": ["a sneaker"], "steps": 1, "seed": 0, "format": "png"|"json"}
+    GET  /health    GET /model (version, alias, steps, teacher)
+
+    \b
+    Examples:
+      addctl serve models:/fashion-mnist@champion
+      addctl serve models:/fashion-mnist@champion --replicas 2 --max-batch-size 32 --batch-wait-s 0.02
+      addctl serve models:/sdxl-add@champion --num-gpus 1 --address auto --detach   # on a cluster
+      curl -s localhost:8000/generate -d '{"prompt": "a black sneaker", "seed": 1}' -o sneaker.png
+    """
+    import signal
+
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.serve import start, stop
+    from orchestrator.serve_options import ServeOptions
+    from orchestrator.served_model import ModelRef, NoSuchModel, resolve
+
+    client, uri = _client(tracking_uri)
+    try:
+        ref = ModelRef.parse(model, client)
+        version = resolve(ref, client)
+    except (ValueError, NoSuchModel) as err:
+        raise BadInput(str(err)) from None
+    except MlflowException as err:
+        raise BadInput(f"{model}: {err.message}") from None
+    cluster = address or os.environ.get("RAY_ADDRESS")
+    if detach and not cluster:
+        raise BadInput("--detach needs a Ray cluster (--address or RAY_ADDRESS): a local Ray ends with this command")
+    served = f"{ref.uri} (v{version})" if version else ref.uri
+    try:
+        with _spinner(f"deploying {served}"):
+            url = start(ServeOptions(model=model, tracking_uri=uri, **options), host, port, cluster)
+    except Exception as err:  # noqa: BLE001  (a replica that could not start: Serve's reason, first line)
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        raise Failed(f"{model}: the application did not start: {lines[-1] if lines else type(err).__name__}") from None
+    follows = f", following the alias every {options['poll_s']:g} s" if ref.alias else ""
+    click.echo(f"serving {served} at {url}{follows}")
+    click.echo(f"  curl -s {url}/generate -d '{{\"prompt\": \"...\"}}' -o image.png   |   {url}/model", err=True)
+    if detach:
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):  # `kill` stops the server as Ctrl-C does (even if a shell
+        signal.signal(signum, _interrupt)  # started it in the background, with SIGINT ignored)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        click.echo("stopping", err=True)
+    finally:
+        import ray
+
+        stop()
+        ray.shutdown()
+
+
+@main.command(name="serve-bench")
+@click.argument("model")
+@click.option("--clients", default="1,8,32", help="concurrent clients per level, comma-separated")
+@click.option("--requests", type=click.IntRange(1), default=128, help="one-prompt requests per level")
+@click.option("--repeats", type=click.IntRange(1), default=20, help="timed one-process calls per batch size")
+@_serve_option("num_cpus", "--num-cpus", type=click.FloatRange(0, min_open=True))
+@_serve_option("num_gpus", "--num-gpus", type=click.FloatRange(0))
+@click.option("--max-batch-size", type=click.IntRange(1), default=32, help="images per network call when batching")
+@_serve_option("batch_wait_s", "--batch-wait-s", type=click.FloatRange(0))
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, help="HTTP port of the local Serve")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the rows as JSON here")
+@TRACKING
+def serve_bench(model, clients, requests, repeats, num_cpus, num_gpus, max_batch_size, batch_wait_s, port, out,
+                tracking_uri):  # fmt: skip
+    """Measure a served student on a local Ray: images/s and p50/p99 latency at each client count,
+    batching on and off, against the same student called in one process on the same batch sizes.
+
+    One replica with --num-cpus CPUs (its torch threads; the one-process calls use as many) and
+    --num-gpus GPUs (> 0: the one-process calls run on CUDA too). A last row sends GET /health: the
+    requests/s the HTTP path allows without a model call.
+
+    \b
+    Examples:
+      addctl serve-bench models:/fashion-mnist@champion
+      addctl serve-bench models:/fashion-mnist@champion --clients 1,8,32 --requests 256 --out bench.json
+    """
+    from orchestrator.serve_bench import bench, table, to_json, verdict
+    from orchestrator.serve_options import ServeOptions
+    from orchestrator.served_model import ModelRef, NoSuchModel, resolve
+
+    try:
+        levels = sorted({int(c) for c in clients.split(",")})
+    except ValueError:
+        raise BadInput(f"--clients: comma-separated integers, got {clients!r}") from None
+    if not levels or levels[0] < 1:
+        raise BadInput(f"--clients: each at least 1, got {clients!r}")
+    client, uri = _client(tracking_uri)
+    try:
+        resolve(ModelRef.parse(model, client), client)
+    except (ValueError, NoSuchModel) as err:
+        raise BadInput(str(err)) from None
+    options = ServeOptions(model=model, tracking_uri=uri, num_cpus=num_cpus, num_gpus=num_gpus,
+                           max_batch_size=max_batch_size, batch_wait_s=batch_wait_s)  # fmt: skip
+    show = lambda row: click.echo(  # noqa: E731
+        f"{row.mode:20} {row.clients:3} clients: {row.images_per_s:7.1f} images/s  p50 {row.p50_ms:7.1f} ms  "
+        f"p99 {row.p99_ms:7.1f} ms", err=True
+    )
+    try:
+        rows = bench(options, levels, requests, repeats, port, on_row=show)
+    except Exception as err:  # noqa: BLE001  (a failed request, a replica that did not start)
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        raise Failed(f"{model}: {type(err).__name__}: {lines[-1] if lines else ''}") from None
+    click.echo(table(rows))
+    for line in verdict(rows):
+        click.echo(line)
+    if out:
+        Path(out).write_text(to_json(rows))
+
+
 # ---- data -----------------------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@ and ``addctl stack up|down`` starts and stops a Ray head, an MLflow server and a
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shlex
@@ -54,7 +55,8 @@ def check_addctl(command: str) -> list[str]:
 
 def test_there_are_manifests_and_they_all_parse():
     names = {str(p.relative_to(INFRA)) for p in MANIFESTS}
-    assert {"k8s/raycluster.yaml", "k8s/mlflow.yaml", "cluster/aws-gpu.yaml"} <= names
+    assert {"k8s/raycluster.yaml", "k8s/mlflow.yaml", "k8s/rayservice.yaml", "serve/student.yaml"} <= names
+    assert "cluster/aws-gpu.yaml" in names
     assert any(n.startswith("k8s/rayjob-") for n in names)
     for path in MANIFESTS:
         assert documents(path), path
@@ -156,6 +158,118 @@ def test_local_readme_commands_parse():
 def test_an_unknown_option_is_caught():
     with pytest.raises(click.UsageError):
         check_addctl("addctl run jobs/demo.yaml --no-such-option")
+
+
+# ---- the image and serving: checked as files (no Docker here), against ray, pyproject and the CLI --
+
+DOCKERFILE = INFRA / "docker" / "Dockerfile"
+THIRD_PARTY_IMAGES = {"postgres:16"}
+BUILD = re.compile(r"^#\s+docker build -f infra/docker/Dockerfile (?:--build-arg VARIANT=(\w+) )?-t (\S+) \.$", re.M)
+
+
+def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def dockerfile_args() -> dict[str, str]:
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", DOCKERFILE.read_text(), re.M))
+
+
+def built_images() -> dict[str, str]:
+    """Image tag -> variant, for every build command the Dockerfile documents."""
+    default = dockerfile_args()["VARIANT"]
+    return {tag: variant or default for variant, tag in BUILD.findall(DOCKERFILE.read_text())}
+
+
+def containers(node):
+    """Every container spec (a mapping with an ``image``) anywhere in a manifest."""
+    if isinstance(node, dict):
+        if "image" in node and "name" in node:
+            yield node
+        for value in node.values():
+            yield from containers(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from containers(item)
+
+
+def test_the_dockerfile_builds_the_pinned_ray_with_this_package_as_pyproject_says():
+    from packaging.requirements import Requirement
+
+    text, args, project = DOCKERFILE.read_text(), dockerfile_args(), pyproject()["project"]
+    requirements = {r.name: r for r in map(Requirement, project["dependencies"])}
+    assert args["RAY_VERSION"] == ray.__version__ and ray.__version__ in requirements["ray"].specifier
+    assert "serve" in requirements["ray"].extras  # the image serves, too
+    assert "FROM rayproject/ray:${RAY_VERSION}-${PYTHON}-${VARIANT}" in text
+    torch_pin = re.search(r"^TORCH_SPEC \?= torch==(\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert args["TORCH_VERSION"] == torch_pin and torch_pin in requirements["torch"].specifier
+    assert '--index-url "https://download.pytorch.org/whl/${VARIANT}"' in text
+    assert re.fullmatch(r"py3\d+", args["PYTHON"])
+    extras = re.search(r'pip install --no-cache-dir "\.\[(\w+)\]"', text).group(1)
+    assert extras in project["optional-dependencies"] and project["scripts"]["addctl"] == "orchestrator.cli:main"
+    for folder in ("orchestrator", "workers", "jobs"):  # the packages pyproject installs, the job files
+        assert re.search(rf"^COPY --chown=ray:users {folder} {folder}$", text, re.M), folder
+    assert "WORKDIR /app" in text
+    images = built_images()
+    assert set(images.values()) == {"cu128", "cpu"}
+    for tag, variant in images.items():
+        assert tag == f"ghcr.io/add-distill/add-distill:{project['version']}-{variant}", tag
+
+
+def test_every_manifest_runs_an_image_the_dockerfile_builds():
+    images, checked = built_images(), 0
+    for path in MANIFESTS:
+        for doc in documents(path):
+            for container in containers(doc):
+                image = container["image"]
+                if image in THIRD_PARTY_IMAGES:
+                    continue
+                assert image in images, f"{path}: {image} is built by nothing (infra/docker/Dockerfile builds {images})"
+                gpus = int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+                assert images[image].startswith("cu") or gpus == 0, f"{path}: a GPU pod on a CPU image"
+                assert container.get("workingDir", "/app") == "/app", path
+                checked += 1
+            if doc.get("kind") in ("RayCluster", "RayJob", "RayService"):
+                spec = doc["spec"]
+                cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+                assert cluster["rayVersion"] == dockerfile_args()["RAY_VERSION"], f"{path}: rayVersion"
+    assert checked >= 10
+
+
+def test_the_rayservice_deploys_the_serve_config_that_addctl_serve_would():
+    from orchestrator.cli import serve as serve_command
+    from orchestrator.serve import APP_NAME, IMPORT_PATH
+    from orchestrator.serve_options import ServeOptions
+
+    ((path, service),) = by_kind("RayService")
+    config_file = INFRA / "serve" / "student.yaml"
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert config == documents(config_file)[0], f"{path}: serveConfigV2 is not {config_file}"
+    (app,) = config["applications"]
+    assert (app["name"], app["import_path"]) == (APP_NAME, IMPORT_PATH)
+    module, function = app["import_path"].split(":")
+    built = getattr(importlib.import_module(module), function)(app["args"])  # what Serve calls, without Ray
+    assert type(built).__name__ == "Application"
+    options = ServeOptions.model_validate(app["args"])
+    # the comment's addctl command is the same application
+    line = next(line for line in config_file.read_text().splitlines() if line.startswith("#   addctl serve"))
+    args = check_addctl(line[1:].strip())
+    params = serve_command.make_context("serve", args[1:]).params
+    assert {k: params[k] for k in app["args"]} == app["args"]
+    assert set(ServeOptions.model_fields) - {"model", "tracking_uri"} <= set(params), "a Serve arg addctl lacks"
+    # the cluster holds the replicas it asks for, on the GPU image, with token auth and no secret in clear
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"]["mode"] == "token"
+    workers = cluster["workerGroupSpecs"]
+    gpus = sum(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) * g["maxReplicas"]
+               for g in workers for c in g["template"]["spec"]["containers"])  # fmt: skip
+    assert gpus >= options.replicas * options.num_gpus
+    for group in [cluster["headGroupSpec"], *workers]:
+        for container in group["template"]["spec"]["containers"]:
+            assert {"containerPort": 8000, "name": "serve"} in container["ports"]
+            for var in container.get("env", []):
+                assert not (SECRET_NAME.search(var["name"]) and "value" in var), f"{path}: {var['name']} in clear"
 
 
 # ---- the local stack ----------------------------------------------------------------------------

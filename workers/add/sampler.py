@@ -36,6 +36,12 @@ def sampling_timesteps(student_timesteps: list[int], steps: int) -> list[int]:
     return list(student_timesteps[:: n // steps][:steps])
 
 
+def student_noise(shape: tuple[int, ...], steps: int, generator: torch.Generator | None = None) -> list[Tensor]:
+    """The noise an n-step student sample draws, in its order: x_τ1, then one re-noising per later step
+    (CPU float32). Drawn ahead, so samples computed together (a server's batch) keep each one's own draws."""
+    return [_noise(shape, generator, "cpu", torch.float32) for _ in range(steps)]
+
+
 @torch.no_grad()
 def sample_student(
     student: Student,
@@ -43,19 +49,24 @@ def sample_student(
     shape: tuple[int, ...],
     steps: int = 1,
     generator: torch.Generator | None = None,
+    noise: list[Tensor] | None = None,
 ) -> Tensor:
     """Start from pure noise at τ1; predict x0, re-noise it with fresh noise to the next student
-    timestep, repeat; return the last x0. One network call per step, no guidance."""
+    timestep, repeat; return the last x0. One network call per step, no guidance. ``noise``
+    (``student_noise``'s list) replaces the draws from ``generator``."""
     device, dtype = _placement(student)
     timesteps = sampling_timesteps(student.timesteps.tolist(), steps)
-    x = _noise(shape, generator, device, dtype)
+    noise = noise if noise is not None else student_noise(shape, steps, generator)
+    if len(noise) != steps or any(tuple(n.shape) != tuple(shape) for n in noise):
+        raise ValueError(f"noise: {steps} tensors of shape {tuple(shape)} expected")
+    x = noise[0].to(device, dtype)
     cond = cond if cond is not None else Conditioning()
     for i, s in enumerate(timesteps):
         t = torch.full((shape[0],), s, device=device, dtype=torch.long)
         x0 = student.denoise(x, t, cond)
         if i + 1 < len(timesteps):
             t_next = torch.full_like(t, timesteps[i + 1])
-            x = student.schedule.add_noise(x0, _noise(shape, generator, device, dtype), t_next)
+            x = student.schedule.add_noise(x0, noise[i + 1].to(device, dtype), t_next)
     return x0
 
 

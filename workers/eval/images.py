@@ -41,10 +41,17 @@ def to_pixels(teacher: Teacher, x0: Tensor) -> Tensor:
 
 @torch.no_grad()
 def student_images(
-    student: Student, parts: Teacher, prompts: list, steps: int = 1, generator: torch.Generator | None = None
+    student: Student,
+    parts: Teacher,
+    prompts: list,
+    steps: int = 1,
+    generator: torch.Generator | None = None,
+    noise: list[Tensor] | None = None,
 ) -> Tensor:
-    """The student's ``steps``-step samples for ``prompts`` (one image each), in [0, 1]."""
-    x0 = sample_student(student, conditioning(parts, prompts), model_shape(parts, len(prompts)), steps, generator)
+    """The student's ``steps``-step samples for ``prompts`` (one image each), in [0, 1]; ``noise``
+    (``sample_student``'s) replaces the draws from ``generator``."""
+    shape = model_shape(parts, len(prompts))
+    x0 = sample_student(student, conditioning(parts, prompts), shape, steps, generator, noise=noise)
     return to_pixels(parts, x0)
 
 
