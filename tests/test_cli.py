@@ -204,3 +204,18 @@ def test_an_unreachable_cluster_is_a_clear_failure(runner):
         port = s.getsockname()[1]  # closed once the block ends: nothing listens there
     result = runner.invoke(main, ["list", "--address", f"http://127.0.0.1:{port}"])
     assert result.exit_code == 1 and "cannot reach the Ray dashboard" in result.output
+
+
+def test_run_ends_with_the_balance_and_a_warning_a_person_cannot_miss(runner, tmp_path, monkeypatch):
+    """What training said about the heads (``JobResult.warnings``, ``balance``) closes ``addctl run``'s output."""
+    from orchestrator import controller, embedded
+
+    warning = "the discriminator heads are at chance at step 50: L_D 7.98 of 8"
+    result = controller.JobResult(parent_run_id="p", warnings=[warning], balance="step 50: ‖∇θ L_G‖/‖∇θ λ·L_distill‖ 9")
+    monkeypatch.setattr(controller, "run_job", lambda spec, **kwargs: result)
+    monkeypatch.setattr(embedded, "init_ray", lambda address, cpus: "a local Ray (stub)")
+    out = runner.invoke(main, ["run", str(ROOT / "jobs" / "demo.yaml"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert f"WARNING: {warning}" in lines[-1]
+    assert any(line.startswith("balance at the last report, step 50") for line in lines)
