@@ -36,11 +36,11 @@ class Failed(click.ClickException):
     exit_code = 1
 
 
-def _load(job: str, overrides: tuple[str, ...]):
+def _load(job: str, overrides: tuple[str, ...], check_paths: bool = True):
     from orchestrator.spec import load_job
 
     try:
-        return load_job(job, overrides)
+        return load_job(job, overrides, check_paths=check_paths)
     except JobSpecError as err:
         raise BadInput(str(err)) from None
 
@@ -246,9 +246,9 @@ def submit(job, overrides, address, tracking_uri, storage_path, follow, wait):
     from orchestrator import embedded
     from orchestrator.jobs import is_loopback, localize_paths, resolve_address
 
-    spec = _load(job, overrides)
     address = resolve_address(address)
     local = is_loopback(address)
+    spec = _load(job, overrides, check_paths=local)  # a remote cluster checks its own paths when it loads the job
     if local:
         spec = localize_paths(spec)
     else:

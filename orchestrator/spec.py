@@ -24,6 +24,7 @@ import difflib
 import os
 import re
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -728,24 +729,32 @@ def set_path(data: dict, path: str, value: Any) -> None:
 
 MAX_JOB_BYTES = 1 << 20  # a job file is a few kilobytes; more is a mistake (or an attack)
 MAX_DEPTH = 32  # nesting of mappings and lists (a job file needs 5)
-MAX_EXPANDED = 2_000_000  # values + characters of the document once every alias is expanded
+MAX_VALUES = 20_000  # values (keys, scalars, lists, mappings) written in the file (a large sweep has 500)
+MAX_EXPANDED = (50_000, 2_000_000)  # values and characters once every alias is expanded
 
 
 class _StrictLoader(yaml.SafeLoader):
     """Safe YAML that rejects duplicate and unhashable keys (PyYAML keeps the last, or crashes),
-    nesting deeper than ``MAX_DEPTH`` (PyYAML's composer recurses) and aliases that expand past
+    nesting deeper than ``MAX_DEPTH`` (PyYAML's composer recurses), more than ``MAX_VALUES`` values
+    (counted as they are read: the rest of the file is never scanned) and aliases that expand past
     ``MAX_EXPANDED`` (a few kilobytes of nested aliases stand for gigabytes once expanded)."""
 
     def __init__(self, stream):
         super().__init__(stream)
         self._depth = 0
+        self._values = 0
 
     def compose_node(self, parent, index):
         self._depth += 1
+        self._values += 1
         try:
             if self._depth > MAX_DEPTH:
                 raise yaml.composer.ComposerError(
                     None, None, f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark
+                )
+            if self._values > MAX_VALUES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"more than {MAX_VALUES:,} values: not a job file", self.peek_event().start_mark
                 )
             return super().compose_node(parent, index)
         finally:
@@ -762,10 +771,10 @@ class _StrictLoader(yaml.SafeLoader):
 def _check_expansion(root: yaml.Node) -> None:
     """Refuse a document whose aliases expand past ``MAX_EXPANDED`` (or refer to themselves), without
     expanding it: each node's expanded size is computed once and shared by its aliases."""
-    sizes: dict[int, int] = {}
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values, characters) once expanded
     pending: set[int] = set()
 
-    def size(node: yaml.Node) -> int:
+    def size(node: yaml.Node) -> tuple[int, int]:
         key = id(node)
         if key in sizes:
             return sizes[key]
@@ -773,18 +782,25 @@ def _check_expansion(root: yaml.Node) -> None:
             raise yaml.composer.ComposerError(None, None, "an alias refers to its own anchor", node.start_mark)
         pending.add(key)
         if isinstance(node, yaml.MappingNode):
-            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+            children = [n for pair in node.value for n in pair]
         elif isinstance(node, yaml.SequenceNode):
-            total = 1 + sum(size(v) for v in node.value)
+            children = node.value
         else:
-            total = 1 + len(node.value)
+            children = []
+        values, chars = 1, len(node.value) if isinstance(node, yaml.ScalarNode) else 0
+        for child in children:
+            v, c = size(child)
+            values, chars = values + v, chars + c
         pending.discard(key)
-        if total > MAX_EXPANDED:
+        if values > MAX_EXPANDED[0] or chars > MAX_EXPANDED[1]:
             raise yaml.composer.ComposerError(
-                None, None, f"aliases expand this document past {MAX_EXPANDED:,} values and characters", node.start_mark
+                None,
+                None,
+                f"aliases expand this document past {MAX_EXPANDED[0]:,} values or {MAX_EXPANDED[1]:,} characters",
+                node.start_mark,
             )
-        sizes[key] = total
-        return total
+        sizes[key] = (values, chars)
+        return values, chars
 
     size(root)
 
@@ -835,7 +851,8 @@ def parse_yaml(text: str, source: str = "<job>") -> dict:
     except yaml.YAMLError as err:
         raise JobSpecError([Problem("(yaml)", str(err))], source) from None
     except Exception as err:  # noqa: BLE001  (e.g. an integer of 5,000 digits): bad input, never a traceback
-        raise JobSpecError([Problem("(yaml)", f"cannot be read: {type(err).__name__}: {err}")], source) from None
+        reason = "a number of more than 4,300 digits" if "digits" in str(err) else f"{type(err).__name__}: {err}"
+        raise JobSpecError([Problem("(yaml)", f"cannot be read: {reason}")], source) from None
     if data is None:
         raise JobSpecError(
             [Problem("(root)", "the job file is empty; it needs at least name, teacher and data")], source
@@ -956,10 +973,45 @@ def read_job_text(path: str | os.PathLike) -> str:
         ) from None
 
 
-def load_job(path: str | os.PathLike, overrides: Sequence[str] = ()) -> JobSpec:
-    """Read, override (``--set KEY=VALUE``) and validate a job file; raises ``JobSpecError``."""
+def load_job(path: str | os.PathLike, overrides: Sequence[str] = (), *, check_paths: bool = True) -> JobSpec:
+    """Read, override (``--set KEY=VALUE``) and validate a job file; raises ``JobSpecError``.
+
+    ``check_paths``: the local paths the job reads must exist here (off for a job submitted to a
+    cluster elsewhere, whose paths are on its own disks; the cluster checks them when it loads the job).
+    """
     source = str(path)
-    return validate_job(apply_overrides(parse_yaml(read_job_text(path), source), overrides), source)
+    spec = validate_job(apply_overrides(parse_yaml(read_job_text(path), source), overrides), source)
+    if check_paths and (problems := missing_paths(spec)):
+        raise JobSpecError(problems, source)
+    return spec
+
+
+# Fields the job reads from: a local path there must exist (a hub id or a relative name is left alone).
+INPUT_PATHS = (
+    "teacher.source",
+    "discriminator.dinov2",
+    "data.uri",
+    "eval.clip_model",
+    "eval.table.teacher_rows",
+    "eval.table.reference_uri",
+)
+_CLEARLY_A_PATH = re.compile(r"^(/|\./|\.\./|~|file://)")
+
+
+def missing_paths(spec: JobSpec) -> list[Problem]:
+    """A problem for each input that clearly is a local path (``/…``, ``./…``, ``../…``, ``~…``,
+    ``file://…``) but exists nowhere on this machine."""
+    problems = []
+    for path in INPUT_PATHS:
+        value: Any = spec
+        for part in path.split("."):
+            value = getattr(value, part, None)
+        if not isinstance(value, str) or not _CLEARLY_A_PATH.match(value):
+            continue
+        local = value[len("file://") :] if value.startswith("file://") else value
+        if not Path(local).expanduser().exists():
+            problems.append(Problem(path, "no such file or folder on this machine"))
+    return problems
 
 
 def dump_job(spec: JobSpec) -> str:
