@@ -91,7 +91,7 @@ def _spinner(label: str, enabled: bool = True):
 
 
 def _redact(text: str) -> str:
-    from workers.data.storage import redact
+    from workers.secrets import redact
 
     return redact(text)
 
@@ -204,7 +204,7 @@ def run(job, overrides, address, tracking_uri, storage_path, run_name, num_cpus)
     trials = (spec.sweep.max_concurrent_trials or 1) if spec.sweep else 1
     needed = math.ceil(trials * (r.num_workers * r.cpus_per_worker + r.data_cpus + 1))
     cpus = num_cpus or max(8, os.cpu_count() or 1, needed)  # logical CPUs: more than cores is fine, fewer hangs
-    click.echo(f"job {spec.name}: {embedded.init_ray(address, cpus)}; MLflow at {uri}", err=True)
+    click.echo(f"job {spec.name}: {embedded.init_ray(address, cpus)}; MLflow at {_redact(uri)}", err=True)
     try:
         result = run_job(spec, tracking_uri=uri, storage_path=storage_path, run_name=run_name)
     except JobStopped as stopped:
@@ -215,7 +215,7 @@ def run(job, overrides, address, tracking_uri, storage_path, run_name, num_cpus)
         sys.exit(130)
     except Exception as err:  # noqa: BLE001  (the controller has recorded it on the runs)
         raise Failed(f"job {spec.name} failed: {_redact(f'{type(err).__name__}: {err}')}") from None
-    click.echo(json.dumps({k: v for k, v in vars(result).items()}, indent=2, default=str))
+    click.echo(_redact(json.dumps({k: v for k, v in vars(result).items()}, indent=2, default=str)))
     table = spec.eval.table
     if table is not None and table.results_dir and Path(table.results_dir, "table.md").is_file():
         click.echo(f"\n{Path(table.results_dir, 'table.md').read_text()}(also in {table.results_dir}/)")
@@ -261,7 +261,12 @@ def submit(job, overrides, address, tracking_uri, storage_path, follow, wait):
         uri = embedded.embedded_tracking_uri()
         env[embedded.HOME_ENV] = str(embedded.home())
     if uri and not spec.tracking.uri:
-        run_args += ["--tracking-uri", uri]
+        from orchestrator.jobs import check_tracking_uri
+
+        try:
+            run_args += ["--tracking-uri", check_tracking_uri(uri)]
+        except ValueError as err:
+            raise BadInput(str(err)) from None
     if storage_path:
         run_args += ["--storage", storage_path]
     client = _jobs_client(address)
@@ -657,12 +662,22 @@ def stack():
 @click.option("--num-cpus", type=click.IntRange(1), default=None, help="Ray's logical CPUs (default: max(8, cores))")
 @click.option("--object-store-mb", type=click.IntRange(64), default=None, help="Ray's object store size")
 @click.option("--timeout", type=float, default=180, help="seconds to wait for the services to be healthy")
-def stack_up(folder, num_cpus, object_store_mb, timeout):
+@click.option(
+    "--pass-env",
+    multiple=True,
+    metavar="NAME",
+    help="a variable of this shell the Ray head's jobs may read (a secret their ${env:NAME} refers to); repeatable",
+)
+def stack_up(folder, num_cpus, object_store_mb, timeout, pass_env):
     """Start the stack and wait until each service is healthy; prints the environment to use it.
 
+    Each service gets only the variables it needs, never this shell's credentials; the Ray head's
+    jobs use the stack's S3 with placeholder keys. Name with --pass-env the secrets jobs refer to.
+
     \b
-    Example:
+    Examples:
       addctl stack up --dir runs/stack && source runs/stack/env.sh
+      addctl stack up --pass-env HF_TOKEN      # jobs may use env: {HF_TOKEN: ${env:HF_TOKEN}}
     """
     from tqdm.auto import tqdm
 
@@ -676,7 +691,12 @@ def stack_up(folder, num_cpus, object_store_mb, timeout):
 
         try:
             state = up(
-                Path(folder), num_cpus=num_cpus, object_store_mb=object_store_mb, timeout_s=timeout, on_ready=ready
+                Path(folder),
+                num_cpus=num_cpus,
+                object_store_mb=object_store_mb,
+                timeout_s=timeout,
+                on_ready=ready,
+                pass_env=tuple(pass_env),
             )
         except StackError as err:
             raise Failed(str(err)) from None

@@ -454,14 +454,14 @@ def _evaluate(spec, tracker, run_id, student_dir, config, evaluator, reference, 
         teacher_kwargs = {"prediction_type": spec.teacher.prediction_type, "resolution": spec.teacher.resolution}
         outcome = evaluator.evaluate_paths(student_dir, spec.teacher.source, config, reference, **teacher_kwargs)
     except Exception as err:  # noqa: BLE001
-        log.warning("evaluation failed: %s", err)
-        tracker.set_tags(run_id, {"eval.error": f"{type(err).__name__}: {err}"[:5000]})
+        log.warning("evaluation failed: %s", tracker.redact(f"{type(err).__name__}: {err}"))
+        tracker.set_tags(run_id, {"eval.error": f"{type(err).__name__}: {err}"[:5000]})  # set_tags redacts
         return {}
     tracker.log_metrics(run_id, {f"eval/{k}": v for k, v in outcome.metrics.items()}, step=0)
     artifacts = getattr(outcome, "artifacts", None) or {"comparison.png": outcome.comparison_grid()}
     for name, value in artifacts.items():
         if isinstance(value, str):
-            tracker.client.log_text(run_id, value, artifact_file=f"eval/{name}")
+            tracker.log_text(run_id, value, f"eval/{name}")  # redacted
         else:
             tracker.client.log_image(run_id, value, artifact_file=f"eval/{name}")
     results_dir = results_dir or (spec.eval.table.results_dir if spec.eval.table is not None else None)

@@ -6,11 +6,17 @@ a file, applies ``--set key=value`` overrides and validates; ``JobSpec.model_jso
 ``addctl schema`` prints and what the README's job-file reference is generated from.
 
 Secrets appear only as references ``${env:NAME}``, and only where they are resolved: in ``env``,
-``storage.options`` and ``data.storage_options``. A reference is resolved on the workers
-(``resolve_secrets``; a submitted job's ``env`` travels as Ray ``${NAME}`` expansions, see
-``orchestrator/jobs.py``), so the value is never in the job file, the job's submission, a log or an
-MLflow run. Clear-text secrets (a secret-looking key with a literal value, a password inside a
-URI, an AWS key id or a private key anywhere) are rejected.
+``storage.options`` and ``data.storage_options``. A reference is resolved where the job runs (the
+driver and each worker, ``resolve_secrets``; a submitted job's ``env`` travels only in its job.yaml,
+see ``orchestrator/jobs.py``), so the value is never in the job file, the job's submission, a log or
+an MLflow run. Clear-text secrets are rejected anywhere in the job, the sweep included: a
+secret-looking key with a literal value, or a value shaped like a credential
+(``workers.secrets.CLEAR_SECRETS``: URL user-info and query tokens, connection-string keys, AWS key
+ids, private keys, API tokens). Malformed references and shell-style ``${...}`` are rejected too.
+
+Bounds (hostile input must fail fast, with exit 2): a job file is at most ``MAX_JOB_BYTES`` of
+UTF-8, ``MAX_DEPTH`` levels and ``MAX_VALUES`` values, and its aliases expand to at most
+``MAX_EXPANDED``; floats are finite, seeds in [0, 2³²); local input paths must exist (``load_job``).
 
 Sections read by other modules: ``eval`` becomes ``workers.eval.EvalConfig`` (plus ``features``,
 ``scorer``, ``clip_model``), ``promotion`` the ``orchestrator.promotion.Gates``, ``sweep`` the
@@ -41,6 +47,7 @@ from pydantic import (
 )
 
 from orchestrator.errors import JobSpecError, Problem, _shown, format_path, problems_from_validation
+from workers import secrets
 from workers.data.storage import SCHEMES as STORAGE_SCHEMES
 from workers.secrets import find_clear_secret
 
@@ -1035,7 +1042,7 @@ def resolve_secrets(
     Raises ``SecretError`` naming the keys and variables (never a value) when one is not set.
     Call it where the job runs, never on the client; do not log what it returns.
     """
-    environ = os.environ if environ is None else environ
+    environ = secrets.environ() if environ is None else environ
     resolved, missing = {}, []
     for key, value in values.items():
         ref = SECRET_REF.match(str(value))
@@ -1050,6 +1057,9 @@ def resolve_secrets(
             f"not set on this machine: {', '.join(missing)}; set the variable in the workers' environment "
             "(a Kubernetes Secret, the environment of `ray start`, or your shell for `addctl run`)"
         )
+    # From here this process holds the values: mask them in every message and log record.
+    secrets.remember(resolved[k] for k in references(values))
+    secrets.redact_log_records()
     return resolved
 
 

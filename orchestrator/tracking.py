@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -33,16 +32,11 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from orchestrator.spec import SECRET_REF, JobSpec
+from workers.secrets import NOT_SECRET, ambient_secrets, environ, redact
 
 log = logging.getLogger(__name__)
 
 PARAM_VALUE_MAX = 6000  # MLflow's limit on a param value
-# Credentials a process may hold whatever the spec says (a whole word of the variable's name, so
-# TOKENIZERS_PARALLELISM is none); their values are never logged.
-CREDENTIAL_ENV = re.compile(
-    r"(^|_)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?|PRIVATE|ACCESS_KEY|API_KEY|AUTH)(_|$)", re.IGNORECASE
-)
-NOT_SECRET = re.compile(r"^(true|false|yes|no|on|off|none|null|disabled|enabled|token|[0-9.]+)$", re.IGNORECASE)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -61,10 +55,12 @@ def secret_references(value) -> set[str]:
 
 
 class Redactor:
-    """Replaces secret values with ``***`` in any text about to be logged: the values, in this process's
-    environment, of the spec's ``${env:NAME}`` references and of credential-like variables.
+    """Replaces secrets with ``***`` in any text about to be logged (``workers.secrets.redact``): the
+    values, in this process's environment, of the spec's ``${env:NAME}`` references, of credential-like
+    variables, and anything shaped like a credential (URL user-info, query tokens, keys).
 
-    Holds only the names (it is pickled to the workers, where references resolve to values).
+    Holds only the names (it is pickled to the workers, where references resolve to values). Reads
+    the environment in one step (``workers.secrets.environ``): MLflow's telemetry thread changes it.
     """
 
     def __init__(self, names: Iterable[str] = ()):
@@ -75,15 +71,13 @@ class Redactor:
         return cls(secret_references(spec_dump))
 
     def secrets(self) -> list[str]:
-        referenced = {os.environ[n] for n in self.names if os.environ.get(n)}
-        ambient = {v for k, v in os.environ.items() if CREDENTIAL_ENV.search(k) and len(v) >= 8}
-        values = {v for v in referenced | ambient if len(v) >= 4 and not NOT_SECRET.match(v)}
+        env = environ()
+        referenced = {env[n] for n in self.names if env.get(n)}
+        values = {v for v in referenced | ambient_secrets(env) if len(v) >= 4 and not NOT_SECRET.match(v)}
         return sorted(values, key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
-        for secret in self.secrets():
-            text = text.replace(secret, "***")
-        return text
+        return redact(text, self.secrets())
 
 
 # ---- what a run records ---------------------------------------------------------------------------
@@ -113,7 +107,7 @@ def flatten(value, prefix: str = "") -> dict[str, str]:
 def code_version() -> dict[str, str]:
     """Tags naming the code: the git commit (and whether the tree had changes) when run from a
     checkout, else ``ADD_CODE_VERSION`` (set at job submission where the code travels without .git)."""
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read-only: git status must not refresh the index
+    env = {**environ(), "GIT_OPTIONAL_LOCKS": "0"}  # read-only: git status must not refresh the index
 
     def git(*args: str) -> str | None:
         try:

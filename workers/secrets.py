@@ -17,6 +17,7 @@ Imports nothing heavy: the job spec's validation uses it.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Iterable
@@ -127,3 +128,29 @@ def redact(text: str, values: Iterable[str] = ()) -> str:
         if secret in text:
             text = text.replace(secret, MASK)
     return mask_patterns(text)
+
+
+_factory_installed = False
+
+
+def redact_log_records() -> None:
+    """From now on, every log record this process creates has its message redacted (idempotent).
+
+    A record factory, not a handler filter: it covers every logger and handler, Ray's and MLflow's too.
+    """
+    global _factory_installed
+    if _factory_installed:
+        return
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs):
+        record = previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001  (a bad format string: leave it to the handler to report)
+            return record
+        record.msg, record.args = redact(message), ()
+        return record
+
+    logging.setLogRecordFactory(factory)
+    _factory_installed = True
