@@ -89,7 +89,8 @@ def test_tracker_parent_and_child_runs(mlflow_server, monkeypatch, tmp_path):
     spec = tiny_spec("tracker-runs")
     tracker = JobTracker(spec, mlflow_server.url)
     parent = tracker.start_parent()
-    child = tracker.start_child(spec, "trial-0", params={"sweep.lr": 0.1}, tags={"note": "token hf_secret_value_42"})
+    tags = {"note": "token hf_secret_value_42", "endpoint": "http://minio:pw-in-uri-77@127.0.0.1:9000"}
+    child = tracker.start_child(spec, "trial-0", params={"sweep.lr": 0.1}, tags=tags)
     tracker.log_metrics(child, {"loss": 1.0, "status": "running"}, step=1)
     tracker.log_metrics(child, {"loss": 0.5}, step=2)
     client = mlflow_server.client()
@@ -103,6 +104,7 @@ def test_tracker_parent_and_child_runs(mlflow_server, monkeypatch, tmp_path):
     tracker.end_all("KILLED")
     assert {client.get_run(r).info.status for r in (parent, child)} == {"KILLED"}
     assert mlflow_server.find_value("hf_secret_value_42") == []
+    assert run.data.tags["endpoint"] == "http://***@127.0.0.1:9000" and mlflow_server.find_value("pw-in-uri-77") == []
 
 
 def test_tracker_pickles_without_its_client(mlflow_server):
