@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -54,6 +55,7 @@ class JobResult:
     model_name: str | None = None
     model_version: str | None = None
     evaluation: dict[str, float] = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # rows read, bad, and lost per shard (a single run)
 
 
 # ---- the job's sections (written by the spec's owner; read here by name, explicit arguments win) ----
@@ -227,7 +229,7 @@ def run_job(
                     evaluator = evaluator or default_evaluator(spec)  # built once: its reference is read once
                     best, evaluated = _evaluate_trials(spec, sweep, tracker, trials, evaluation, evaluator, reference)
             else:
-                best = _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer)
+                best = _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer, result.data)
                 tracker.set_tags(tracker.parent_run_id, {"timing.train_s": f"{time.monotonic() - started:.1f}"})
             result.best_run_id, result.export_uri = best
             if register:
@@ -262,9 +264,10 @@ def _ray_tags() -> dict[str, str]:
     return tags
 
 
-def _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer) -> tuple[str, str | None]:
+def _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer, data=None) -> tuple[str, str | None]:
+    """One training run as a child run; ``data`` (a dict) receives the data report (``record_data``)."""
+    from workers.train.trainer import DataError, run_training
     from workers.train.trainer import build_trainer as default_build_trainer
-    from workers.train.trainer import run_training
 
     run_id = tracker.start_child(spec, f"{spec.name}-train")
     trainer = (build_trainer or default_build_trainer)(
@@ -274,12 +277,38 @@ def _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer) -> t
         callbacks=[TrackingCallback(tracker.tracking_uri, run_id, tracker.redact.names)],
         **(trainer_kwargs or {}),
     )
-    outcome = run_training(trainer)
+    try:
+        outcome = run_training(trainer)
+    except DataError as err:
+        tracker.set_tags(run_id, {"data.error": str(err)[:5000]})
+        raise
     summary = outcome.return_value or {}
+    if isinstance(data, dict):
+        data.update(record_data(tracker, run_id, summary.get("data"), summary.get("step")))
     export_uri = summary.get("export_uri") or tracker.client.get_run(run_id).data.tags.get("export.uri")
     if summary.get("status") not in (None, "completed"):
         raise RuntimeError(f"training ended with status {summary.get('status')!r}: {summary.get('message', '')}")
     return run_id, export_uri
+
+
+def record_data(tracker, run_id: str, report: dict | None, step: int | None) -> dict:
+    """The data report of a finished run on its MLflow run (metrics ``data/*``, tag ``data.lost``: rows
+    lost per shard, with the first reason) and as the job's summary gives it; {} without a report."""
+    if not report:
+        return {}
+    seen = report["records"] + report["bad_records"]
+    metrics = {
+        "data/records": report["records"],
+        "data/bad_records": report["bad_records"],
+        "data/bad_fraction": report["bad_records"] / seen if seen else 0.0,
+        "data/lost_rows": report["lost_rows"],
+    }
+    tracker.log_metrics(run_id, metrics, step=step or 0)
+    lost = {shard: entry["rows"] for shard, entry in report["lost"].items()}
+    tracker.set_tags(run_id, {"data.lost": json.dumps(report["lost"]) if lost else "none"})
+    if lost:
+        log.warning("data: %d bad rows in %d shard(s), under max_bad_fraction: %s", sum(lost.values()), len(lost), lost)
+    return {"records": report["records"], "bad_records": report["bad_records"], "lost_rows_by_shard": lost}
 
 
 def _train_sweep(spec, config, tracker, storage_path, trainer_kwargs, build_trainer) -> tuple[str, str | None]:
