@@ -90,10 +90,10 @@ def test_with_every_loss_allowed_an_unreadable_shard_is_skipped_and_reported(ray
 # ---- a whole run ------------------------------------------------------------------------------------
 
 
-def tiny_run(tmp_path: Path, name: str, data: str, **sections) -> JobSpec:
+def tiny_run(tmp_path: Path, name: str, shard_uri: str, **sections) -> JobSpec:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     job = tiny_job(tmp_path, uri, name, **sections)
-    job["data"]["uri"] = data
+    job["data"]["uri"] = shard_uri
     return JobSpec.model_validate(job)
 
 
