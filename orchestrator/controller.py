@@ -56,6 +56,12 @@ class JobResult:
     model_version: str | None = None
     evaluation: dict[str, float] = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # rows read, bad, and lost per shard (a single run)
+    trials: int = 0  # a sweep's trials, and those that failed: {trial, run_id, error}
+    failed_trials: list[dict] = field(default_factory=list)
+
+
+class SweepTrialsFailed(RuntimeError):
+    """More sweep trials failed than ``sweep.max_failed_trials`` allows; the message names each."""
 
 
 # ---- the job's sections (written by the spec's owner; read here by name, explicit arguments win) ----
@@ -223,7 +229,7 @@ def run_job(
             sweep = sweep if sweep is not None else sweep_config(spec)
             evaluated: dict[str, dict] = {}
             if sweep is not None:
-                best, trials = _train_sweep(spec, sweep, tracker, storage_path, trainer_kwargs, build_trainer)
+                best, trials = _train_sweep(spec, sweep, tracker, storage_path, trainer_kwargs, build_trainer, result)
                 tracker.set_tags(tracker.parent_run_id, {"timing.train_s": f"{time.monotonic() - started:.1f}"})
                 if sweep.evaluate_all:
                     evaluator = evaluator or default_evaluator(spec)  # built once: its reference is read once
@@ -265,7 +271,7 @@ def _ray_tags() -> dict[str, str]:
 
 
 def _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer, data=None) -> tuple[str, str | None]:
-    """One training run as a child run; ``data`` (a dict) receives the data report (``record_data``)."""
+    """One training run as a child run; ``data`` (a dict) receives its data report (``log_data_report``)."""
     from workers.train.trainer import DataError, run_training
     from workers.train.trainer import build_trainer as default_build_trainer
 
@@ -284,47 +290,43 @@ def _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer, data
         raise
     summary = outcome.return_value or {}
     if isinstance(data, dict):
-        data.update(record_data(tracker, run_id, summary.get("data"), summary.get("step")))
+        data.update(tracker.log_data_report(run_id, summary.get("data"), summary.get("step")))
     export_uri = summary.get("export_uri") or tracker.client.get_run(run_id).data.tags.get("export.uri")
     if summary.get("status") not in (None, "completed"):
         raise RuntimeError(f"training ended with status {summary.get('status')!r}: {summary.get('message', '')}")
     return run_id, export_uri
 
 
-def record_data(tracker, run_id: str, report: dict | None, step: int | None) -> dict:
-    """The data report of a finished run on its MLflow run (metrics ``data/*``, tag ``data.lost``: rows
-    lost per shard, with the first reason) and as the job's summary gives it; {} without a report."""
-    if not report:
-        return {}
-    seen = report["records"] + report["bad_records"]
-    metrics = {
-        "data/records": report["records"],
-        "data/bad_records": report["bad_records"],
-        "data/bad_fraction": report["bad_records"] / seen if seen else 0.0,
-        "data/lost_rows": report["lost_rows"],
-    }
-    tracker.log_metrics(run_id, metrics, step=step or 0)
-    lost = {shard: entry["rows"] for shard, entry in report["lost"].items()}
-    tracker.set_tags(run_id, {"data.lost": json.dumps(report["lost"]) if lost else "none"})
-    if lost:
-        log.warning("data: %d bad rows in %d shard(s), under max_bad_fraction: %s", sum(lost.values()), len(lost), lost)
-    return {"records": report["records"], "bad_records": report["bad_records"], "lost_rows_by_shard": lost}
-
-
-def _train_sweep(spec, config, tracker, storage_path, trainer_kwargs, build_trainer) -> tuple[str, str | None]:
+def _train_sweep(spec, config, tracker, storage_path, trainer_kwargs, build_trainer, result=None):
+    """Run the sweep; every trial accounted for on the parent run (``sweep.failed``, ``sweep.failed_trials``)
+    and in ``result``; more failed trials than ``max_failed_trials`` fail the job. Returns the best
+    ``(run_id, export_uri)`` and the trials."""
     from orchestrator.sweep import run_sweep
 
     best, trials = run_sweep(
         spec, config, tracker, storage_path=storage_path, trainer_kwargs=trainer_kwargs, build_trainer=build_trainer
     )
+    failed = [{"trial": t.trial_id, "run_id": t.run_id, "error": t.error} for t in trials if t.error]
+    if result is not None:
+        result.trials, result.failed_trials = len(trials), failed
     tracker.set_tags(
         tracker.parent_run_id,
         {
             "sweep.trials": len(trials),
             "sweep.finished": sum(1 for t in trials if t.export_uri),
+            "sweep.failed": len(failed),
+            "sweep.failed_trials": json.dumps(failed) if failed else "none",
             "sweep.metric": config.metric,
         },
     )
+    for trial in failed:
+        log.warning("sweep trial %s failed: %s", trial["trial"], trial["error"])
+    if len(failed) > config.max_failed_trials:
+        reasons = "; ".join(f"trial {t['trial']}: {t['error']}" for t in failed)
+        raise SweepTrialsFailed(
+            f"{len(failed)} of {len(trials)} sweep trials failed (sweep.max_failed_trials = "
+            f"{config.max_failed_trials}): {reasons}"
+        )
     if best is None:
         errors = "; ".join(t.error for t in trials if t.error) or "no trial ran to the end"
         raise RuntimeError(f"no sweep trial finished with an exported student: {errors}")

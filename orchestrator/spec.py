@@ -530,6 +530,9 @@ class SweepSpec(Section):
     )
     eval_metric: str = Field("student_fid", min_length=1, description="evaluate_all: the evaluation metric that ranks")
     eval_mode: Literal["min", "max"] = Field("min", description="evaluate_all: whether eval_metric is better low")
+    max_failed_trials: int = Field(
+        0, ge=0, description="trials that may fail (an error, not an early stop) and the job still succeed"
+    )
 
 
 # ---- the job --------------------------------------------------------------------------------------

@@ -7,6 +7,13 @@ every report to Tune (one report = one ``training_iteration``, what ASHA counts)
 MLflow from rank 0 through ``TrackingCallback``. Trials that ASHA stops are killed with their
 trainer, so ``TrialRunCloser`` (a Tune callback in the controller) ends their runs.
 
+Every trial is accounted for: a trial that fails (an error, not an ASHA stop) has its run ended
+FAILED with the tag ``sweep.error``, and ``TrialOutcome.error`` a one-line reason; the controller
+puts them in the job's summary and its parent run, and fails the job when more than
+``max_failed_trials`` failed. Worker failures inside a trial are already retried by Ray Train
+(``resources.max_failures``); a trial's own failure is not retried (its causes, bad data or a
+non-finite loss, come back).
+
 Search space: a mapping from dotted spec paths to domains, each ``{"loguniform": [lo, hi]}``,
 ``{"uniform": [lo, hi]}``, ``{"randint": [lo, hi]}``, ``{"choice": [...]}``, ``{"grid": [...]}``, or
 the same as ``{"type": "loguniform", "low": lo, "high": hi}`` / ``{"type": "choice", "values": [...]}``.
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +56,7 @@ class SweepConfig:
     evaluate_all: bool = False  # evaluate every finished trial; the best by eval_metric is registered
     eval_metric: str = "student_fid"  # an evaluation metric (without the eval/ prefix)
     eval_mode: str = "min"
+    max_failed_trials: int = 0  # trials that may fail with the job still succeeding
 
     def __post_init__(self):
         if self.mode not in ("min", "max"):
@@ -175,7 +184,18 @@ class TrialRunCloser(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run(trial)
         if run_id:
+            error = trial.get_error() if hasattr(trial, "get_error") else None
+            self.tracker.set_tags(run_id, {"sweep.error": error_line(error or "failed")})
             self.tracker.end(run_id, "FAILED")
+
+
+def error_line(error: object) -> str:
+    """A failed trial's error in one line: the last ``Type: message`` line of Tune's report (which
+    carries the remote traceback), at most 300 characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    typed = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b.*:", line)]
+    line = (typed or lines or ["unknown error"])[-1]
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def train_driver_fn(
@@ -210,10 +230,13 @@ def train_driver_fn(
     )
     trainer.run_config.callbacks.append(TuneReportCallback())  # until build_trainer takes run callbacks
     try:
-        run_training(trainer)
-    except BaseException:
+        outcome = run_training(trainer)
+    except BaseException as err:
+        tracker.set_tags(run_id, {"sweep.error": error_line(f"{type(err).__name__}: {err}")})
         tracker.end(run_id, "FAILED")
         raise
+    summary = outcome.return_value or {}
+    tracker.log_data_report(run_id, summary.get("data"), summary.get("step"))
     tracker.end(run_id, "FINISHED")
 
 
@@ -285,7 +308,7 @@ def run_sweep(
                 run_id=run.info.run_id if run else None,
                 metrics=dict(result.metrics or {}),
                 export_uri=run.data.tags.get("export.uri") if run else None,
-                error=str(result.error) if result.error else None,
+                error=error_line(result.error) if result.error else None,
             )
         )
     finished = [o for o in outcomes if o.export_uri and config.metric in o.metrics]

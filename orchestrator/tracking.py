@@ -222,6 +222,26 @@ class JobTracker:
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
 
+    def log_data_report(self, run_id: str, report: Mapping | None, step: int | None = None) -> dict:
+        """A finished run's data report (``workers.data.ingest.RecordLedger.report``) on its run: metrics
+        ``data/*`` and the tag ``data.lost`` (rows lost per shard, with the first reason); returns what the
+        job's summary shows of it ({} without a report)."""
+        if not report:
+            return {}
+        seen = report["records"] + report["bad_records"]
+        metrics = {
+            "data/records": report["records"],
+            "data/bad_records": report["bad_records"],
+            "data/bad_fraction": report["bad_records"] / seen if seen else 0.0,
+            "data/lost_rows": report["lost_rows"],
+        }
+        self.log_metrics(run_id, metrics, step=step or 0)
+        lost = {shard: entry["rows"] for shard, entry in report["lost"].items()}
+        self.set_tags(run_id, {"data.lost": json.dumps(report["lost"]) if lost else "none"})
+        if lost:
+            log.warning("data: %d bad rows lost in %d shard(s): %s", sum(lost.values()), len(lost), lost)
+        return {"records": report["records"], "bad_records": report["bad_records"], "lost_rows_by_shard": lost}
+
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, self.redact(text), artifact_file)
 
