@@ -244,17 +244,18 @@ def test_failed_trials_within_the_threshold_are_reported_and_the_job_goes_on(mlf
     spec = JobSpec.model_validate(tiny_job(tmp_path, mlflow_server.url, "threshold"))
     tracker = JobTracker(spec)
     tracker.start_parent()
+    r1, r2 = (tracker.start_child(spec, f"trial-{t}", tags={TRIAL_TAG: t}) for t in ("t1", "t2"))
     trials = [
-        TrialOutcome("t1", "r1", {"loss/distill": 0.5}, export_uri="s3://x/t1"),
-        TrialOutcome("t2", "r2", error="RuntimeError: boom"),
+        TrialOutcome("t1", r1, {"loss/distill": 0.5}, export_uri="s3://x/t1"),
+        TrialOutcome("t2", r2, error="RuntimeError: boom"),
     ]
     monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: (trials[0], trials))
     config = SweepConfig(search_space=SEARCH, max_failed_trials=1)
     result = controller.JobResult(parent_run_id=tracker.parent_run_id)
     best, _ = controller._train_sweep(spec, config, tracker, None, {}, None, result)
-    assert best == ("r1", "s3://x/t1")
+    assert best == (r1, "s3://x/t1")
     assert result.trials == 2
-    assert result.failed_trials == [{"trial": "t2", "run_id": "r2", "error": "RuntimeError: boom"}]
+    assert result.failed_trials == [{"trial": "t2", "run_id": r2, "error": "RuntimeError: boom"}]
     tags = mlflow_server.client().get_run(tracker.parent_run_id).data.tags
     assert tags["sweep.failed"] == "1" and "boom" in tags["sweep.failed_trials"]
     with pytest.raises(controller.SweepTrialsFailed, match="1 of 2 sweep trials failed"):
