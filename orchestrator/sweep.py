@@ -182,11 +182,12 @@ class TrialRunCloser(tune.Callback):
             self.tracker.end(run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run(trial)
-        if run_id:
-            error = trial.get_error() if hasattr(trial, "get_error") else None
-            self.tracker.set_tags(run_id, {"sweep.error": error_line(error or "failed")})
-            self.tracker.end(run_id, "FAILED")
+        run = trial_run(self.tracker, trial.trial_id)
+        if run:
+            if "sweep.error" not in run.data.tags:  # the trial did not get to say why (it was killed)
+                error = trial.get_error() if hasattr(trial, "get_error") else None
+                self.tracker.set_tags(run.info.run_id, {"sweep.error": error_line(error or "failed (see its log)")})
+            self.tracker.end(run.info.run_id, "FAILED")
 
 
 def error_line(error: object) -> str:
