@@ -60,6 +60,7 @@ DEFAULT_TEACHER_SAMPLERS = (
 FACTORY_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ANY_REF = re.compile(r"\$\{\s*env\s*:")
+URI_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@")  # a URI that starts user:password@
 SHELL_REF = re.compile(r"\$\{(?!env:)")  # ${HOME}, ${X:-y}: what a shell (or Ray's env_vars) would expand
 SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # MLflow tracking URIs: a server, a database, a folder (a bare path is a folder too).
