@@ -991,7 +991,14 @@ def load_job(path: str | os.PathLike, overrides: Sequence[str] = (), *, check_pa
     cluster elsewhere, whose paths are on its own disks; the cluster checks them when it loads the job).
     """
     source = str(path)
-    spec = validate_job(apply_overrides(parse_yaml(read_job_text(path), source), overrides), source)
+    data = parse_yaml(read_job_text(path), source)
+    try:
+        data = apply_overrides(data, overrides)
+    except JobSpecError:
+        raise
+    except Exception as err:  # noqa: BLE001  (an override on input it did not expect): bad input all the same
+        raise JobSpecError([Problem("--set", f"cannot be applied: {type(err).__name__}: {err}")], source) from None
+    spec = validate_job(data, source)
     if check_paths and (problems := missing_paths(spec)):
         raise JobSpecError(problems, source)
     return spec
@@ -1020,7 +1027,12 @@ def missing_paths(spec: JobSpec) -> list[Problem]:
         if not isinstance(value, str) or not _CLEARLY_A_PATH.match(value):
             continue
         local = value[len("file://") :] if value.startswith("file://") else value
-        if not Path(local).expanduser().exists():
+        try:
+            exists = Path(local).expanduser().exists()
+        except (OSError, ValueError, RuntimeError) as err:  # a name too long, a NUL byte, an unknown ~user
+            problems.append(Problem(path, f"not a usable path ({type(err).__name__})"))
+            continue
+        if not exists:
             problems.append(Problem(path, "no such file or folder on this machine"))
     return problems
 
