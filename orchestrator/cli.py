@@ -25,15 +25,21 @@ FASHION_MNIST_IDX = "/usr/share/datasets/fashion-mnist"
 
 
 class BadInput(click.ClickException):
-    """Input the user must fix: exit code 2."""
+    """Input the user must fix: exit code 2. The message passes the redactor (``workers.secrets``)."""
 
     exit_code = 2
 
+    def __init__(self, message: str):
+        super().__init__(_redact(message))
+
 
 class Failed(click.ClickException):
-    """Something outside the input failed: exit code 1."""
+    """Something outside the input failed: exit code 1. The message passes the redactor."""
 
     exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(_redact(message))
 
 
 def _load(job: str, overrides: tuple[str, ...], check_paths: bool = True):
