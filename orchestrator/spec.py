@@ -534,6 +534,12 @@ class SweepSpec(Section):
     max_failed_trials: int = Field(
         0, ge=0, description="trials that may fail (an error, not an early stop) and the job still succeed"
     )
+    trial_retries: int = Field(
+        1,
+        ge=0,
+        description="times a failed trial is resumed from its last checkpoint (not for bad data, a non-finite "
+        "loss or a bad value: those come back)",
+    )
 
 
 # ---- the job --------------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ trainer, so ``TrialRunCloser`` (a Tune callback in the controller) ends their ru
 Every trial is accounted for: a trial that fails (an error, not an ASHA stop) has its run ended
 FAILED with the tag ``sweep.error``, and ``TrialOutcome.error`` a one-line reason; the controller
 puts them in the job's summary and its parent run, and fails the job when more than
-``max_failed_trials`` failed. Worker failures inside a trial are already retried by Ray Train
-(``resources.max_failures``); a trial's own failure is not retried (its causes, bad data or a
-non-finite loss, come back).
+``max_failed_trials`` failed. Worker failures inside a trial are retried by Ray Train
+(``resources.max_failures``); a trial that fails anyway is resumed from its last checkpoint up to
+``trial_retries`` times, in the same run, unless retrying cannot help (``fit_with_retries``: bad
+data, a non-finite loss, a bad value come back).
 
 Search space: a mapping from dotted spec paths to domains, each ``{"loguniform": [lo, hi]}``,
 ``{"uniform": [lo, hi]}``, ``{"randint": [lo, hi]}``, ``{"choice": [...]}``, ``{"grid": [...]}``, or
@@ -57,6 +58,7 @@ class SweepConfig:
     eval_metric: str = "student_fid"  # an evaluation metric (without the eval/ prefix)
     eval_mode: str = "min"
     max_failed_trials: int = 0  # trials that may fail with the job still succeeding
+    trial_retries: int = 1  # a failed trial resumed from its last checkpoint this many times
 
     def __post_init__(self):
         if self.mode not in ("min", "max"):
@@ -199,6 +201,27 @@ def error_line(error: object) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
+def fit_with_retries(
+    build: Callable[[], object], fit: Callable[[object], object], retries: int, on_retry: Callable[[int, str], None]
+):
+    """``fit(build())``, built and fitted again (a trainer of the same name resumes from its last
+    checkpoint) up to ``retries`` times when it fails in a way a retry can mend; bad data
+    (``DataError``), a non-finite loss and a bad value (``ValueError``) are raised at once."""
+    from workers.train.trainer import DataError, NonFiniteLossError
+
+    attempt = 0
+    while True:
+        try:
+            return fit(build())
+        except (DataError, NonFiniteLossError, ValueError):
+            raise
+        except Exception as err:
+            if attempt >= retries:
+                raise
+            attempt += 1
+            on_retry(attempt, error_line(f"{type(err).__name__}: {err}"))
+
+
 def train_driver_fn(
     config: dict,
     *,
@@ -208,8 +231,10 @@ def train_driver_fn(
     trainer_kwargs: dict,
     build_trainer: Callable | None = None,
     driver_cwd: str | None = None,
+    retries: int = 0,
 ) -> None:
-    """One trial: the job spec with the trial's values, a child run, a trainer fitted to the end."""
+    """One trial: the job spec with the trial's values, a child run, a trainer fitted to the end
+    (resumed from its last checkpoint up to ``retries`` times, see ``fit_with_retries``)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from workers.train.trainer import build_trainer as default_build_trainer
@@ -222,16 +247,22 @@ def train_driver_fn(
     run_id = tracker.start_child(
         spec, run_name, params={f"trial.{k}": v for k, v in config.items()}, tags={TRIAL_TAG: trial_id}
     )
-    trainer = (build_trainer or default_build_trainer)(
-        spec,
-        storage_path=storage_path,
-        run_name=run_name,
-        callbacks=[TrackingCallback(tracker.tracking_uri, run_id, tracker.redact.names)],
-        **trainer_kwargs,
-    )
-    trainer.run_config.callbacks.append(TuneReportCallback())  # until build_trainer takes run callbacks
+    def build():
+        trainer = (build_trainer or default_build_trainer)(
+            spec,
+            storage_path=storage_path,
+            run_name=run_name,
+            callbacks=[TrackingCallback(tracker.tracking_uri, run_id, tracker.redact.names)],
+            **trainer_kwargs,
+        )
+        trainer.run_config.callbacks.append(TuneReportCallback())  # until build_trainer takes run callbacks
+        return trainer
+
+    def retried(attempt: int, reason: str) -> None:
+        tracker.set_tags(run_id, {"sweep.retries": attempt, f"sweep.retry_{attempt}": reason})
+
     try:
-        outcome = run_training(trainer)
+        outcome = fit_with_retries(build, run_training, retries, retried)
     except BaseException as err:
         tracker.set_tags(run_id, {"sweep.error": error_line(f"{type(err).__name__}: {err}")})
         tracker.end(run_id, "FAILED")
@@ -277,6 +308,7 @@ def run_sweep(
         trainer_kwargs=trainer_kwargs or {},
         build_trainer=build_trainer,
         driver_cwd=os.getcwd(),
+        retries=config.trial_retries,
     )
     fs, path = run_storage(storage_path, storage_options(spec.storage.options, "storage.options"))
     local = isinstance(fs, pafs.LocalFileSystem)

@@ -261,3 +261,35 @@ def test_failed_trials_within_the_threshold_are_reported_and_the_job_goes_on(mlf
     with pytest.raises(controller.SweepTrialsFailed, match="1 of 2 sweep trials failed"):
         controller._train_sweep(spec, SweepConfig(search_space=SEARCH), tracker, None, {}, None, result)
     tracker.end_all("FINISHED")
+
+
+def test_a_failed_trial_is_resumed_only_when_a_retry_can_help():
+    from orchestrator.sweep import fit_with_retries
+    from workers.train.trainer import DataError
+
+    built, retried = [], []
+
+    def flaky(failures: list[BaseException]):
+        def fit(trainer):
+            if failures:
+                raise failures.pop(0)
+            return f"fitted {trainer}"
+
+        return fit
+
+    def build():
+        built.append(len(built))
+        return len(built)
+
+    def on_retry(attempt, reason):
+        retried.append((attempt, reason))
+
+    assert fit_with_retries(build, flaky([KeyError("_MLFLOW_TELEMETRY_SESSION_ID")]), 1, on_retry) == "fitted 2"
+    assert retried == [(1, "KeyError: '_MLFLOW_TELEMETRY_SESSION_ID'")]  # a new trainer resumes the run
+    with pytest.raises(RuntimeError):
+        fit_with_retries(build, flaky([RuntimeError("a"), RuntimeError("b")]), 1, on_retry)
+    built.clear()
+    for unmendable in (DataError("shard x: cannot read"), ValueError("bad value")):
+        with pytest.raises(type(unmendable)):
+            fit_with_retries(build, flaky([unmendable]), 3, on_retry)
+    assert built == [0, 1]  # each built once: never retried
