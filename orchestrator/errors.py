@@ -144,7 +144,7 @@ def looks_secret(value: object) -> bool:
     return find_clear_secret(_REPR.repr(value) if not isinstance(value, str) else value[:4000]) is not None
 
 
-def _shown(value: object) -> str | None:
+def safe_repr(value: object) -> str | None:
     """The value as it may appear in a message (a short repr that never walks the whole input), or
     None where it must not (a possible secret)."""
     text = _REPR.repr(value)
@@ -179,7 +179,7 @@ def _message(err: dict, root: type[BaseModel], loc: tuple) -> tuple[str, str, st
         "less_than": f"must be < {ctx.get('lt')}",
         "less_than_equal": f"must be ≤ {ctx.get('le')}",
     }
-    shown = _shown(err["input"]) if "input" in err and _may_echo(loc) else None
+    shown = safe_repr(err["input"]) if "input" in err and _may_echo(loc) else None
     return path, bounds.get(kind, text), shown
 
 

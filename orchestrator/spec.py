@@ -46,7 +46,7 @@ from pydantic import (
     model_validator,
 )
 
-from orchestrator.errors import JobSpecError, Problem, _shown, format_path, problems_from_validation
+from orchestrator.errors import JobSpecError, Problem, format_path, problems_from_validation, safe_repr
 from workers import secrets
 from workers.data.storage import SCHEMES as STORAGE_SCHEMES
 from workers.secrets import find_clear_secret
@@ -696,7 +696,7 @@ def check_search_space(spec: JobSpec) -> None:
                 message = re.sub(r" \(got .*\)$", "", message)
                 if kind in ("uniform", "loguniform") and "integer" in message:
                     message += " (a float domain over an integer field: use randint, choice or grid)"
-                shown = _shown(value) or "this value"
+                shown = safe_repr(value) or "this value"
                 raise ValueError(f"{at}: {shown} is not a valid {path}: {message}") from None
 
 
