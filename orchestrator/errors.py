@@ -6,6 +6,11 @@ it by ``problems_from_validation``: locations become paths (``train.batch_size``
 there, and a value is echoed only where it cannot be a secret (never under ``env``, ``options``,
 ``storage_options`` or a secret-looking key, never from a validator's own message).
 
+Messages are bounded and built without expanding the input: a value is echoed through
+``reprlib`` (``safe_repr``: a few items, 60 characters, never a credential-shaped or random-looking
+string), each problem is one line of at most ``MESSAGE_MAX`` characters, at most ``PROBLEMS_MAX``
+are listed, and every one passes the redactor (``workers.secrets.redact``).
+
 A validator that knows a more precise path than where pydantic runs it (a check across fields)
 starts its message with that path and a colon: ``"train.batch_size: must be a multiple of ..."``.
 """
