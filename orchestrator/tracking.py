@@ -299,12 +299,17 @@ class TrackingCallback:
     step, sample grids as the image series ``samples``, and at the end the run's status and export.
 
     Logging problems are warned about, never raised: losing a metric must not kill a training run.
+
+    After a resume (an attempt restored from a checkpoint older than the steps already logged), the
+    replayed steps are not logged again: each metric's last logged step is read from the run once,
+    and points at or before it are skipped, so every step appears once per metric.
     """
 
     def __init__(self, tracking_uri: str, run_id: str, secret_names: Iterable[str] = ()):
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.redact = Redactor(secret_names)
         self._client = None
+        self._logged: dict[str, int] = {}  # metric -> last step already in the run (after a resume)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_client": None}
@@ -327,11 +332,22 @@ class TrackingCallback:
 
     def on_start(self, info: dict) -> None:
         self._safely("start info", self._tags, {f"train.{k}": v for k, v in info.items()})
+        if (info.get("restored_from_step") or -1) >= 0:
+            self._safely("the steps already logged", self._read_logged)
+
+    def _read_logged(self) -> None:
+        """Each metric's last step in the run (what an earlier attempt logged past the checkpoint)."""
+        for key in self.client.get_run(self.run_id).data.metrics:
+            history = self.client.get_metric_history(self.run_id, key)
+            if history:
+                self._logged[key] = max(m.step for m in history)
 
     def on_log(self, step: int, metrics: dict) -> None:
         ts = int(time.time() * 1000)
-        items = [Metric(k, v, ts, int(step)) for k, v in numeric_metrics(metrics).items()]
-        self._safely("metrics", lambda: self.client.log_batch(self.run_id, metrics=items))
+        values = numeric_metrics(metrics)
+        items = [Metric(k, v, ts, int(step)) for k, v in values.items() if int(step) > self._logged.get(k, -1)]
+        if items:
+            self._safely("metrics", lambda: self.client.log_batch(self.run_id, metrics=items))
 
     def on_samples(self, step: int, images) -> None:
         """``images``: (N, C, H, W) in [0, 1] (a grid is made) or a PIL image."""
