@@ -279,7 +279,8 @@ def submit(job, overrides, address, tracking_uri, storage_path, follow, wait):
     with _ray_errors():
         job_id = client.submit(spec, run_args=run_args, extra_env=env)
     click.echo(job_id)
-    click.echo(f"submitted to {address}: addctl status {job_id} | logs {job_id} --follow | stop {job_id}", err=True)
+    shown = _redact(address)
+    click.echo(f"submitted to {shown}: addctl status {job_id} | logs {job_id} --follow | stop {job_id}", err=True)
     if follow or wait:
         with _ray_errors():
             if follow:
@@ -313,12 +314,12 @@ def status(job_id, address, as_json):
     with _ray_errors():
         info = _jobs_client(address).info(job_id)
     if as_json:
-        click.echo(json.dumps(vars(info), indent=2))
+        click.echo(_redact(json.dumps(vars(info), indent=2)))
         return
     click.echo(f"{info.submission_id}: {info.status}")
     for label, value in (("job", info.job_name), ("message", info.message), ("entrypoint", info.entrypoint)):
         if value:
-            click.echo(f"  {label}: {value}")
+            click.echo(f"  {label}: {_redact(value)}")  # a job submitted by other means may hold anything
     for label, value in (("started", info.start_time), ("ended", info.end_time)):
         if value:
             click.echo(f"  {label}: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(value))}")
@@ -388,11 +389,11 @@ def list_jobs(address, as_json):
     with _ray_errors():
         jobs = _jobs_client(address).list()
     if as_json:
-        click.echo(json.dumps([vars(j) for j in jobs], indent=2))
+        click.echo(_redact(json.dumps([vars(j) for j in jobs], indent=2)))
         return
     for j in jobs:
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(j.start_time)) if j.start_time else "-"
-        click.echo(f"{j.submission_id:40} {j.status:10} {started:16} {j.job_name or j.entrypoint[:40]}")
+        click.echo(f"{j.submission_id:40} {j.status:10} {started:16} {j.job_name or _redact(j.entrypoint)[:40]}")
 
 
 # ---- the registry ---------------------------------------------------------------------------------
