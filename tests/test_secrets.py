@@ -195,3 +195,26 @@ def test_each_stack_service_gets_only_what_it_needs():
     assert mlflow == {"PATH": "/usr/bin", "HOME": "/home/u", "LC_ALL": "C.UTF-8"}
     basics = {"PATH": "/usr/bin", "HOME": "/home/u", "LC_ALL": "C.UTF-8"}
     assert ray == basics | {"HF_HOME": "/cache/hf", "HF_TOKEN": "hf_real"}  # HF_TOKEN only because it was named
+
+
+def test_status_and_list_mask_credentials_in_what_the_cluster_holds(monkeypatch):
+    """A job submitted by other means (or an older addctl) may hold a credential in its entrypoint."""
+    from orchestrator import cli
+    from orchestrator.jobs import JobInfo
+
+    entrypoint = "python -m orchestrator.cli run job.yaml --tracking-uri http://admin:pw-entry-9a8b@mlflow:5000"
+    info = JobInfo("add-x-1", "RUNNING", entrypoint=entrypoint)
+
+    class Fake:
+        def info(self, job_id):
+            return info
+
+        def list(self):
+            return [info]
+
+    monkeypatch.setattr(cli, "_jobs_client", lambda address: Fake())
+    for args in (["status", "add-x-1"], ["status", "add-x-1", "--json"], ["list"], ["list", "--json"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        assert "pw-entry-9a8b" not in result.output
+    assert "http://***@mlflow:5000" in CliRunner().invoke(main, ["status", "add-x-1"]).output
