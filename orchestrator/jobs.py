@@ -10,12 +10,13 @@ What a submission ships (``runtime_env``):
 - ``working_dir``: a staging folder holding only ``job.yaml``, the validated job with every
   default and ``--set`` override applied and every secret still a ``${env:NAME}`` reference;
 - ``py_modules``: the ``orchestrator`` and ``workers`` packages of this checkout (the code);
-- ``env_vars``: only ``ADD_SUBMISSION_ID``, ``ADD_CODE_VERSION`` and ``PYTHONUNBUFFERED``. The job's
-  own ``env`` is not there: Ray shows ``env_vars`` on its dashboard and runs ``expandvars`` on
-  them (a literal ``${AWS_SECRET_ACCESS_KEY}`` would receive the real secret, an unset one would
-  become an empty string). The job's ``env`` travels in ``job.yaml``, references unresolved; the
-  driver (``addctl run``) and each training worker resolve them from their own machine's
-  environment, and a missing one fails there, naming the variable.
+- ``env_vars``: ``ADD_SUBMISSION_ID``, ``ADD_CODE_VERSION``, ``PYTHONUNBUFFERED`` and the job's plain
+  ``env`` values (``HF_HOME: /cache``: every process of the job, Ray Data's included, gets them),
+  never a ``${env:NAME}`` reference nor a value holding ``$``: Ray shows ``env_vars`` on its
+  dashboard and runs ``expandvars`` on them (a ``${AWS_SECRET_ACCESS_KEY}`` there would receive
+  the real secret, an unset one would become an empty string). The whole ``env`` travels in
+  ``job.yaml``, references unresolved; the driver (``addctl run``) and each training worker
+  resolve them from their own machine's environment, and a missing one fails there, naming it.
 
 The entrypoint is the CLI itself, ``python -m orchestrator.cli run job.yaml``, which on the
 cluster joins the cluster's Ray (``RAY_ADDRESS`` is set for a job's driver). A tracking URI holding
@@ -106,6 +107,12 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def plain_env(env: dict[str, str]) -> dict[str, str]:
+    """The job's ``env`` values Ray may carry in ``runtime_env``: neither references (resolved on the
+    cluster, from job.yaml) nor anything with a ``$`` that Ray's ``expandvars`` would expand."""
+    return {k: v for k, v in env.items() if "$" not in v}
 
 
 def check_tracking_uri(uri: str) -> str:
@@ -269,7 +276,7 @@ class JobsClient:
     ) -> str:
         """Ship the job and the code, start ``addctl run job.yaml`` on the cluster; returns the submission id."""
         submission = submission or submission_id(spec)
-        env = {SUBMISSION_ENV: submission, "PYTHONUNBUFFERED": "1"} | (extra_env or {})
+        env = plain_env(spec.env) | {SUBMISSION_ENV: submission, "PYTHONUNBUFFERED": "1"} | (extra_env or {})
         if version := code_version():
             env.setdefault("ADD_CODE_VERSION", version)
         staging = Path(tempfile.mkdtemp(prefix="addctl-submit-"))

@@ -150,8 +150,9 @@ def test_a_submission_carries_references_only_never_values(monkeypatch):
     client._client = fake
     client.submit(spec, run_args=["--tracking-uri", "http://mlflow:5000"])
     env_vars = fake.sent["runtime_env"]["env_vars"]
-    assert set(env_vars) <= {"ADD_SUBMISSION_ID", "PYTHONUNBUFFERED", "ADD_CODE_VERSION"}  # nothing Ray expands
-    assert "API_TOKEN" not in env_vars and "LIT" not in env_vars
+    assert set(env_vars) <= {"ADD_SUBMISSION_ID", "PYTHONUNBUFFERED", "ADD_CODE_VERSION", "HF_HOME"}
+    assert env_vars["HF_HOME"] == "/cache"  # plain values reach every process of the job
+    assert "API_TOKEN" not in env_vars and "LIT" not in env_vars  # nothing Ray would expand
     shipped = yaml.safe_load(fake.sent["job.yaml"])
     assert shipped["env"] == {"API_TOKEN": "${env:ADD_TEST_SUBMIT_SECRET}", "HF_HOME": "/cache", "LIT": "$HOME_LIKE"}
     assert "submit-secret-value-8a7b" not in repr(fake.sent)
