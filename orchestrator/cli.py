@@ -25,22 +25,28 @@ FASHION_MNIST_IDX = "/usr/share/datasets/fashion-mnist"
 
 
 class BadInput(click.ClickException):
-    """Input the user must fix: exit code 2."""
+    """Input the user must fix: exit code 2. The message passes the redactor (``workers.secrets``)."""
 
     exit_code = 2
 
+    def __init__(self, message: str):
+        super().__init__(_redact(message))
+
 
 class Failed(click.ClickException):
-    """Something outside the input failed: exit code 1."""
+    """Something outside the input failed: exit code 1. The message passes the redactor."""
 
     exit_code = 1
 
+    def __init__(self, message: str):
+        super().__init__(_redact(message))
 
-def _load(job: str, overrides: tuple[str, ...]):
+
+def _load(job: str, overrides: tuple[str, ...], check_paths: bool = True):
     from orchestrator.spec import load_job
 
     try:
-        return load_job(job, overrides)
+        return load_job(job, overrides, check_paths=check_paths)
     except JobSpecError as err:
         raise BadInput(str(err)) from None
 
@@ -91,7 +97,7 @@ def _spinner(label: str, enabled: bool = True):
 
 
 def _redact(text: str) -> str:
-    from workers.data.storage import redact
+    from workers.secrets import redact
 
     return redact(text)
 
@@ -204,7 +210,7 @@ def run(job, overrides, address, tracking_uri, storage_path, run_name, num_cpus)
     trials = (spec.sweep.max_concurrent_trials or 1) if spec.sweep else 1
     needed = math.ceil(trials * (r.num_workers * r.cpus_per_worker + r.data_cpus + 1))
     cpus = num_cpus or max(8, os.cpu_count() or 1, needed)  # logical CPUs: more than cores is fine, fewer hangs
-    click.echo(f"job {spec.name}: {embedded.init_ray(address, cpus)}; MLflow at {uri}", err=True)
+    click.echo(f"job {spec.name}: {embedded.init_ray(address, cpus)}; MLflow at {_redact(uri)}", err=True)
     try:
         result = run_job(spec, tracking_uri=uri, storage_path=storage_path, run_name=run_name)
     except JobStopped as stopped:
@@ -215,7 +221,7 @@ def run(job, overrides, address, tracking_uri, storage_path, run_name, num_cpus)
         sys.exit(130)
     except Exception as err:  # noqa: BLE001  (the controller has recorded it on the runs)
         raise Failed(f"job {spec.name} failed: {_redact(f'{type(err).__name__}: {err}')}") from None
-    click.echo(json.dumps({k: v for k, v in vars(result).items()}, indent=2, default=str))
+    click.echo(_redact(json.dumps({k: v for k, v in vars(result).items()}, indent=2, default=str)))
     table = spec.eval.table
     if table is not None and table.results_dir and Path(table.results_dir, "table.md").is_file():
         click.echo(f"\n{Path(table.results_dir, 'table.md').read_text()}(also in {table.results_dir}/)")
@@ -250,9 +256,9 @@ def submit(job, overrides, address, tracking_uri, storage_path, follow, wait):
     from orchestrator import embedded
     from orchestrator.jobs import is_loopback, localize_paths, resolve_address
 
-    spec = _load(job, overrides)
     address = resolve_address(address)
     local = is_loopback(address)
+    spec = _load(job, overrides, check_paths=local)  # a remote cluster checks its own paths when it loads the job
     if local:
         spec = localize_paths(spec)
     else:
@@ -265,14 +271,20 @@ def submit(job, overrides, address, tracking_uri, storage_path, follow, wait):
         uri = embedded.embedded_tracking_uri()
         env[embedded.HOME_ENV] = str(embedded.home())
     if uri and not spec.tracking.uri:
-        run_args += ["--tracking-uri", uri]
+        from orchestrator.jobs import check_tracking_uri
+
+        try:
+            run_args += ["--tracking-uri", check_tracking_uri(uri)]
+        except ValueError as err:
+            raise BadInput(str(err)) from None
     if storage_path:
         run_args += ["--storage", storage_path]
     client = _jobs_client(address)
     with _ray_errors():
         job_id = client.submit(spec, run_args=run_args, extra_env=env)
     click.echo(job_id)
-    click.echo(f"submitted to {address}: addctl status {job_id} | logs {job_id} --follow | stop {job_id}", err=True)
+    shown = _redact(address)
+    click.echo(f"submitted to {shown}: addctl status {job_id} | logs {job_id} --follow | stop {job_id}", err=True)
     if follow or wait:
         with _ray_errors():
             if follow:
@@ -306,12 +318,12 @@ def status(job_id, address, as_json):
     with _ray_errors():
         info = _jobs_client(address).info(job_id)
     if as_json:
-        click.echo(json.dumps(vars(info), indent=2))
+        click.echo(_redact(json.dumps(vars(info), indent=2)))
         return
     click.echo(f"{info.submission_id}: {info.status}")
     for label, value in (("job", info.job_name), ("message", info.message), ("entrypoint", info.entrypoint)):
         if value:
-            click.echo(f"  {label}: {value}")
+            click.echo(f"  {label}: {_redact(value)}")  # a job submitted by other means may hold anything
     for label, value in (("started", info.start_time), ("ended", info.end_time)):
         if value:
             click.echo(f"  {label}: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(value))}")
@@ -381,11 +393,11 @@ def list_jobs(address, as_json):
     with _ray_errors():
         jobs = _jobs_client(address).list()
     if as_json:
-        click.echo(json.dumps([vars(j) for j in jobs], indent=2))
+        click.echo(_redact(json.dumps([vars(j) for j in jobs], indent=2)))
         return
     for j in jobs:
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(j.start_time)) if j.start_time else "-"
-        click.echo(f"{j.submission_id:40} {j.status:10} {started:16} {j.job_name or j.entrypoint[:40]}")
+        click.echo(f"{j.submission_id:40} {j.status:10} {started:16} {j.job_name or _redact(j.entrypoint)[:40]}")
 
 
 # ---- the registry ---------------------------------------------------------------------------------
@@ -810,12 +822,22 @@ def stack():
 @click.option("--num-cpus", type=click.IntRange(1), default=None, help="Ray's logical CPUs (default: max(8, cores))")
 @click.option("--object-store-mb", type=click.IntRange(64), default=None, help="Ray's object store size")
 @click.option("--timeout", type=float, default=180, help="seconds to wait for the services to be healthy")
-def stack_up(folder, num_cpus, object_store_mb, timeout):
+@click.option(
+    "--pass-env",
+    multiple=True,
+    metavar="NAME",
+    help="a variable of this shell the Ray head's jobs may read (a secret their ${env:NAME} refers to); repeatable",
+)
+def stack_up(folder, num_cpus, object_store_mb, timeout, pass_env):
     """Start the stack and wait until each service is healthy; prints the environment to use it.
 
+    Each service gets only the variables it needs, never this shell's credentials; the Ray head's
+    jobs use the stack's S3 with placeholder keys. Name with --pass-env the secrets jobs refer to.
+
     \b
-    Example:
+    Examples:
       addctl stack up --dir runs/stack && source runs/stack/env.sh
+      addctl stack up --pass-env HF_TOKEN      # jobs may use env: {HF_TOKEN: ${env:HF_TOKEN}}
     """
     from tqdm.auto import tqdm
 
@@ -829,7 +851,12 @@ def stack_up(folder, num_cpus, object_store_mb, timeout):
 
         try:
             state = up(
-                Path(folder), num_cpus=num_cpus, object_store_mb=object_store_mb, timeout_s=timeout, on_ready=ready
+                Path(folder),
+                num_cpus=num_cpus,
+                object_store_mb=object_store_mb,
+                timeout_s=timeout,
+                on_ready=ready,
+                pass_env=tuple(pass_env),
             )
         except StackError as err:
             raise Failed(str(err)) from None

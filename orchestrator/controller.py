@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -56,6 +57,13 @@ class JobResult:
     evaluation: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what training said a person must see (heads at chance)
     balance: str | None = None  # the last report's balance of the two losses and the heads' state
+    data: dict = field(default_factory=dict)  # rows read, bad, and lost per shard (a single run)
+    trials: int = 0  # a sweep's trials, and those that failed: {trial, run_id, error}
+    failed_trials: list[dict] = field(default_factory=list)
+
+
+class SweepTrialsFailed(RuntimeError):
+    """More sweep trials failed than ``sweep.max_failed_trials`` allows; the message names each."""
 
 
 # ---- the job's sections (written by the spec's owner; read here by name, explicit arguments win) ----
@@ -223,13 +231,13 @@ def run_job(
             sweep = sweep if sweep is not None else sweep_config(spec)
             evaluated: dict[str, dict] = {}
             if sweep is not None:
-                best, trials = _train_sweep(spec, sweep, tracker, storage_path, trainer_kwargs, build_trainer)
+                best, trials = _train_sweep(spec, sweep, tracker, storage_path, trainer_kwargs, build_trainer, result)
                 tracker.set_tags(tracker.parent_run_id, {"timing.train_s": f"{time.monotonic() - started:.1f}"})
                 if sweep.evaluate_all:
                     evaluator = evaluator or default_evaluator(spec)  # built once: its reference is read once
                     best, evaluated = _evaluate_trials(spec, sweep, tracker, trials, evaluation, evaluator, reference)
             else:
-                best = _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer)
+                best = _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer, result.data)
                 tracker.set_tags(tracker.parent_run_id, {"timing.train_s": f"{time.monotonic() - started:.1f}"})
             result.best_run_id, result.export_uri = best
             tags = tracker.client.get_run(result.best_run_id).data.tags
@@ -267,9 +275,10 @@ def _ray_tags() -> dict[str, str]:
     return tags
 
 
-def _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer) -> tuple[str, str | None]:
+def _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer, data=None) -> tuple[str, str | None]:
+    """One training run as a child run; ``data`` (a dict) receives its data report (``log_data_report``)."""
+    from workers.train.trainer import DataError, run_training
     from workers.train.trainer import build_trainer as default_build_trainer
-    from workers.train.trainer import run_training
 
     run_id = tracker.start_child(spec, f"{spec.name}-train")
     trainer = (build_trainer or default_build_trainer)(
@@ -279,28 +288,50 @@ def _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer) -> t
         callbacks=[TrackingCallback(tracker.tracking_uri, run_id, tracker.redact.names)],
         **(trainer_kwargs or {}),
     )
-    outcome = run_training(trainer)
+    try:
+        outcome = run_training(trainer)
+    except DataError as err:
+        tracker.set_tags(run_id, {"data.error": str(err)[:5000]})
+        raise
     summary = outcome.return_value or {}
+    if isinstance(data, dict):
+        data.update(tracker.log_data_report(run_id, summary.get("data"), summary.get("step")))
     export_uri = summary.get("export_uri") or tracker.client.get_run(run_id).data.tags.get("export.uri")
     if summary.get("status") not in (None, "completed"):
         raise RuntimeError(f"training ended with status {summary.get('status')!r}: {summary.get('message', '')}")
     return run_id, export_uri
 
 
-def _train_sweep(spec, config, tracker, storage_path, trainer_kwargs, build_trainer) -> tuple[str, str | None]:
+def _train_sweep(spec, config, tracker, storage_path, trainer_kwargs, build_trainer, result=None):
+    """Run the sweep; every trial accounted for on the parent run (``sweep.failed``, ``sweep.failed_trials``)
+    and in ``result``; more failed trials than ``max_failed_trials`` fail the job. Returns the best
+    ``(run_id, export_uri)`` and the trials."""
     from orchestrator.sweep import run_sweep
 
     best, trials = run_sweep(
         spec, config, tracker, storage_path=storage_path, trainer_kwargs=trainer_kwargs, build_trainer=build_trainer
     )
+    failed = [{"trial": t.trial_id, "run_id": t.run_id, "error": t.error} for t in trials if t.error]
+    if result is not None:
+        result.trials, result.failed_trials = len(trials), failed
     tracker.set_tags(
         tracker.parent_run_id,
         {
             "sweep.trials": len(trials),
             "sweep.finished": sum(1 for t in trials if t.export_uri),
+            "sweep.failed": len(failed),
+            "sweep.failed_trials": json.dumps(failed) if failed else "none",
             "sweep.metric": config.metric,
         },
     )
+    for trial in failed:
+        log.warning("sweep trial %s failed: %s", trial["trial"], trial["error"])
+    if len(failed) > config.max_failed_trials:
+        reasons = "; ".join(f"trial {t['trial']}: {t['error']}" for t in failed)
+        raise SweepTrialsFailed(
+            f"{len(failed)} of {len(trials)} sweep trials failed (sweep.max_failed_trials = "
+            f"{config.max_failed_trials}): {reasons}"
+        )
     if best is None:
         errors = "; ".join(t.error for t in trials if t.error) or "no trial ran to the end"
         raise RuntimeError(f"no sweep trial finished with an exported student: {errors}")
@@ -459,14 +490,14 @@ def _evaluate(spec, tracker, run_id, student_dir, config, evaluator, reference, 
         teacher_kwargs = {"prediction_type": spec.teacher.prediction_type, "resolution": spec.teacher.resolution}
         outcome = evaluator.evaluate_paths(student_dir, spec.teacher.source, config, reference, **teacher_kwargs)
     except Exception as err:  # noqa: BLE001
-        log.warning("evaluation failed: %s", err)
-        tracker.set_tags(run_id, {"eval.error": f"{type(err).__name__}: {err}"[:5000]})
+        log.warning("evaluation failed: %s", tracker.redact(f"{type(err).__name__}: {err}"))
+        tracker.set_tags(run_id, {"eval.error": f"{type(err).__name__}: {err}"[:5000]})  # set_tags redacts
         return {}
     tracker.log_metrics(run_id, {f"eval/{k}": v for k, v in outcome.metrics.items()}, step=0)
     artifacts = getattr(outcome, "artifacts", None) or {"comparison.png": outcome.comparison_grid()}
     for name, value in artifacts.items():
         if isinstance(value, str):
-            tracker.client.log_text(run_id, value, artifact_file=f"eval/{name}")
+            tracker.log_text(run_id, value, f"eval/{name}")  # redacted
         else:
             tracker.client.log_image(run_id, value, artifact_file=f"eval/{name}")
     results_dir = results_dir or (spec.eval.table.results_dir if spec.eval.table is not None else None)

@@ -6,6 +6,11 @@ it by ``problems_from_validation``: locations become paths (``train.batch_size``
 there, and a value is echoed only where it cannot be a secret (never under ``env``, ``options``,
 ``storage_options`` or a secret-looking key, never from a validator's own message).
 
+Messages are bounded and built without expanding the input: a value is echoed through
+``reprlib`` (``safe_repr``: a few items, 60 characters, never a credential-shaped or random-looking
+string), each problem is one line of at most ``MESSAGE_MAX`` characters, at most ``PROBLEMS_MAX``
+are listed, and every one passes the redactor (``workers.secrets.redact``).
+
 A validator that knows a more precise path than where pydantic runs it (a check across fields)
 starts its message with that path and a colon: ``"train.batch_size: must be a multiple of ..."``.
 """
@@ -13,12 +18,15 @@ starts its message with that path and a colon: ``"train.batch_size: must be a mu
 from __future__ import annotations
 
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ValidationError
+
+from workers.secrets import find_clear_secret, redact
 
 # Locations pydantic adds for union members and wrapped validators: not part of the user's path.
 _TYPE_SEGMENT = re.compile(
@@ -28,10 +36,8 @@ _TYPE_SEGMENT = re.compile(
 _PATH_PREFIX = re.compile(r"^((?:[A-Za-z_][\w-]*|\[[^\]]+\])(?:\.[\w-]+|\[[^\]]+\])*): (.+)$", re.S)
 _SECRET_KEY = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY)", re.I)
 _NO_ECHO_SECTIONS = {"env", "options", "storage_options"}
-CLEAR_SECRETS = (
-    (re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"), "an AWS access key id"),
-    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "a private key"),
-)
+MESSAGE_MAX = 300  # characters of one problem's message (input never makes a message long)
+PROBLEMS_MAX = 20  # problems listed; the rest are counted
 _QUOTED_KEYS = {"search_space"}  # mappings whose keys are paths themselves: always shown as ["key"]
 _SIMPLE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
@@ -51,15 +57,24 @@ class JobSpecError(ValueError):
     """A job file (or an override) that cannot be used; ``problems`` lists every bad field."""
 
     def __init__(self, problems: Sequence[Problem], source: str | None = None):
-        self.problems = list(problems)
-        self.source = source
+        self.problems = [Problem(_bounded(p.path, 120), _bounded(p.message, MESSAGE_MAX)) for p in problems]
+        self.source = _bounded(source, 200) if source is not None else None
         super().__init__(str(self))
 
     def __str__(self) -> str:
         where = f"{self.source}: " if self.source else ""
         n = len(self.problems)
         head = f"{where}invalid job ({n} problem{'s' if n != 1 else ''})"
-        return "\n".join([head, *(f"  {p}" for p in self.problems)])
+        shown = [f"  {p}" for p in self.problems[:PROBLEMS_MAX]]
+        if n > PROBLEMS_MAX:
+            shown.append(f"  ... and {n - PROBLEMS_MAX} more")
+        return "\n".join([head, *shown])
+
+
+def _bounded(text: str, limit: int) -> str:
+    """One line of at most ``limit`` characters, every secret masked (the one redactor of messages)."""
+    text = " ".join(redact(str(text)[: limit * 4]).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def format_path(loc: Iterable[object]) -> str:
@@ -122,16 +137,24 @@ def _may_echo(loc: Sequence[object]) -> bool:
     return True
 
 
+# A run of 20+ key-like characters mixing upper and lower case and digits: possibly a key, not echoed.
+_RANDOM_LOOKING = re.compile(r"(?=[A-Za-z0-9+/=_-]{20,})(?=[^\s'\"]*[A-Z])(?=[^\s'\"]*[a-z])(?=[^\s'\"]*[0-9])")
+_REPR = reprlib.Repr()  # never walks more of a value than it shows
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 60, 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+
+
 def looks_secret(value: object) -> bool:
-    """Whether a value looks like a credential whatever its key (an AWS key id, a private key)."""
-    return any(pattern.search(str(value)) for pattern, _ in CLEAR_SECRETS)
+    """Whether a value looks like a credential whatever its key (a URL password, an AWS key id...)."""
+    return find_clear_secret(_REPR.repr(value) if not isinstance(value, str) else value[:4000]) is not None
 
 
-def _shown(value: object) -> str | None:
-    """The value as it may appear in a message, or None where it must not (a possible secret)."""
-    if looks_secret(value):
+def safe_repr(value: object) -> str | None:
+    """The value as it may appear in a message (a short repr that never walks the whole input), or
+    None where it must not (a possible secret)."""
+    text = _REPR.repr(value)
+    if looks_secret(value) or _SECRET_KEY.search(text) or _RANDOM_LOOKING.search(text):
         return None
-    text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -161,7 +184,7 @@ def _message(err: dict, root: type[BaseModel], loc: tuple) -> tuple[str, str, st
         "less_than": f"must be < {ctx.get('lt')}",
         "less_than_equal": f"must be ≤ {ctx.get('le')}",
     }
-    shown = _shown(err["input"]) if "input" in err and _may_echo(loc) else None
+    shown = safe_repr(err["input"]) if "input" in err and _may_echo(loc) else None
     return path, bounds.get(kind, text), shown
 
 

@@ -10,12 +10,17 @@ What a submission ships (``runtime_env``):
 - ``working_dir``: a staging folder holding only ``job.yaml``, the validated job with every
   default and ``--set`` override applied and every secret still a ``${env:NAME}`` reference;
 - ``py_modules``: the ``orchestrator`` and ``workers`` packages of this checkout (the code);
-- ``env_vars``: the job's ``env`` with each ``${env:NAME}`` turned into Ray's ``${NAME}``, which
-  Ray expands on each worker from that machine's environment: the value never leaves the cluster
-  and is stored nowhere in the job's record. Plus ``ADD_SUBMISSION_ID`` and ``ADD_CODE_VERSION``.
+- ``env_vars``: ``ADD_SUBMISSION_ID``, ``ADD_CODE_VERSION``, ``PYTHONUNBUFFERED`` and the job's plain
+  ``env`` values (``HF_HOME: /cache``: every process of the job, Ray Data's included, gets them),
+  never a ``${env:NAME}`` reference nor a value holding ``$``: Ray shows ``env_vars`` on its
+  dashboard and runs ``expandvars`` on them (a ``${AWS_SECRET_ACCESS_KEY}`` there would receive
+  the real secret, an unset one would become an empty string). The whole ``env`` travels in
+  ``job.yaml``, references unresolved; the driver (``addctl run``) and each training worker
+  resolve them from their own machine's environment, and a missing one fails there, naming it.
 
 The entrypoint is the CLI itself, ``python -m orchestrator.cli run job.yaml``, which on the
-cluster joins the cluster's Ray (``RAY_ADDRESS`` is set for a job's driver).
+cluster joins the cluster's Ray (``RAY_ADDRESS`` is set for a job's driver). A tracking URI holding
+credentials is refused (``check_tracking_uri``): the entrypoint is shown by ``status`` and ``list``.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from orchestrator.spec import SECRET_REF, JobSpec, dump_job
+from orchestrator.spec import JobSpec, dump_job
+from workers.secrets import environ, find_clear_secret, mask_patterns
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CODE_PACKAGES = ("orchestrator", "workers")
@@ -103,18 +109,27 @@ def is_loopback(address: str) -> bool:
         return False
 
 
-def ray_env_vars(env: dict[str, str]) -> dict[str, str]:
-    """The job's ``env`` for ``runtime_env``: references as Ray ``${NAME}`` expansions, never values."""
-    out = {}
-    for key, value in env.items():
-        ref = SECRET_REF.match(value)
-        out[key] = f"${{{ref[1]}}}" if ref else value
-    return out
+def plain_env(env: dict[str, str]) -> dict[str, str]:
+    """The job's ``env`` values Ray may carry in ``runtime_env``: neither references (resolved on the
+    cluster, from job.yaml) nor anything with a ``$`` that Ray's ``expandvars`` would expand."""
+    return {k: v for k, v in env.items() if "$" not in v}
+
+
+def check_tracking_uri(uri: str) -> str:
+    """``uri`` if it holds no credential; else a ``ValueError`` (the URI shown masked): a submitted job's
+    tracking URI is in its entrypoint, which ``status`` and ``list`` show to anyone who can see the job."""
+    if what := find_clear_secret(uri):
+        raise ValueError(
+            f"the tracking URI {mask_patterns(uri)} holds {what}: a submitted job shows its tracking URI; give the "
+            "URI without credentials and set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or "
+            "MLFLOW_TRACKING_TOKEN) in the cluster's environment"
+        )
+    return uri
 
 
 def code_version() -> str | None:
     """The checkout's commit (``-dirty`` with uncommitted changes), read-only; None outside git."""
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+    env = {**environ(), "GIT_OPTIONAL_LOCKS": "0"}
     try:
         head = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, env=env
@@ -261,7 +276,7 @@ class JobsClient:
     ) -> str:
         """Ship the job and the code, start ``addctl run job.yaml`` on the cluster; returns the submission id."""
         submission = submission or submission_id(spec)
-        env = ray_env_vars(spec.env) | {SUBMISSION_ENV: submission, "PYTHONUNBUFFERED": "1"} | (extra_env or {})
+        env = plain_env(spec.env) | {SUBMISSION_ENV: submission, "PYTHONUNBUFFERED": "1"} | (extra_env or {})
         if version := code_version():
             env.setdefault("ADD_CODE_VERSION", version)
         staging = Path(tempfile.mkdtemp(prefix="addctl-submit-"))

@@ -57,7 +57,9 @@ def _range(prop: dict) -> str:
     for p in prop.get("anyOf", [prop]):
         for key, sym in (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"), ("exclusiveMaximum", "<")):
             if key in p:
-                parts.append(f"{sym} {p[key]:g}")
+                value = p[key]
+                big = isinstance(value, int) and abs(value) >= 10**6  # 4,294,967,295, not 4.29497e+09
+                parts.append(f"{sym} {value:,}" if big else f"{sym} {value:g}")
         if "minItems" in p:
             parts.append(f"≥ {p['minItems']} items")
         if "minLength" in p:

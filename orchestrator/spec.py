@@ -6,11 +6,17 @@ a file, applies ``--set key=value`` overrides and validates; ``JobSpec.model_jso
 ``addctl schema`` prints and what the README's job-file reference is generated from.
 
 Secrets appear only as references ``${env:NAME}``, and only where they are resolved: in ``env``,
-``storage.options`` and ``data.storage_options``. A reference is resolved on the workers
-(``resolve_secrets``; a submitted job's ``env`` travels as Ray ``${NAME}`` expansions, see
-``orchestrator/jobs.py``), so the value is never in the job file, the job's submission, a log or an
-MLflow run. Clear-text secrets (a secret-looking key with a literal value, a password inside a
-URI, an AWS key id or a private key anywhere) are rejected.
+``storage.options`` and ``data.storage_options``. A reference is resolved where the job runs (the
+driver and each worker, ``resolve_secrets``; a submitted job's ``env`` travels only in its job.yaml,
+see ``orchestrator/jobs.py``), so the value is never in the job file, the job's submission, a log or
+an MLflow run. Clear-text secrets are rejected anywhere in the job, the sweep included: a
+secret-looking key with a literal value, or a value shaped like a credential
+(``workers.secrets.CLEAR_SECRETS``: URL user-info and query tokens, connection-string keys, AWS key
+ids, private keys, API tokens). Malformed references and shell-style ``${...}`` are rejected too.
+
+Bounds (hostile input must fail fast, with exit 2): a job file is at most ``MAX_JOB_BYTES`` of
+UTF-8, ``MAX_DEPTH`` levels and ``MAX_VALUES`` values, and its aliases expand to at most
+``MAX_EXPANDED``; floats are finite, seeds in [0, 2³²); local input paths must exist (``load_job``).
 
 Sections read by other modules: ``eval`` becomes ``workers.eval.EvalConfig`` (plus ``features``,
 ``scorer``, ``clip_model``), ``promotion`` the ``orchestrator.promotion.Gates``, ``sweep`` the
@@ -23,12 +29,13 @@ import copy
 import difflib
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -39,7 +46,10 @@ from pydantic import (
     model_validator,
 )
 
-from orchestrator.errors import CLEAR_SECRETS, JobSpecError, Problem, format_path, problems_from_validation
+from orchestrator.errors import JobSpecError, Problem, format_path, problems_from_validation, safe_repr
+from workers import secrets
+from workers.data.storage import SCHEMES as STORAGE_SCHEMES
+from workers.secrets import find_clear_secret
 
 SECRET_REF = re.compile(r"^\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}$")
 SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY)", re.IGNORECASE)
@@ -49,8 +59,13 @@ DEFAULT_TEACHER_SAMPLERS = (
 )  # fmt: skip
 FACTORY_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-ANY_REF = re.compile(r"\$\{env:")
-URI_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@")
+ANY_REF = re.compile(r"\$\{\s*env\s*:")
+URI_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@")  # a URI that starts user:password@
+SHELL_REF = re.compile(r"\$\{(?!env:)")  # ${HOME}, ${X:-y}: what a shell (or Ray's env_vars) would expand
+SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# MLflow tracking URIs: a server, a database, a folder (a bare path is a folder too).
+TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
+SEED_MAX = 2**32 - 1  # seeds are mixed with step numbers into 64-bit generator seeds
 # Where ``${env:NAME}`` references are allowed (and resolved).
 REFERENCE_SECTIONS = ("env", "storage.options", "data.storage_options")
 # Keys of ``storage.options`` / ``data.storage_options`` (``workers.data.storage.StorageOptions``).
@@ -66,9 +81,52 @@ STORAGE_OPTIONS = {
 
 
 class Section(BaseModel):
-    """Base of every section: unknown keys are rejected, assignments validated."""
+    """Base of every section: unknown keys are rejected, assignments validated, NaN and infinity refused."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be empty")
+    return v
+
+
+def _storage_uri(v: str) -> str:
+    _not_blank(v)
+    scheme = SCHEME.match(v)
+    if scheme and scheme[1].lower() not in STORAGE_SCHEMES:
+        raise ValueError(
+            f"unsupported storage scheme {scheme[1][:20]}://; supported: "
+            f"{', '.join(s + '://' for s in STORAGE_SCHEMES)} or a local path"
+        )
+    return v
+
+
+def _model_source(v: str) -> str:
+    _not_blank(v)
+    if SCHEME.match(v):
+        raise ValueError("a local folder or a Hugging Face hub id (org/name), not a URI")
+    return v
+
+
+def _tracking_uri(v: str | None) -> str | None:
+    if v is None:
+        return v
+    _not_blank(v)
+    scheme = SCHEME.match(v)
+    if scheme and scheme[1].lower() not in TRACKING_SCHEMES:
+        raise ValueError(
+            f"unsupported tracking URI scheme {scheme[1][:20]}://; supported: "
+            f"{', '.join(s + '://' for s in TRACKING_SCHEMES)} or a local folder"
+        )
+    return v
+
+
+Text = Annotated[str, AfterValidator(_not_blank)]  # a string where empty means nothing
+StorageUri = Annotated[str, AfterValidator(_storage_uri)]  # s3://, gs://, file:// or a local path
+ModelSource = Annotated[str, AfterValidator(_model_source)]  # a local folder or a hub id
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
 class SecretError(RuntimeError):
@@ -123,7 +181,7 @@ def check_storage_options(values: dict[str, str], where: str) -> dict[str, str]:
 
 
 class TeacherSpec(Section):
-    source: str = Field(description="diffusers folder (local path) or hub id of the teacher ψ")
+    source: ModelSource = Field(description="diffusers folder (local path) or hub id of the teacher ψ")
     prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = Field(
         None, description="override the scheduler's prediction type"
     )
@@ -149,7 +207,7 @@ class DiscriminatorSpec(Section):
     backbone: Literal["teacher", "dinov2"] = Field(
         "teacher", description="frozen F: the teacher (LADD) or DINOv2 (ADD)"
     )
-    dinov2: str = Field("facebook/dinov2-small", description="DINOv2 path or hub id (backbone: dinov2)")
+    dinov2: ModelSource = Field("facebook/dinov2-small", description="DINOv2 path or hub id (backbone: dinov2)")
     taps: list[int] | list[str] | None = Field(None, description="tapped layers (default: spread evenly)")
     cmap_dim: int = Field(64, ge=1, description="dimension of the projection-conditioning map")
     image_conditioning: bool = Field(False, description="also condition on the real image's CLS embedding")
@@ -205,7 +263,7 @@ class LossSpec(Section):
 class ShardsSpec(Section):
     """Where image-caption shards are read from: their URI and the options of that storage."""
 
-    uri: str = Field(description="shards: s3://bucket/prefix, file:///path, gs://..., or a local path")
+    uri: StorageUri = Field(description="shards: s3://bucket/prefix, file:///path, gs://..., or a local path")
     storage_options: dict[str, str] = Field(
         default_factory=dict,
         description="endpoint_url, region, profile, anonymous, timeouts, max_attempts; values may be ${env:NAME}",
@@ -227,7 +285,7 @@ class DataSpec(ShardsSpec):
     resolution: int = Field(32, ge=8, description="images are resized and centre-cropped to this size")
     channels: Literal[1, 3] = Field(3, description="image channels the model takes")
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="fail when more records than this are bad")
-    shuffle_seed: int = Field(0, description="seed of the per-epoch file and local shuffles")
+    shuffle_seed: Seed = Field(0, description="seed of the per-epoch file and local shuffles")
     local_shuffle_buffer: int = Field(256, ge=0, description="rows in Ray Data's local shuffle buffer")
     embed_captions: bool = Field(
         False, description="encode captions in Ray Data (an actor pool, on GPUs if any), not on the training workers"
@@ -251,12 +309,12 @@ class TrainSpec(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip gradients to this total norm")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the student with this decay")
     mixed_precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
-    seed: int = Field(0, description="seed of everything random")
+    seed: Seed = Field(0, description="seed of everything random")
     log_every: int = Field(10, ge=1, description="report metrics every this many steps")
     checkpoint_every: int = Field(100, ge=1, description="checkpoint every this many steps")
     keep_checkpoints: int | None = Field(3, ge=1, description="checkpoints kept in storage (None: all)")
     sample_every: int = Field(200, ge=1, description="log a sample grid every this many steps")
-    sample_prompts: list[str] = Field(default_factory=list, description="captions of the sample grids")
+    sample_prompts: list[Text] = Field(default_factory=list, description="captions of the sample grids")
 
     @field_validator("adam_betas")
     @classmethod
@@ -276,7 +334,7 @@ class ResourcesSpec(Section):
 
 
 class StorageSpec(Section):
-    uri: str = Field("runs", description="where checkpoints and exports go: a local folder or s3://bucket/prefix")
+    uri: StorageUri = Field("runs", description="where checkpoints and exports go: a local folder or s3://bucket/prefix")
     options: dict[str, str] = Field(
         default_factory=dict, description="options of the storage (as data.storage_options); values may be ${env:NAME}"
     )
@@ -293,7 +351,7 @@ class StorageSpec(Section):
 
 
 class TrackingSpec(Section):
-    uri: str | None = Field(
+    uri: Annotated[str | None, AfterValidator(_tracking_uri)] = Field(
         None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the embedded local store)"
     )
     experiment: str = Field("add", min_length=1, description="MLflow experiment")
@@ -319,15 +377,15 @@ class TableSpec(Section):
     )
     student_steps: list[int] = Field(default_factory=lambda: [1, 2, 4], description="student rows (steps)")
     reference_sampler: str = Field("ddim:50", description="the teacher row every speed-up is relative to")
-    teacher_rows: str | None = Field(
+    teacher_rows: Text | None = Field(
         None, description="shipped teacher rows (JSON, measured once); null: measure the teacher rows in the job"
     )
-    reference_uri: str | None = Field(None, description="real images for FID and recall (default: data.uri)")
+    reference_uri: StorageUri | None = Field(None, description="real images for FID and recall (default: data.uri)")
     reference_images: int = Field(10_000, ge=8, description="real images read from reference_uri")
-    grid_prompts: list[str] = Field(default_factory=list, description="rows of samples.png (default: 10 prompts)")
+    grid_prompts: list[Text] = Field(default_factory=list, description="rows of samples.png (default: 10 prompts)")
     alignment_name: str = Field("alignment", min_length=1, description="the alignment column's name in the table")
     k: int = Field(3, ge=1, description="neighbourhood size of precision and recall")
-    results_dir: str | None = Field(None, description="also write table.md/json and the PNGs to this local folder")
+    results_dir: Text | None = Field(None, description="also write table.md/json and the PNGs to this local folder")
 
     @field_validator("teacher_samplers", "reference_sampler")
     @classmethod
@@ -349,7 +407,7 @@ class TableSpec(Section):
 class EvalSpec(Section):
     """The student against its teacher after training (``workers.eval.EvalConfig``); never used in training."""
 
-    prompts: list[str] = Field(
+    prompts: list[Text] = Field(
         default_factory=list, description="eval prompts, held out from training (default: train.sample_prompts)"
     )
     images_per_prompt: int = Field(4, ge=1, description="samples per prompt and sampler for FID and alignment")
@@ -358,13 +416,13 @@ class EvalSpec(Section):
     teacher_solver: Literal["ddim", "dpmpp"] = Field("ddim", description="the teacher's reference sampler")
     guidance_scale: float = Field(5.0, ge=1, description="the teacher's classifier-free guidance scale")
     batch_size: int = Field(32, ge=1, description="images per sampling call")
-    seed: int = Field(0, description="noise of both samplers (the same for student and teacher)")
+    seed: Seed = Field(0, description="noise of both samplers (the same for student and teacher)")
     speed_batch_size: int = Field(8, ge=1, description="images per timed call")
     speed_warmup: int = Field(1, ge=0, description="untimed calls before timing")
     speed_repeats: int = Field(3, ge=1, description="timed calls; the median counts")
     features: str = Field("inception", description="FID feature network: inception, none, or package.module:factory")
     scorer: str = Field("clip", description="prompt-alignment scorer: clip, none, or package.module:factory")
-    clip_model: str | None = Field(None, description="CLIP path or hub id (scorer: clip; default: ViT-B/32)")
+    clip_model: ModelSource | None = Field(None, description="CLIP path or hub id (scorer: clip; default: ViT-B/32)")
     table: TableSpec | None = Field(None, description="measure the benchmark table instead of one comparison")
 
     @field_validator("features", "scorer")
@@ -484,13 +542,22 @@ class SweepSpec(Section):
     grace_period: int = Field(1, ge=1, description="ASHA: reports before a trial may be stopped")
     reduction_factor: float = Field(2, gt=1, description="ASHA: keep 1/this of the trials at each rung")
     max_t: int | None = Field(None, ge=1, description="ASHA: reports in a full run (default: from train.steps)")
-    seed: int | None = Field(0, description="seed of the random search (null: random)")
+    seed: Seed | None = Field(0, description="seed of the random search (null: random)")
     trial_cpus: float = Field(0.25, ge=0, description="CPUs of each trial's driver (it only waits on its trainer)")
     evaluate_all: bool = Field(
         False, description="evaluate every finished trial (the eval section) and register the best by eval_metric"
     )
     eval_metric: str = Field("student_fid", min_length=1, description="evaluate_all: the evaluation metric that ranks")
     eval_mode: Literal["min", "max"] = Field("min", description="evaluate_all: whether eval_metric is better low")
+    max_failed_trials: int = Field(
+        0, ge=0, description="trials that may fail (an error, not an early stop) and the job still succeed"
+    )
+    trial_retries: int = Field(
+        1,
+        ge=0,
+        description="times a failed trial is resumed from its last checkpoint (not for bad data, a non-finite "
+        "loss or a bad value: those come back)",
+    )
 
 
 # ---- the job --------------------------------------------------------------------------------------
@@ -549,21 +616,31 @@ class JobSpec(Section):
 
     @model_validator(mode="after")
     def _no_clear_secrets(self):
-        for path, value in _strings(self.model_dump(mode="python", exclude={"sweep"})):
+        """Every string of the job, the sweep's included: references well-formed and where they resolve,
+        no shell-style ``${...}``, nothing shaped like a credential in clear."""
+        for path, value in _strings(self.model_dump(mode="python")):
             in_reference_section = any(path.startswith(s + ".") for s in REFERENCE_SECTIONS)
-            if ANY_REF.search(value) and not in_reference_section:
+            if ANY_REF.search(value):
+                if not in_reference_section:
+                    raise ValueError(
+                        f"{path}: ${{env:...}} references are resolved only in {', '.join(REFERENCE_SECTIONS)}; "
+                        "set the value there, or put it in the workers' environment"
+                    )
+                if not SECRET_REF.match(value):
+                    raise ValueError(
+                        f"{path}: a malformed reference; a reference is the whole value, ${{env:NAME}} with NAME "
+                        "made of letters, digits and _ (not starting with a digit)"
+                    )
+            if SHELL_REF.search(value):
                 raise ValueError(
-                    f"{path}: ${{env:...}} references are resolved only in {', '.join(REFERENCE_SECTIONS)}; "
-                    "set the value there, or put it in the workers' environment"
+                    f"{path}: shell-style ${{...}} is not expanded (and Ray would expand it on some paths only); "
+                    "write the value itself, or a ${env:NAME} reference in env"
                 )
-            if URI_PASSWORD.match(value):
+            if what := find_clear_secret(value):
                 raise ValueError(
-                    f"{path}: the URI holds a password in clear; put credentials in the environment "
-                    "(env: with ${env:NAME} references, or the variables the client reads)"
+                    f"{path}: looks like {what} in clear; put the credential in the workers' environment and "
+                    "refer to it as ${env:NAME} in env (or the variables the client reads)"
                 )
-            for pattern, what in CLEAR_SECRETS:
-                if pattern.search(value):
-                    raise ValueError(f"{path}: looks like {what} in clear; give it as a ${{env:NAME}} reference in env")
         return self
 
     @model_validator(mode="after")
@@ -637,7 +714,8 @@ def check_search_space(spec: JobSpec) -> None:
                 message = re.sub(r" \(got .*\)$", "", message)
                 if kind in ("uniform", "loguniform") and "integer" in message:
                     message += " (a float domain over an integer field: use randint, choice or grid)"
-                raise ValueError(f"{at}: {value!r} is not a valid {path}: {message}") from None
+                shown = safe_repr(value) or "this value"
+                raise ValueError(f"{at}: {shown} is not a valid {path}: {message}") from None
 
 
 VARIANT = "variant"  # a search-space key whose values each set several fields: {label: ..., dotted.path: value}
@@ -684,17 +762,99 @@ def set_path(data: dict, path: str, value: Any) -> None:
 # ---- reading a job file ---------------------------------------------------------------------------
 
 
+MAX_JOB_BYTES = 1 << 20  # a job file is a few kilobytes; more is a mistake (or an attack)
+MAX_DEPTH = 32  # nesting of mappings and lists (a job file needs 5)
+MAX_VALUES = 20_000  # values (keys, scalars, lists, mappings) written in the file (a large sweep has 500)
+MAX_EXPANDED = (50_000, 2_000_000)  # values and characters once every alias is expanded
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """Safe YAML that rejects duplicate keys (PyYAML silently keeps the last)."""
+    """Safe YAML that rejects duplicate and unhashable keys (PyYAML keeps the last, or crashes),
+    nesting deeper than ``MAX_DEPTH`` (PyYAML's composer recurses), more than ``MAX_VALUES`` values
+    (counted as they are read: the rest of the file is never scanned) and aliases that expand past
+    ``MAX_EXPANDED`` (a few kilobytes of nested aliases stand for gigabytes once expanded)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._values = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        self._values += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark
+                )
+            if self._values > MAX_VALUES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"more than {MAX_VALUES:,} values: not a job file", self.peek_event().start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return self.construct_document(node)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a document whose aliases expand past ``MAX_EXPANDED`` (or refer to themselves), without
+    expanding it: each node's expanded size is computed once and shared by its aliases."""
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values, characters) once expanded
+    pending: set[int] = set()
+
+    def size(node: yaml.Node) -> tuple[int, int]:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in pending:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to its own anchor", node.start_mark)
+        pending.add(key)
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        values, chars = 1, len(node.value) if isinstance(node, yaml.ScalarNode) else 0
+        for child in children:
+            v, c = size(child)
+            values, chars = values + v, chars + c
+        pending.discard(key)
+        if values > MAX_EXPANDED[0] or chars > MAX_EXPANDED[1]:
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"aliases expand this document past {MAX_EXPANDED[0]:,} values or {MAX_EXPANDED[1]:,} characters",
+                node.start_mark,
+            )
+        sizes[key] = (values, chars)
+        return values, chars
+
+    size(root)
 
 
 def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
     seen = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in seen:
+        if not isinstance(key_node, yaml.ScalarNode):
+            kind = "mapping" if isinstance(key_node, yaml.MappingNode) else "list"
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (each key once per section)", key_node.start_mark
+                None, None, f"a key must be a plain name, not a {kind}", key_node.start_mark
+            )
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, Hashable):
+            raise yaml.constructor.ConstructorError(None, None, "a key must be a plain name", key_node.start_mark)
+        if key in seen:
+            shown = repr(key) if len(repr(key)) <= 40 else repr(key)[:37] + "..."
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {shown} (each key once per section)", key_node.start_mark
             )
         seen.add(key)
     return loader.construct_mapping(node, deep=True)
@@ -703,16 +863,31 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
-def parse_yaml(text: str, source: str = "<job>") -> dict:
-    """A job file's text as a dict; YAML errors become a ``JobSpecError`` with line and column."""
+def load_yaml(text: str) -> Any:
+    """YAML text as Python values, within the bounds above; raises ``yaml.YAMLError`` (with a mark)
+    for anything it refuses, and nothing else but ``ValueError`` (a number too long to convert)."""
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506  (a SafeLoader subclass)
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506  (a SafeLoader subclass)
+    except RecursionError:
+        raise yaml.YAMLError(f"nested too deeply (more than {MAX_DEPTH} levels)") from None
+
+
+def parse_yaml(text: str, source: str = "<job>") -> dict:
+    """A job file's text as a dict; every parsing problem becomes a ``JobSpecError`` with line and column."""
+    if len(text) > MAX_JOB_BYTES:
+        raise JobSpecError([Problem("(file)", f"larger than {MAX_JOB_BYTES:,} characters: not a job file")], source)
+    try:
+        data = load_yaml(text)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise JobSpecError([Problem("(yaml)", f"{where}{err.problem or err}")], source) from None
+        reason = err.problem or err.context or "invalid YAML"
+        raise JobSpecError([Problem("(yaml)", f"{where}{reason}")], source) from None
     except yaml.YAMLError as err:
         raise JobSpecError([Problem("(yaml)", str(err))], source) from None
+    except Exception as err:  # noqa: BLE001  (e.g. an integer of 5,000 digits): bad input, never a traceback
+        reason = "a number of more than 4,300 digits" if "digits" in str(err) else f"{type(err).__name__}: {err}"
+        raise JobSpecError([Problem("(yaml)", f"cannot be read: {reason}")], source) from None
     if data is None:
         raise JobSpecError(
             [Problem("(root)", "the job file is empty; it needs at least name, teacher and data")], source
@@ -745,9 +920,9 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             problems.append(Problem(f"--set {item}", "expected KEY=VALUE, e.g. --set train.steps=100"))
             continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as err:
-            problems.append(Problem(key, f"--set value {raw!r} is not valid YAML: {getattr(err, 'problem', err)}"))
+            value = load_yaml(raw) if raw.strip() else ""
+        except Exception as err:  # noqa: BLE001  (YAMLError, or a number too long to convert)
+            problems.append(Problem(key, f"--set value is not valid YAML: {getattr(err, 'problem', None) or err}"))
             continue
         problem = _set_override(data, key, value)
         if problem:
@@ -807,18 +982,83 @@ def validate_job(data: Mapping, source: str | None = None) -> JobSpec:
         return JobSpec.model_validate(dict(data))
     except ValidationError as err:
         raise JobSpecError(problems_from_validation(err, JobSpec), source) from None
+    except RecursionError:
+        raise JobSpecError([Problem("(root)", "nested too deeply to validate")], source) from None
+    except Exception as err:  # noqa: BLE001  (a validator tripped on input it did not expect): still bad input
+        raise JobSpecError([Problem("(root)", f"cannot be validated: {type(err).__name__}: {err}")], source) from None
 
 
-def load_job(path: str | os.PathLike, overrides: Sequence[str] = ()) -> JobSpec:
-    """Read, override (``--set KEY=VALUE``) and validate a job file; raises ``JobSpecError``."""
+def read_job_text(path: str | os.PathLike) -> str:
+    """A job file's text, at most ``MAX_JOB_BYTES`` of UTF-8; raises ``JobSpecError`` otherwise."""
     source = str(path)
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as f:  # noqa: PTH123
+            raw = f.read(MAX_JOB_BYTES + 1)  # a bounded read: /dev/zero or a 10 GB file are refused alike
     except FileNotFoundError:
-        raise JobSpecError([Problem("(file)", f"no such job file: {source}")], source) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
-        raise JobSpecError([Problem("(file)", f"cannot read the job file: {err.__class__.__name__}")], source) from None
-    return validate_job(apply_overrides(parse_yaml(text, source), overrides), source)
+        raise JobSpecError([Problem("(file)", "no such job file")], source) from None
+    except OSError as err:
+        raise JobSpecError([Problem("(file)", f"cannot read the job file: {type(err).__name__}")], source) from None
+    if len(raw) > MAX_JOB_BYTES:
+        raise JobSpecError([Problem("(file)", f"larger than {MAX_JOB_BYTES:,} bytes: not a job file")], source)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise JobSpecError(
+            [Problem("(file)", f"not UTF-8 text (byte {err.start}): a job file is YAML text")], source
+        ) from None
+
+
+def load_job(path: str | os.PathLike, overrides: Sequence[str] = (), *, check_paths: bool = True) -> JobSpec:
+    """Read, override (``--set KEY=VALUE``) and validate a job file; raises ``JobSpecError``.
+
+    ``check_paths``: the local paths the job reads must exist here (off for a job submitted to a
+    cluster elsewhere, whose paths are on its own disks; the cluster checks them when it loads the job).
+    """
+    source = str(path)
+    data = parse_yaml(read_job_text(path), source)
+    try:
+        data = apply_overrides(data, overrides)
+    except JobSpecError:
+        raise
+    except Exception as err:  # noqa: BLE001  (an override on input it did not expect): bad input all the same
+        raise JobSpecError([Problem("--set", f"cannot be applied: {type(err).__name__}: {err}")], source) from None
+    spec = validate_job(data, source)
+    if check_paths and (problems := missing_paths(spec)):
+        raise JobSpecError(problems, source)
+    return spec
+
+
+# Fields the job reads from: a local path there must exist (a hub id or a relative name is left alone).
+INPUT_PATHS = (
+    "teacher.source",
+    "discriminator.dinov2",
+    "data.uri",
+    "eval.clip_model",
+    "eval.table.teacher_rows",
+    "eval.table.reference_uri",
+)
+_CLEARLY_A_PATH = re.compile(r"^(/|\./|\.\./|~|file://)")
+
+
+def missing_paths(spec: JobSpec) -> list[Problem]:
+    """A problem for each input that clearly is a local path (``/…``, ``./…``, ``../…``, ``~…``,
+    ``file://…``) but exists nowhere on this machine."""
+    problems = []
+    for path in INPUT_PATHS:
+        value: Any = spec
+        for part in path.split("."):
+            value = getattr(value, part, None)
+        if not isinstance(value, str) or not _CLEARLY_A_PATH.match(value):
+            continue
+        local = value[len("file://") :] if value.startswith("file://") else value
+        try:
+            exists = Path(local).expanduser().exists()
+        except (OSError, ValueError, RuntimeError) as err:  # a name too long, a NUL byte, an unknown ~user
+            problems.append(Problem(path, f"not a usable path ({type(err).__name__})"))
+            continue
+        if not exists:
+            problems.append(Problem(path, "no such file or folder on this machine"))
+    return problems
 
 
 def dump_job(spec: JobSpec) -> str:
@@ -842,7 +1082,7 @@ def resolve_secrets(
     Raises ``SecretError`` naming the keys and variables (never a value) when one is not set.
     Call it where the job runs, never on the client; do not log what it returns.
     """
-    environ = os.environ if environ is None else environ
+    environ = secrets.environ() if environ is None else environ
     resolved, missing = {}, []
     for key, value in values.items():
         ref = SECRET_REF.match(str(value))
@@ -857,6 +1097,9 @@ def resolve_secrets(
             f"not set on this machine: {', '.join(missing)}; set the variable in the workers' environment "
             "(a Kubernetes Secret, the environment of `ray start`, or your shell for `addctl run`)"
         )
+    # From here this process holds the values: mask them in every message and log record.
+    secrets.remember(resolved[k] for k in references(values))
+    secrets.redact_log_records()
     return resolved
 
 

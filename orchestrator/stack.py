@@ -12,6 +12,11 @@ Ray runs with token authentication: the token is read from (or, when missing, wr
 ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``, where ``addctl submit`` finds it. Moto keeps its
 objects in memory: they go with ``down`` (the MLflow store and artifacts stay in the folder).
 
+Each service gets only the variables it needs (``service_env``): the basics of a process (PATH,
+HOME, locale...) and its own settings, never the shell's credentials. Moto accepts any keys, so the
+Ray head's jobs get ``stack-local`` ones, not real cloud keys; a secret the jobs refer to as
+``${env:NAME}`` is passed to the Ray head only when named (``addctl stack up --pass-env NAME``).
+
 Every process is started in its own session and stopped by its pid (its own process group, then
 any of its descendants left), never by name: other Ray clusters on the machine are left alone.
 ``start_ray_head`` is also what the tests use to get a real Ray head.
@@ -48,6 +53,21 @@ RAY_PORTS = (
     "metrics-export-port",
 )
 MAX_SOCKET_DIR = 60  # Ray's unix socket paths under the temp dir must stay under 107 characters
+# What any process needs from the shell, and what each service may take besides (by prefix).
+BASE_ENV = (
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+    "PYTHONPATH", "VIRTUAL_ENV", "CONDA_PREFIX", "LD_LIBRARY_PATH", "SSL_CERT_FILE", "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+)  # fmt: skip
+SERVICE_PREFIXES = {
+    "s3": ("LC_", "MOTO_"),
+    "mlflow": ("LC_", "MLFLOW_SERVER_", "MLFLOW_ENABLE_", "MLFLOW_SQLALCHEMYSTORE_", "GUNICORN_", "UVICORN_"),
+    "ray": (
+        "LC_", "RAY_", "ADD_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH", "CUDA_", "NCCL_",
+        "OMP_", "MKL_", "TOKENIZERS_", "PYTORCH_", "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY",
+        "HTTPS_PROXY", "NO_PROXY",
+    ),
+}  # fmt: skip
 
 
 class StackError(RuntimeError):
@@ -84,6 +104,22 @@ def ensure_token(path: Path) -> Path:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
     return path
+
+
+def service_env(service: str, environ: dict[str, str], passed: tuple[str, ...] = ()) -> dict[str, str]:
+    """The part of ``environ`` that ``service`` (s3, mlflow, ray) needs: the basics and its own settings,
+    never a credential (by its name or its shape) unless named in ``passed`` (for the Ray head's jobs)."""
+    from workers.secrets import find_clear_secret, is_credential_name
+
+    out = {}
+    for name, value in environ.items():
+        if name in passed:
+            out[name] = value
+        elif name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN") or is_credential_name(name) or find_clear_secret(value):
+            continue
+        elif name in BASE_ENV or name.startswith(SERVICE_PREFIXES[service]):
+            out[name] = value
+    return out
 
 
 def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -301,25 +337,33 @@ def up(
     object_store_mb: int | None = None,
     timeout_s: float = 180,
     on_ready: Callable[[Service], None] | None = None,
+    pass_env: tuple[str, ...] = (),
 ) -> dict:
-    """Start the three services, wait until each is healthy, create the bucket; returns the state written."""
+    """Start the three services, wait until each is healthy, create the bucket; returns the state written.
+
+    ``pass_env``: variables of this environment the Ray head (and so its jobs) gets as they are.
+    """
+    from workers.secrets import environ
     folder = Path(folder).resolve()
     state = load_state(folder)
     if state and any(alive(s.pid) for s in services(state)):
         raise StackError(f"a stack is already up in {folder}: `addctl stack down --dir {folder}` first")
     folder.mkdir(parents=True, exist_ok=True)
-    server_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "RAY_ADDRESS"))}
+    shell = environ()
+    missing = [name for name in pass_env if name not in shell]
+    if missing:
+        raise StackError(f"--pass-env: not set in this environment: {', '.join(missing)}")
     started: list[Service] = []
     try:
-        started.append(start_s3(folder, server_env))
-        started.append(start_mlflow(folder, server_env))
-        # jobs on this Ray use this S3 and this MLflow unless they say otherwise
-        ray_env = server_env | {
+        started.append(start_s3(folder, service_env("s3", shell)))
+        started.append(start_mlflow(folder, service_env("mlflow", shell)))
+        # jobs on this Ray use this S3 (moto takes any keys: never the shell's real ones) and this MLflow
+        ray_env = service_env("ray", shell, tuple(pass_env)) | {
             "AWS_ENDPOINT_URL": started[0].url,
             "AWS_ENDPOINT_URL_S3": started[0].url,
-            "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "stack-local"),
-            "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "stack-local"),
-            "AWS_REGION": os.environ.get("AWS_REGION", "us-east-1"),
+            "AWS_ACCESS_KEY_ID": "stack-local",
+            "AWS_SECRET_ACCESS_KEY": "stack-local",
+            "AWS_REGION": "us-east-1",
             "MLFLOW_TRACKING_URI": started[1].url,
         }
         started.append(
@@ -344,9 +388,9 @@ def _write_state(folder: Path, started: list[Service]) -> dict:
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
     if len(started) == 3:
         lines = [f"export {k}={v}" for k, v in env_exports(state).items()]
-        lines.append("# moto accepts any credentials; boto3 and pyarrow need some:")
-        lines.append("export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-stack-local}")
-        lines.append("export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-stack-local}")
+        lines.append("# moto accepts any credentials; boto3 and pyarrow need some (not your real ones):")
+        lines.append("export AWS_ACCESS_KEY_ID=stack-local")
+        lines.append("export AWS_SECRET_ACCESS_KEY=stack-local")
         (folder / "env.sh").write_text("\n".join(lines) + "\n")
     return state
 

@@ -7,6 +7,14 @@ every report to Tune (one report = one ``training_iteration``, what ASHA counts)
 MLflow from rank 0 through ``TrackingCallback``. Trials that ASHA stops are killed with their
 trainer, so ``TrialRunCloser`` (a Tune callback in the controller) ends their runs.
 
+Every trial is accounted for: a trial that fails (an error, not an ASHA stop) has its run ended
+FAILED with the tag ``sweep.error``, and ``TrialOutcome.error`` a one-line reason; the controller
+puts them in the job's summary and its parent run, and fails the job when more than
+``max_failed_trials`` failed. Worker failures inside a trial are retried by Ray Train
+(``resources.max_failures``); a trial that fails anyway is resumed from its last checkpoint up to
+``trial_retries`` times, in the same run, unless retrying cannot help (``fit_with_retries``: bad
+data, a non-finite loss, a bad value come back).
+
 Search space: a mapping from dotted spec paths to domains, each ``{"loguniform": [lo, hi]}``,
 ``{"uniform": [lo, hi]}``, ``{"randint": [lo, hi]}``, ``{"choice": [...]}``, ``{"grid": [...]}``, or
 the same as ``{"type": "loguniform", "low": lo, "high": hi}`` / ``{"type": "choice", "values": [...]}``.
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +57,8 @@ class SweepConfig:
     evaluate_all: bool = False  # evaluate every finished trial; the best by eval_metric is registered
     eval_metric: str = "student_fid"  # an evaluation metric (without the eval/ prefix)
     eval_mode: str = "min"
+    max_failed_trials: int = 0  # trials that may fail with the job still succeeding
+    trial_retries: int = 1  # a failed trial resumed from its last checkpoint this many times
 
     def __post_init__(self):
         if self.mode not in ("min", "max"):
@@ -173,9 +184,42 @@ class TrialRunCloser(tune.Callback):
             self.tracker.end(run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run(trial)
-        if run_id:
-            self.tracker.end(run_id, "FAILED")
+        run = trial_run(self.tracker, trial.trial_id)
+        if run:
+            if "sweep.error" not in run.data.tags:  # the trial did not get to say why (it was killed)
+                error = trial.get_error() if hasattr(trial, "get_error") else None
+                self.tracker.set_tags(run.info.run_id, {"sweep.error": error_line(error or "failed (see its log)")})
+            self.tracker.end(run.info.run_id, "FAILED")
+
+
+def error_line(error: object) -> str:
+    """A failed trial's error in one line: the last ``Type: message`` line of Tune's report (which
+    carries the remote traceback), at most 300 characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    typed = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b.*:", line)]
+    line = (typed or lines or ["unknown error"])[-1]
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def fit_with_retries(
+    build: Callable[[], object], fit: Callable[[object], object], retries: int, on_retry: Callable[[int, str], None]
+):
+    """``fit(build())``, built and fitted again (a trainer of the same name resumes from its last
+    checkpoint) up to ``retries`` times when it fails in a way a retry can mend; bad data
+    (``DataError``), a non-finite loss and a bad value (``ValueError``) are raised at once."""
+    from workers.train.trainer import DataError, NonFiniteLossError
+
+    attempt = 0
+    while True:
+        try:
+            return fit(build())
+        except (DataError, NonFiniteLossError, ValueError):
+            raise
+        except Exception as err:
+            if attempt >= retries:
+                raise
+            attempt += 1
+            on_retry(attempt, error_line(f"{type(err).__name__}: {err}"))
 
 
 def train_driver_fn(
@@ -187,8 +231,10 @@ def train_driver_fn(
     trainer_kwargs: dict,
     build_trainer: Callable | None = None,
     driver_cwd: str | None = None,
+    retries: int = 0,
 ) -> None:
-    """One trial: the job spec with the trial's values, a child run, a trainer fitted to the end."""
+    """One trial: the job spec with the trial's values, a child run, a trainer fitted to the end
+    (resumed from its last checkpoint up to ``retries`` times, see ``fit_with_retries``)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from workers.train.trainer import build_trainer as default_build_trainer
@@ -201,19 +247,28 @@ def train_driver_fn(
     run_id = tracker.start_child(
         spec, run_name, params={f"trial.{k}": v for k, v in config.items()}, tags={TRIAL_TAG: trial_id}
     )
-    trainer = (build_trainer or default_build_trainer)(
-        spec,
-        storage_path=storage_path,
-        run_name=run_name,
-        callbacks=[TrackingCallback(tracker.tracking_uri, run_id, tracker.redact.names)],
-        **trainer_kwargs,
-    )
-    trainer.run_config.callbacks.append(TuneReportCallback())  # until build_trainer takes run callbacks
+    def build():
+        trainer = (build_trainer or default_build_trainer)(
+            spec,
+            storage_path=storage_path,
+            run_name=run_name,
+            callbacks=[TrackingCallback(tracker.tracking_uri, run_id, tracker.redact.names)],
+            **trainer_kwargs,
+        )
+        trainer.run_config.callbacks.append(TuneReportCallback())  # until build_trainer takes run callbacks
+        return trainer
+
+    def retried(attempt: int, reason: str) -> None:
+        tracker.set_tags(run_id, {"sweep.retries": attempt, f"sweep.retry_{attempt}": reason})
+
     try:
-        run_training(trainer)
-    except BaseException:
+        outcome = fit_with_retries(build, run_training, retries, retried)
+    except BaseException as err:
+        tracker.set_tags(run_id, {"sweep.error": error_line(f"{type(err).__name__}: {err}")})
         tracker.end(run_id, "FAILED")
         raise
+    summary = outcome.return_value or {}
+    tracker.log_data_report(run_id, summary.get("data"), summary.get("step"))
     tracker.end(run_id, "FINISHED")
 
 
@@ -253,6 +308,7 @@ def run_sweep(
         trainer_kwargs=trainer_kwargs or {},
         build_trainer=build_trainer,
         driver_cwd=os.getcwd(),
+        retries=config.trial_retries,
     )
     fs, path = run_storage(storage_path, storage_options(spec.storage.options, "storage.options"))
     local = isinstance(fs, pafs.LocalFileSystem)
@@ -285,7 +341,7 @@ def run_sweep(
                 run_id=run.info.run_id if run else None,
                 metrics=dict(result.metrics or {}),
                 export_uri=run.data.tags.get("export.uri") if run else None,
-                error=str(result.error) if result.error else None,
+                error=error_line(result.error) if result.error else None,
             )
         )
     finished = [o for o in outcomes if o.export_uri and config.metric in o.metrics]

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -33,16 +32,11 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from orchestrator.spec import SECRET_REF, JobSpec
+from workers.secrets import NOT_SECRET, ambient_secrets, environ, redact
 
 log = logging.getLogger(__name__)
 
 PARAM_VALUE_MAX = 6000  # MLflow's limit on a param value
-# Credentials a process may hold whatever the spec says (a whole word of the variable's name, so
-# TOKENIZERS_PARALLELISM is none); their values are never logged.
-CREDENTIAL_ENV = re.compile(
-    r"(^|_)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?|PRIVATE|ACCESS_KEY|API_KEY|AUTH)(_|$)", re.IGNORECASE
-)
-NOT_SECRET = re.compile(r"^(true|false|yes|no|on|off|none|null|disabled|enabled|token|[0-9.]+)$", re.IGNORECASE)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -61,10 +55,12 @@ def secret_references(value) -> set[str]:
 
 
 class Redactor:
-    """Replaces secret values with ``***`` in any text about to be logged: the values, in this process's
-    environment, of the spec's ``${env:NAME}`` references and of credential-like variables.
+    """Replaces secrets with ``***`` in any text about to be logged (``workers.secrets.redact``): the
+    values, in this process's environment, of the spec's ``${env:NAME}`` references, of credential-like
+    variables, and anything shaped like a credential (URL user-info, query tokens, keys).
 
-    Holds only the names (it is pickled to the workers, where references resolve to values).
+    Holds only the names (it is pickled to the workers, where references resolve to values). Reads
+    the environment in one step (``workers.secrets.environ``): MLflow's telemetry thread changes it.
     """
 
     def __init__(self, names: Iterable[str] = ()):
@@ -75,15 +71,13 @@ class Redactor:
         return cls(secret_references(spec_dump))
 
     def secrets(self) -> list[str]:
-        referenced = {os.environ[n] for n in self.names if os.environ.get(n)}
-        ambient = {v for k, v in os.environ.items() if CREDENTIAL_ENV.search(k) and len(v) >= 8}
-        values = {v for v in referenced | ambient if len(v) >= 4 and not NOT_SECRET.match(v)}
+        env = environ()
+        referenced = {env[n] for n in self.names if env.get(n)}
+        values = {v for v in referenced | ambient_secrets(env) if len(v) >= 4 and not NOT_SECRET.match(v)}
         return sorted(values, key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
-        for secret in self.secrets():
-            text = text.replace(secret, "***")
-        return text
+        return redact(text, self.secrets())
 
 
 # ---- what a run records ---------------------------------------------------------------------------
@@ -113,7 +107,7 @@ def flatten(value, prefix: str = "") -> dict[str, str]:
 def code_version() -> dict[str, str]:
     """Tags naming the code: the git commit (and whether the tree had changes) when run from a
     checkout, else ``ADD_CODE_VERSION`` (set at job submission where the code travels without .git)."""
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read-only: git status must not refresh the index
+    env = {**environ(), "GIT_OPTIONAL_LOCKS": "0"}  # read-only: git status must not refresh the index
 
     def git(*args: str) -> str | None:
         try:
@@ -228,6 +222,26 @@ class JobTracker:
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
 
+    def log_data_report(self, run_id: str, report: Mapping | None, step: int | None = None) -> dict:
+        """A finished run's data report (``workers.data.ingest.RecordLedger.report``) on its run: metrics
+        ``data/*`` and the tag ``data.lost`` (rows lost per shard, with the first reason); returns what the
+        job's summary shows of it ({} without a report)."""
+        if not report:
+            return {}
+        seen = report["records"] + report["bad_records"]
+        metrics = {
+            "data/records": report["records"],
+            "data/bad_records": report["bad_records"],
+            "data/bad_fraction": report["bad_records"] / seen if seen else 0.0,
+            "data/lost_rows": report["lost_rows"],
+        }
+        self.log_metrics(run_id, metrics, step=step or 0)
+        lost = {shard: entry["rows"] for shard, entry in report["lost"].items()}
+        self.set_tags(run_id, {"data.lost": json.dumps(report["lost"]) if lost else "none"})
+        if lost:
+            log.warning("data: %d bad rows lost in %d shard(s): %s", sum(lost.values()), len(lost), lost)
+        return {"records": report["records"], "bad_records": report["bad_records"], "lost_rows_by_shard": lost}
+
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, self.redact(text), artifact_file)
 
@@ -285,12 +299,17 @@ class TrackingCallback:
     step, sample grids as the image series ``samples``, and at the end the run's status and export.
 
     Logging problems are warned about, never raised: losing a metric must not kill a training run.
+
+    After a resume (an attempt restored from a checkpoint older than the steps already logged), the
+    replayed steps are not logged again: each metric's last logged step is read from the run once,
+    and points at or before it are skipped, so every step appears once per metric.
     """
 
     def __init__(self, tracking_uri: str, run_id: str, secret_names: Iterable[str] = ()):
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.redact = Redactor(secret_names)
         self._client = None
+        self._logged: dict[str, int] = {}  # metric -> last step already in the run (after a resume)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_client": None}
@@ -313,11 +332,22 @@ class TrackingCallback:
 
     def on_start(self, info: dict) -> None:
         self._safely("start info", self._tags, {f"train.{k}": v for k, v in info.items()})
+        if (info.get("restored_from_step") or -1) >= 0:
+            self._safely("the steps already logged", self._read_logged)
+
+    def _read_logged(self) -> None:
+        """Each metric's last step in the run (what an earlier attempt logged past the checkpoint)."""
+        for key in self.client.get_run(self.run_id).data.metrics:
+            history = self.client.get_metric_history(self.run_id, key)
+            if history:
+                self._logged[key] = max(m.step for m in history)
 
     def on_log(self, step: int, metrics: dict) -> None:
         ts = int(time.time() * 1000)
-        items = [Metric(k, v, ts, int(step)) for k, v in numeric_metrics(metrics).items()]
-        self._safely("metrics", lambda: self.client.log_batch(self.run_id, metrics=items))
+        values = numeric_metrics(metrics)
+        items = [Metric(k, v, ts, int(step)) for k, v in values.items() if int(step) > self._logged.get(k, -1)]
+        if items:
+            self._safely("metrics", lambda: self.client.log_batch(self.run_id, metrics=items))
 
     def on_samples(self, step: int, images) -> None:
         """``images``: (N, C, H, W) in [0, 1] (a grid is made) or a PIL image."""

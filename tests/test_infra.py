@@ -288,9 +288,18 @@ def test_stack_up_and_down_on_loopback(monkeypatch):
     token = folder / "auth_token"
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    planted = {  # the shell's credentials: no service may get them (one is passed to Ray on purpose)
+        "AWS_SECRET_ACCESS_KEY": "real-cloud-secret-6b2f",
+        "ADD_TEST_DB_PASSWORD": "db-password-9d1e",
+        "DATABASE_URL": "postgresql://app:url-password-3c7a@db/app",
+        "ADD_TEST_PASSED_TOKEN": "passed-token-4e8b",
+    }
+    for name, value in planted.items():
+        monkeypatch.setenv(name, value)
     runner = CliRunner()
     try:
-        up = runner.invoke(main, ["stack", "up", "--dir", str(folder), "--num-cpus", "4", "--object-store-mb", "128"])
+        args = ["--num-cpus", "4", "--object-store-mb", "128", "--pass-env", "ADD_TEST_PASSED_TOKEN"]
+        up = runner.invoke(main, ["stack", "up", "--dir", str(folder), *args])
         assert up.exit_code == 0, up.output
         state = json.loads((folder / "stack.json").read_text())
         services = {s["name"]: s for s in state["services"]}
@@ -306,6 +315,11 @@ def test_stack_up_and_down_on_loopback(monkeypatch):
         with urllib.request.urlopen(version, timeout=10) as r:
             assert json.load(r)["ray_version"] == ray.__version__
         assert token.read_text() not in up.output
+        for service in services.values():  # what each service was started with
+            environ = Path(f"/proc/{service['pid']}/environ").read_bytes().decode(errors="replace")
+            leaked = [k for k, v in planted.items() if v in environ and k != "ADD_TEST_PASSED_TOKEN"]
+            assert leaked == [], f"{service['name']} got {leaked}"
+            assert ("passed-token-4e8b" in environ) == (service["name"] == "ray")
         # S3: the bucket exists; MLflow: its store is in the folder
         import boto3
 

@@ -75,11 +75,12 @@ def write_job(folder: Path, name: str, **sections) -> Path:
     """A tiny ADD job (part B's tiny teacher and data), tracked in a SQLite store beside it."""
     from tests.mlflow_server import tiny_job
 
+    env = {"API_TOKEN": f"${{env:{SECRET_ENV}}}", "HF_HUB_OFFLINE": "1"} | sections.pop("env", {})
     job = tiny_job(
         folder,
         f"sqlite:///{folder / 'mlflow.db'}",
         name,
-        env={"API_TOKEN": f"${{env:{SECRET_ENV}}}", "HF_HUB_OFFLINE": "1"},
+        env=env,
         eval={"features": "none", "scorer": "none"},
         **sections,
     )
@@ -169,7 +170,20 @@ def test_a_secret_given_by_reference_appears_in_no_ray_log(finished_job, head, c
     record = JobSubmissionClient(head.url, headers={"Authorization": f"Bearer {head.token_path.read_text()}"})
     details = record.get_job_info(finished_job["id"])
     assert SECRET not in json.dumps(details.model_dump(), default=str)
-    assert details.runtime_env["env_vars"]["API_TOKEN"] == f"${{{SECRET_ENV}}}"  # a reference, expanded on workers
+    # the job's env is not in runtime_env (shown by the dashboard, expanded by Ray): job.yaml carries the
+    # reference, which the driver and the workers resolve from the head's environment (the job succeeded)
+    assert "API_TOKEN" not in details.runtime_env["env_vars"]
+
+
+def test_a_reference_missing_on_the_cluster_fails_the_job_naming_it(head, cli, tmp_path):
+    path = write_job(tmp_path, "tiny-missing-secret", env={"API_TOKEN": "${env:ADD_TEST_NOT_ON_THE_CLUSTER}"})
+    submitted = cli("submit", str(path))
+    assert submitted.exit_code == 0, submitted.output
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    info = JobsClient(head.url).wait(job_id, timeout_s=JOB_TIMEOUT_S, poll_s=2)
+    logs = cli("logs", job_id).output
+    assert info.status == "FAILED", logs[-3000:]
+    assert "env.API_TOKEN -> ${env:ADD_TEST_NOT_ON_THE_CLUSTER}" in logs and "Traceback" not in logs
 
 
 def test_stop_a_running_job(head, cli, tmp_path):

@@ -15,7 +15,6 @@ import yaml
 from PIL import Image
 
 from orchestrator.errors import JobSpecError
-from orchestrator.jobs import ray_env_vars
 from orchestrator.reference import job_schema, readme_section, reference_markdown
 from orchestrator.spec import (
     JobSpec,
@@ -134,8 +133,6 @@ def test_secret_references_are_resolved_only_where_the_job_runs(monkeypatch):
     assert "${env:MY_S3_SECRET}" in dump_job(spec)
     environ = {"MY_S3_SECRET": "value-1234"}
     assert resolve_secrets(spec.env, environ=environ) == {"AWS_SECRET_ACCESS_KEY": "value-1234", "HF_HOME": "/c"}
-    # what a submission carries: Ray expansions of the workers' own variables, never a value
-    assert ray_env_vars(spec.env) == {"AWS_SECRET_ACCESS_KEY": "${MY_S3_SECRET}", "HF_HOME": "/c"}
     monkeypatch.setenv("MY_S3_SECRET", "value-5678")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
     assert apply_env(spec) == ["AWS_SECRET_ACCESS_KEY", "HF_HOME"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from types import SimpleNamespace
 
@@ -200,3 +201,95 @@ def test_ablation_sweep_evaluates_every_trial_and_registers_the_best_by_its_eval
         assert (results / child.info.run_name / "table.md").is_file()
     logged = client.download_artifacts(result.parent_run_id, "eval/ablation.md", str(tmp_path))
     assert open(logged).read().splitlines() == ablation
+
+
+def test_a_failed_trial_is_in_the_summary_the_exit_code_and_the_parent_run(mlflow_server, ray_cluster, tmp_path):
+    """Two trials, one on a shard set with an unreadable shard: the job exits 1 naming the trial and its
+    error, the parent run says how many failed and why, the failed trial's run is FAILED with its error."""
+    import yaml
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+    from tests.test_data_loss import scramble, shards
+
+    good, broken = shards(tmp_path / "good"), shards(tmp_path / "broken")
+    scramble(tmp_path / "broken" / "shard-00001.parquet")
+    sweep = {"search_space": {"data.uri": {"grid": [good, broken]}}, "scheduler": "fifo", "num_samples": 1,
+             "max_concurrent_trials": 2}  # fmt: skip
+    job = tiny_job(tmp_path, mlflow_server.url, "tiny-failing-sweep", train={"sample_every": 4}, sweep=sweep)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(job))
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 1, result.output
+    assert "1 of 2 sweep trials failed (sweep.max_failed_trials = 0)" in result.output
+    assert "shard-00001.parquet" in result.output
+
+    client = mlflow_server.client()
+    experiment = client.get_experiment_by_name("tiny-failing-sweep").experiment_id
+    runs = client.search_runs([experiment])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "FAILED" and parent.data.tags["sweep.failed"] == "1"
+    assert parent.data.tags["sweep.trials"] == "2" and parent.data.tags["sweep.finished"] == "1"
+    (failed,) = json.loads(parent.data.tags["sweep.failed_trials"])
+    assert "DataError" in failed["error"] and "shard-00001.parquet" in failed["error"]
+    trial = client.get_run(failed["run_id"])
+    assert trial.info.status == "FAILED" and "shard-00001.parquet" in trial.data.tags["sweep.error"]
+    assert "SweepTrialsFailed" in parent.data.tags["job.error"]
+
+
+def test_failed_trials_within_the_threshold_are_reported_and_the_job_goes_on(mlflow_server, tmp_path, monkeypatch):
+    from orchestrator import controller, sweep
+    from orchestrator.sweep import TrialOutcome
+
+    spec = JobSpec.model_validate(tiny_job(tmp_path, mlflow_server.url, "threshold"))
+    tracker = JobTracker(spec)
+    tracker.start_parent()
+    r1, r2 = (tracker.start_child(spec, f"trial-{t}", tags={TRIAL_TAG: t}) for t in ("t1", "t2"))
+    trials = [
+        TrialOutcome("t1", r1, {"loss/distill": 0.5}, export_uri="s3://x/t1"),
+        TrialOutcome("t2", r2, error="RuntimeError: boom"),
+    ]
+    monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: (trials[0], trials))
+    config = SweepConfig(search_space=SEARCH, max_failed_trials=1)
+    result = controller.JobResult(parent_run_id=tracker.parent_run_id)
+    best, _ = controller._train_sweep(spec, config, tracker, None, {}, None, result)
+    assert best == (r1, "s3://x/t1")
+    assert result.trials == 2
+    assert result.failed_trials == [{"trial": "t2", "run_id": r2, "error": "RuntimeError: boom"}]
+    tags = mlflow_server.client().get_run(tracker.parent_run_id).data.tags
+    assert tags["sweep.failed"] == "1" and "boom" in tags["sweep.failed_trials"]
+    with pytest.raises(controller.SweepTrialsFailed, match="1 of 2 sweep trials failed"):
+        controller._train_sweep(spec, SweepConfig(search_space=SEARCH), tracker, None, {}, None, result)
+    tracker.end_all("FINISHED")
+
+
+def test_a_failed_trial_is_resumed_only_when_a_retry_can_help():
+    from orchestrator.sweep import fit_with_retries
+    from workers.train.trainer import DataError
+
+    built, retried = [], []
+
+    def flaky(failures: list[BaseException]):
+        def fit(trainer):
+            if failures:
+                raise failures.pop(0)
+            return f"fitted {trainer}"
+
+        return fit
+
+    def build():
+        built.append(len(built))
+        return len(built)
+
+    def on_retry(attempt, reason):
+        retried.append((attempt, reason))
+
+    assert fit_with_retries(build, flaky([KeyError("_MLFLOW_TELEMETRY_SESSION_ID")]), 1, on_retry) == "fitted 2"
+    assert retried == [(1, "KeyError: '_MLFLOW_TELEMETRY_SESSION_ID'")]  # a new trainer resumes the run
+    with pytest.raises(RuntimeError):
+        fit_with_retries(build, flaky([RuntimeError("a"), RuntimeError("b")]), 1, on_retry)
+    built.clear()
+    for unmendable in (DataError("shard x: cannot read"), ValueError("bad value")):
+        with pytest.raises(type(unmendable)):
+            fit_with_retries(build, flaky([unmendable]), 3, on_retry)
+    assert built == [0, 1]  # each built once: never retried

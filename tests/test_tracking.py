@@ -17,6 +17,7 @@ from orchestrator.tracking import (
     JobStopped,
     JobTracker,
     Redactor,
+    TrackingCallback,
     code_version,
     flatten,
     job_yaml,
@@ -89,7 +90,8 @@ def test_tracker_parent_and_child_runs(mlflow_server, monkeypatch, tmp_path):
     spec = tiny_spec("tracker-runs")
     tracker = JobTracker(spec, mlflow_server.url)
     parent = tracker.start_parent()
-    child = tracker.start_child(spec, "trial-0", params={"sweep.lr": 0.1}, tags={"note": "token hf_secret_value_42"})
+    tags = {"note": "token hf_secret_value_42", "endpoint": "http://minio:pw-in-uri-77@127.0.0.1:9000"}
+    child = tracker.start_child(spec, "trial-0", params={"sweep.lr": 0.1}, tags=tags)
     tracker.log_metrics(child, {"loss": 1.0, "status": "running"}, step=1)
     tracker.log_metrics(child, {"loss": 0.5}, step=2)
     client = mlflow_server.client()
@@ -103,6 +105,7 @@ def test_tracker_parent_and_child_runs(mlflow_server, monkeypatch, tmp_path):
     tracker.end_all("KILLED")
     assert {client.get_run(r).info.status for r in (parent, child)} == {"KILLED"}
     assert mlflow_server.find_value("hf_secret_value_42") == []
+    assert run.data.tags["endpoint"] == "http://***@127.0.0.1:9000" and mlflow_server.find_value("pw-in-uri-77") == []
 
 
 def test_tracker_pickles_without_its_client(mlflow_server):
@@ -163,3 +166,27 @@ def test_stuck_main_thread_still_stops_and_exits_143(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_resumed_attempt_does_not_log_a_replayed_step_twice(mlflow_server):
+    """Attempt 1 logs steps 1..6 and dies; attempt 2 restores the step-4 checkpoint and replays 5 and 6:
+    each step appears once per metric (the values of the first attempt stay)."""
+    import pickle
+
+    tracker = JobTracker(tiny_spec("tracker-resume"), mlflow_server.url)
+    parent = tracker.start_parent()
+    child = tracker.start_child(tracker.spec, "resumed")
+    first = TrackingCallback(mlflow_server.url, child)
+    first.on_start({"restored_from_step": -1})
+    for step in range(1, 7):
+        first.on_log(step, {"loss": float(step), "lr": 0.1})
+    second = pickle.loads(pickle.dumps(first))  # a new attempt's copy, as Ray ships it
+    second.on_start({"restored_from_step": 4})
+    for step in range(5, 9):
+        second.on_log(step, {"loss": 100.0 + step, "lr": 0.1})
+    history = mlflow_server.client().get_metric_history(child, "loss")
+    steps = [m.step for m in history]
+    assert sorted(steps) == list(range(1, 9)) and len(steps) == len(set(steps))
+    assert {m.step: m.value for m in history}[6] == 6.0 and {m.step: m.value for m in history}[7] == 107.0
+    tracker.end_all("FINISHED")
+    assert parent

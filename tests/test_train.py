@@ -109,10 +109,10 @@ def read_log(path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def fit(spec: JobSpec, storage: str, name: str, log=None, **kwargs):
+def fit(spec: JobSpec, storage: str, name: str, log=None, extra_callbacks=(), **kwargs):
     from workers.train.trainer import build_trainer, run_training
 
-    callbacks = [metric_log(log)] if log else []
+    callbacks = ([metric_log(log)] if log else []) + list(extra_callbacks)
     return run_training(build_trainer(spec, storage_path=storage, run_name=name, callbacks=callbacks, **kwargs))
 
 
@@ -168,15 +168,20 @@ def test_fsdp_shards_the_student_and_matches_one_worker(reference):
 
 
 def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(
-    ray_cluster, assets, reference, s3_server, tmp_path
+    ray_cluster, assets, reference, s3_server, tmp_path, mlflow_server
 ):
+    from orchestrator.tracking import TrackingCallback
     from workers.train.loop import FaultInjection
 
     s3_server.create_bucket("ckpt")
     data = write_data("s3://ckpt/data")
     marker, log = tmp_path / "killed", tmp_path / "log.jsonl"
     fault = FaultInjection(rank=1, after_step=4, marker=str(marker))
-    result = fit(make_spec(assets, data=data), "s3://ckpt/runs", "killed", log, fault=fault)
+    client = mlflow_server.client()
+    run_id = client.create_run(client.create_experiment("killed-worker")).info.run_id
+    tracking = TrackingCallback(mlflow_server.url, run_id)
+    spec = make_spec(assets, data=data)
+    result = fit(spec, "s3://ckpt/runs", "killed", log, extra_callbacks=[tracking], fault=fault)
 
     assert marker.exists(), "the fault was not injected"
     summary = result.return_value
@@ -184,6 +189,9 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(
     assert summary["restored_from_step"] == 3  # the checkpoint before the kill (taken after step 3)
     resumed = [m["step"] for m in read_log(log) if m["resume/restored_from_step"] == 3]
     assert resumed == [4, 5, 6]
+    # step 4 was logged before the kill and replayed after the resume: MLflow has it once
+    steps = [m.step for m in client.get_metric_history(run_id, "loss/distill")]
+    assert sorted(steps) == list(range(1, STEPS + 1)), steps
     assert any(k.startswith("runs/killed/checkpoint_00000003_") for k in s3_server.keys("ckpt"))
     # deterministic data order, noise and reductions: the same student as the uninterrupted run
     body = s3_server.client().get_object(Bucket="ckpt", Key=f"runs/killed/student/{UNET_FILE}")["Body"].read()

@@ -28,9 +28,15 @@ how they are counted across Ray tasks:
   totals and the ledger keeps the maximum per key, so a retried task or a second iteration of the
   same dataset never double-counts. ``data_metrics()`` reads ``data/bad_records`` from it on any
   process of the job (named actors are per job namespace).
-- Limits: records after a truncation point of a tar file cannot be seen, so they are not
-  counted; a truncated or corrupt Parquet footer makes the whole shard unreadable, which fails
-  the run (``ShardReadError``) rather than being counted.
+- A shard that cannot be opened or parsed at all (a corrupt Parquet footer, random bytes) counts
+  every one of its rows as bad (from the manifest; unknown without one), so it fails the run
+  (``ShardReadError``) unless ``max_bad_fraction`` is 1, when it is skipped and its rows are
+  reported lost. Records after a truncation point of a tar file cannot be seen: not counted.
+- A data failure is decided here, once: before raising, the task records it in the ledger as
+  the run's fatal data error. A retry cannot mend the data, so a restarted training attempt reads
+  it and ends at once (``workers.train.trainer``), instead of finishing on the other shards.
+- ``RecordLedger.report()`` is what the run's summary and MLflow get: rows read, bad rows, and per
+  shard the rows lost (the most seen in any one epoch) with the first reason.
 """
 
 from __future__ import annotations
@@ -64,7 +70,10 @@ __all__ = [
     "RecordLedger",
     "ShardReadError",
     "build_dataset",
+    "close_ledger",
+    "data_failure",
     "data_metrics",
+    "data_report",
     "decode_image",
     "embed_captions",
     "list_shards",
@@ -116,10 +125,35 @@ class RecordLedger:
 
     def __init__(self):
         self._counts: dict[tuple[int, str], list[int]] = {}
+        self._reasons: dict[str, str] = {}  # shard -> its first problem
+        self._fatal: str | None = None
 
-    def record(self, epoch: int, shard: str, good: int, bad: int) -> None:
+    def record(self, epoch: int, shard: str, good: int, bad: int, reason: str | None = None) -> None:
         counts = self._counts.setdefault((epoch, shard), [0, 0])
         counts[0], counts[1] = max(counts[0], good), max(counts[1], bad)
+        if reason and shard not in self._reasons:
+            self._reasons[shard] = reason
+
+    def fail(self, message: str) -> None:
+        """The run's data failed (the first message stays): no attempt may train on."""
+        self._fatal = self._fatal or message
+
+    def fatal(self) -> str | None:
+        return self._fatal
+
+    def report(self) -> dict:
+        """Rows read and bad over the run, and the shards that lost rows: ``{shard: {rows, reason}}``."""
+        lost: dict[str, int] = {}
+        for (_, shard), (_, bad) in self._counts.items():
+            if bad:
+                lost[shard] = max(lost.get(shard, 0), bad)
+        return {
+            "records": sum(g for g, _ in self._counts.values()),
+            "bad_records": sum(b for _, b in self._counts.values()),
+            "lost_rows": sum(lost.values()),
+            "lost": {s: {"rows": n, "reason": self._reasons.get(s, "")} for s, n in sorted(lost.items())},
+            "fatal": self._fatal,
+        }
 
     def per_shard(self, epoch: int | None = None) -> dict[str, tuple[int, int]]:
         return {f"{e}:{s}": (g, b) for (e, s), (g, b) in self._counts.items() if epoch is None or e == epoch}
@@ -146,6 +180,33 @@ def record_ledger(name: str = DEFAULT_LEDGER):
     handle = RecordLedger.options(name=name, get_if_exists=True).remote()
     _LEDGER_HANDLES[name] = handle
     return handle
+
+
+def close_ledger(name: str) -> None:
+    """End the named ledger (its run is over): ledgers are per run and would pile up in a long driver."""
+    handle = _LEDGER_HANDLES.pop(name, None)
+    if handle is None:
+        try:
+            handle = ray.get_actor(name)
+        except ValueError:
+            return
+    ray.kill(handle)
+
+
+def data_report(name: str = DEFAULT_LEDGER) -> dict:
+    """``RecordLedger.report()`` of the named ledger (empty counts when there is none)."""
+    try:
+        return ray.get(ray.get_actor(name).report.remote())
+    except ValueError:
+        return {"records": 0, "bad_records": 0, "lost_rows": 0, "lost": {}, "fatal": None}
+
+
+def data_failure(name: str = DEFAULT_LEDGER) -> str | None:
+    """The run's fatal data error recorded in the named ledger, or None."""
+    try:
+        return ray.get(ray.get_actor(name).fatal.remote())
+    except ValueError:
+        return None
 
 
 def data_metrics(name: str = DEFAULT_LEDGER, epoch: int | None = None) -> dict[str, float]:
@@ -328,13 +389,15 @@ def decode_image(data: bytes, resolution: int, channels: int, min_side: int) -> 
 
 def _read_shards(batch: dict[str, np.ndarray], *, fs: pafs.FileSystem, cfg: DecodeConfig) -> Iterator[dict]:
     """Map-batches UDF: one input row per shard -> decoded output batches (a generator)."""
-    for path, uri, name, epoch in zip(
-        batch["path"], batch["uri"], batch["name"], batch["epoch"], strict=True
-    ):
-        yield from _read_one_shard(fs, str(path), str(uri), str(name), int(epoch), cfg)
+    rows = batch["rows"] if "rows" in batch else [-1] * len(batch["path"])
+    for path, uri, name, epoch, n in zip(batch["path"], batch["uri"], batch["name"], batch["epoch"], rows, strict=True):
+        yield from _read_one_shard(fs, str(path), str(uri), str(name), int(epoch), cfg, int(n))
 
 
-def _read_one_shard(fs, path: str, uri: str, name: str, epoch: int, cfg: DecodeConfig) -> Iterator[dict]:
+def _read_one_shard(
+    fs, path: str, uri: str, name: str, epoch: int, cfg: DecodeConfig, rows_known: int = -1
+) -> Iterator[dict]:
+    """Decoded batches of one shard; ``rows_known``: its row count from the manifest (-1: unknown)."""
     ledger = None
     if cfg.ledger:
         try:
@@ -350,12 +413,14 @@ def _read_one_shard(fs, path: str, uri: str, name: str, epoch: int, cfg: DecodeC
     rows: dict[str, list] = {"pixels": [], "caption": [], "label": [], "key": []}
     batches = 0
 
-    def report(wait: bool = False) -> None:
+    def report(wait: bool = False, fatal: str | None = None) -> None:
         if ledger is None:
             return
         try:
-            ref = ledger.record.remote(epoch, uri, good, bad)
-            if wait:  # the final count is in the ledger before the shard's last rows are out
+            ref = ledger.record.remote(epoch, uri, good, bad, reasons[0] if reasons else None)
+            if fatal:
+                ref = ledger.fail.remote(fatal)
+            if wait or fatal:  # the final count (and the failure) is in the ledger before anything else is out
                 ray.get(ref)
         except Exception as e:  # metrics must never fail the run
             log.warning("record ledger unavailable (%s): counts of %s not recorded", type(e).__name__, uri)
@@ -364,12 +429,13 @@ def _read_one_shard(fs, path: str, uri: str, name: str, epoch: int, cfg: DecodeC
         total = total if total is not None else (good + bad if final else None)
         if total is None or bad <= cfg.max_bad_fraction * total:
             return
-        report(wait=True)
         shown = "; ".join(reasons)
-        raise BadRecordsError(
+        message = (
             f"shard {uri}: {bad} of {total} records are bad ({bad / total:.1%}), more than "
             f"max_bad_fraction={cfg.max_bad_fraction:.1%}; first problems: {shown}"
         )
+        report(wait=True, fatal=message)
+        raise BadRecordsError(message)
 
     def emit() -> dict:
         out = {
@@ -414,7 +480,22 @@ def _read_one_shard(fs, path: str, uri: str, name: str, epoch: int, cfg: DecodeC
     except BadRecordsError:
         raise
     except Exception as e:
-        raise ShardReadError(f"shard {uri}: cannot read: {redact(str(e))}") from None
+        # Unreadable as a whole: every row it holds is bad (the rows already read stay counted good).
+        reason = f"cannot read: {redact(str(e))}"
+        total = state["total"] if state["total"] is not None else (rows_known if rows_known >= 0 else None)
+        bad = max(bad, (total - good) if total is not None else 1)
+        reasons.insert(0, reason)
+        if cfg.max_bad_fraction >= 1.0:  # every loss allowed: skip the shard, its rows reported lost
+            log.warning("shard %s: %s; its %s rows are skipped", uri, reason, total if total is not None else "?")
+            report(wait=True)
+            return
+        rows_text = f"all {total} rows" if total is not None else "all its rows (count unknown: no manifest)"
+        message = (
+            f"shard {uri}: {reason}; {rows_text} lost, more than max_bad_fraction={cfg.max_bad_fraction:.1%} "
+            "(a retry cannot mend the data: replace the shard, or remove it from the manifest)"
+        )
+        report(wait=True, fatal=message)
+        raise ShardReadError(message) from None
     check(state["total"], final=True)
     report(wait=True)
     if rows["key"]:
@@ -473,13 +554,21 @@ def build_dataset(
     )
     if ledger:
         record_ledger(ledger)
+    manifest = read_manifest(uri, storage) if format == "parquet" and names != [""] else None
+    rows = {s["name"]: int(s.get("rows", -1)) for s in (manifest or {}).get("shards", [])}
     items = []
     for e in range(epoch, epoch + num_epochs):
         for name in shard_order(names, seed, e) if shuffle_files else names:
             shard_uri = display_uri(join_uri(uri, name)) if name else display_uri(uri)
             path = posixpath.join(root, name) if name else root
             items.append(
-                {"path": path, "uri": shard_uri, "name": name or posixpath.basename(root), "epoch": e}
+                {
+                    "path": path,
+                    "uri": shard_uri,
+                    "name": name or posixpath.basename(root),
+                    "epoch": e,
+                    "rows": rows.get(name, -1),
+                }
             )
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(_read_shards, batch_size=1, fn_kwargs={"fs": fs, "cfg": cfg}, num_cpus=num_cpus)

@@ -26,7 +26,10 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from workers import secrets as _secrets
+
 __all__ = [
+    "SCHEMES",
     "StorageError",
     "StorageOptions",
     "check_reachable",
@@ -37,6 +40,7 @@ __all__ = [
     "split_uri",
 ]
 
+SCHEMES = ("file", "s3", "s3a", "gs", "gcs")  # what ``resolve`` reaches (a bare path is file://)
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "GOOGLE_OAUTH_ACCESS_TOKEN")
 _known_secrets: set[str] = set()
 
@@ -82,11 +86,9 @@ def join_uri(uri: str, *parts: str) -> str:
 
 
 def redact(text: str) -> str:
-    """Replace every credential value this process knows of with ``***``."""
-    secrets = set(_known_secrets)
-    secrets.update(v for k in _SECRET_ENV if (v := os.environ.get(k)))
-    for s in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
-        text = text.replace(s, "***")
+    """Replace every credential value this process knows of with ``***`` (``workers.secrets.redact``,
+    plus the credentials a filesystem was built with), and drop URL user-info."""
+    text = _secrets.redact(text, {*_known_secrets, *(v for k in _SECRET_ENV if (v := os.environ.get(k)))})
     return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@", r"\1", text)
 
 
@@ -98,13 +100,15 @@ def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileS
         return pafs.LocalFileSystem(), path
     if scheme in ("s3", "s3a"):
         return _s3_filesystem(uri, options), path
-    if scheme in ("gs", "gcs"):
-        try:
-            import gcsfs  # noqa: F401  (optional dependency)
-        except ImportError:
-            raise StorageError(
-                f"{display_uri(uri)}: gs:// needs the gcsfs package (pip install gcsfs)"
-            ) from None
+    if scheme not in SCHEMES:
+        raise StorageError(
+            f"{display_uri(uri)}: unsupported storage scheme {scheme}://; supported: "
+            f"{', '.join(s + '://' for s in SCHEMES)} or a local path"
+        )
+    try:
+        import gcsfs  # noqa: F401  (optional dependency)
+    except ImportError:
+        raise StorageError(f"{display_uri(uri)}: gs:// needs the gcsfs package (pip install gcsfs)") from None
     return _fsspec_filesystem(uri, scheme), path
 
 
@@ -146,6 +150,7 @@ def _s3_filesystem(uri: str, options: StorageOptions) -> pafs.S3FileSystem:
         if creds is not None:
             frozen = creds.get_frozen_credentials()
             _known_secrets.update(v for v in (frozen.access_key, frozen.secret_key, frozen.token) if v)
+            _secrets.remember(_known_secrets)
             kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key)
             if frozen.token:
                 kwargs["session_token"] = frozen.token

@@ -39,6 +39,7 @@ from orchestrator.spec import (
     Section,
     ShardsSpec,
     parse_yaml,
+    read_job_text,
     resolve_secrets,
     set_path,
 )
@@ -134,12 +135,7 @@ def validate_teacher_job(data: dict, source: str | None = None) -> TeacherJobSpe
 def load_teacher_job(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TeacherJobSpec:
     """Read, override (``--set KEY=VALUE``) and validate a teacher job file; raises ``JobSpecError``."""
     source = str(path)
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise JobSpecError([Problem("(file)", f"no such job file: {source}")], source) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
-        raise JobSpecError([Problem("(file)", f"cannot read the job file: {err.__class__.__name__}")], source) from None
+    text = read_job_text(path)  # bounded, UTF-8: the same refusals as an ADD job file
     return validate_teacher_job(apply_overrides(parse_yaml(text, source), overrides), source)
 
 

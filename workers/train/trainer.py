@@ -18,6 +18,13 @@ is replaced and the run continues from the last checkpoint. A non-finite loss is
 (see ``loop.py``): the run ends, ``run_training`` raises ``NonFiniteLossError`` with the step and
 the values, and ``error.checkpoint`` is the last good checkpoint.
 
+Data failures are not retried either (a retry cannot mend the data; one used to finish on the
+other shards and succeed): the data layer records the failure in the run's own ``RecordLedger``
+(``workers.data.ingest``) before raising, every attempt Ray Train restarts checks that ledger
+before it trains and ends at once, and ``run_training`` raises ``DataError`` naming the shard. A
+run that finishes carries the ledger's report (rows read, bad, lost per shard) in
+``result.return_value["data"]``.
+
 For Ray Tune (``Tuner(train_driver_fn, ...)``), the driver function calls ``build_trainer`` with a
 trial-specific ``run_name`` and ``run_training``; metrics reach Tune through its
 ``TuneReportCallback`` (every report of the loop is one ``training_iteration``).
@@ -28,6 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import uuid
 from collections.abc import Sequence
 
 import pyarrow.fs as pafs
@@ -44,7 +52,14 @@ from workers.data.storage import StorageOptions, check_reachable, display_uri, j
 from workers.train.loop import FaultInjection, LoopOptions, ModuleRecipe, TrainCallback, train_loop_per_worker
 from workers.train.models import caption_encoder
 
-__all__ = ["NonFiniteLossError", "build_train_dataset", "build_trainer", "raise_for_status", "run_training"]
+__all__ = [
+    "DataError",
+    "NonFiniteLossError",
+    "build_train_dataset",
+    "build_trainer",
+    "raise_for_status",
+    "run_training",
+]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -54,6 +69,10 @@ class NonFiniteLossError(FloatingPointError):
         super().__init__(message)
         self.step = step
         self.checkpoint = checkpoint
+
+
+class DataError(RuntimeError):
+    """The training data failed (an unreadable shard, too many bad records); the message names the shard."""
 
 
 def storage_options(options: dict[str, str], where: str) -> StorageOptions:
@@ -78,13 +97,14 @@ def micro_batch_size(spec: JobSpec) -> int:
     return spec.train.batch_size // (spec.resources.num_workers * spec.train.grad_accum)
 
 
-def build_train_dataset(spec: JobSpec) -> ray.data.Dataset:
+def build_train_dataset(spec: JobSpec, ledger: str | None = None) -> ray.data.Dataset:
     """The job's Ray Data stream, enough epochs for ``train.steps`` chained in a (seed, epoch) order.
 
     Blocks hold one micro-batch each, so Ray Train's deterministic split (``preserve_order``)
     hands out whole micro-batches and each rank's share is a pure function of the data order.
+    ``ledger``: the name of the run's ``RecordLedger`` (default: the job-wide one).
     """
-    from workers.data.ingest import build_dataset, embed_captions
+    from workers.data.ingest import DEFAULT_LEDGER, build_dataset, embed_captions
 
     d, t = spec.data, spec.train
     options = storage_options(d.storage_options, "data.storage_options")
@@ -106,6 +126,7 @@ def build_train_dataset(spec: JobSpec) -> ray.data.Dataset:
         batch_size=micro,
         storage=options,
         preserve_order=True,
+        ledger=ledger or DEFAULT_LEDGER,
     )
     if d.embed_captions:  # the loop reads the text_embedding_* columns instead of encoding captions
         encoder = functools.partial(caption_encoder, spec.teacher.source)
@@ -168,9 +189,11 @@ def build_trainer(
         dinov2=ModuleRecipe.of(dinov2) if dinov2 is not None else None,
     )
     resources = {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})
+    # this run's own ledger of bad records and data failures (a sweep's trials share a Ray job)
+    ledger = f"add-ledger-{name}-{uuid.uuid4().hex[:8]}" if datasets is None else None
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "options": loop_options},
+        train_loop,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "options": loop_options, "ledger": ledger},
         scaling_config=ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=resources
         ),
@@ -182,21 +205,54 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             callbacks=list(run_callbacks),
         ),
-        datasets=datasets if datasets is not None else {"train": build_train_dataset(spec)},
+        datasets=datasets if datasets is not None else {"train": build_train_dataset(spec, ledger)},
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True)),
         torch_config=TorchConfig(backend="nccl" if r.gpus_per_worker else "gloo"),
     )
 
 
+def train_loop(config: dict) -> dict:
+    """Each attempt's entry point on the workers: the loop, unless the run's data already failed
+    (then every rank ends at once, before any collective: a retry cannot mend the data)."""
+    from workers.data.ingest import data_failure
+
+    if config.get("ledger") and (failure := data_failure(config["ledger"])):
+        return {"status": "data_error", "step": None, "message": failure, "export_uri": None}
+    return train_loop_per_worker(config)
+
+
 def raise_for_status(result: Result) -> Result:
-    """Raise ``NonFiniteLossError`` when the run ended at a non-finite loss; else return ``result``."""
+    """Raise ``NonFiniteLossError`` when the run ended at a non-finite loss, ``DataError`` when its data
+    failed; else return ``result``."""
     summary = result.return_value or {}
     if summary.get("status") == "non_finite":
         raise NonFiniteLossError(summary["message"], step=summary["step"], checkpoint=result.checkpoint)
+    if summary.get("status") == "data_error":
+        raise DataError(summary["message"])
     return result
 
 
 def run_training(trainer: TorchTrainer) -> Result:
     """``trainer.fit()``, then ``raise_for_status``. ``return_value`` is the loop's summary: status
-    ("completed" or "stopped"), step, restored_from_step, export_uri."""
-    return raise_for_status(trainer.fit())
+    ("completed" or "stopped"), step, restored_from_step, export_uri, and ``data``: the ledger's report
+    of rows read, bad and lost per shard (``workers.data.ingest.RecordLedger.report``)."""
+    from workers.data.ingest import close_ledger, data_report
+
+    ledger = (getattr(trainer, "train_loop_config", None) or {}).get("ledger")
+    try:
+        try:
+            result = trainer.fit()
+        except Exception:
+            if ledger and (failure := data_report(ledger)["fatal"]):
+                raise DataError(failure) from None  # the data layer's message, not Ray's wrapper
+            raise
+        report = data_report(ledger) if ledger else None
+    finally:
+        if ledger:
+            close_ledger(ledger)
+    if report is not None:
+        if report["fatal"]:
+            raise DataError(report["fatal"])
+        if isinstance(result.return_value, dict):
+            result.return_value["data"] = report
+    return raise_for_status(result)
