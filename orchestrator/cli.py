@@ -805,6 +805,43 @@ def train_teacher(job, overrides, tracking_uri):
     click.echo(json.dumps(vars(result), indent=2))
 
 
+@main.command(name="balance-probe")
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a field (repeatable)")
+@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True, help="ADD steps")
+@click.option("--images", type=click.IntRange(min=100), default=1000, show_default=True, help="images per score")
+@click.option("--label", default=None, help="the result's name (default: the overrides)")
+@click.option("--out", type=click.Path(dir_okay=False), default="results/balance/probes.jsonl", show_default=True,
+              help="JSON lines file the result is appended to")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch threads")
+def balance_probe(job, overrides, steps, images, label, out, threads):
+    """Run a job's ADD step in this process (no Ray, no MLflow) for a few hundred steps and print how the
+    two losses pull on θ and whether the heads learn, then the student's 1- and 4-step scores.
+
+    A cheap way to compare balance settings (loss.balance, loss.adv_ratio, loss.weighting, ...) with each
+    other before a full run; see orchestrator/balance_probe.py for what it does and does not measure.
+
+    \b
+    Examples:
+      addctl balance-probe jobs/fashion-mnist.yaml --steps 200
+      addctl balance-probe jobs/fashion-mnist.yaml --set loss.balance=adaptive --set loss.adv_ratio=0.3
+    """
+    from orchestrator.balance_probe import probe, write
+
+    spec = _load(job, overrides)
+    torch_threads(threads)
+    result = probe(spec, steps, images=images, log=lambda line: click.echo(line, err=True))
+    result = {"label": label or " ".join(overrides) or "the job as written", "job": job, **result}
+    write(result, out)
+    click.echo(json.dumps({k: v for k, v in result.items() if k != "reports"}, indent=2))
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
 # ---- the local stack ------------------------------------------------------------------------------
 
 STACK_DIR = click.option(

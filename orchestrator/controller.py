@@ -112,11 +112,11 @@ def load_object(ref: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def default_evaluator(spec: JobSpec):
-    """The evaluator the job's ``eval`` section names: ``features`` ("inception", "none" or
-    "module:factory"), ``scorer`` ("clip", "none" or "module:factory"), ``clip_model``."""
+def eval_instruments(spec: JobSpec):
+    """(feature extractor, prompt scorer) the job's ``eval`` section names, each None when "none":
+    ``features`` ("inception", "none" or "module:factory"), ``scorer`` ("clip", "none" or
+    "module:factory"), ``clip_model``."""
     from workers.eval.alignment import CLIPScorer
-    from workers.eval.evaluator import Evaluator
     from workers.eval.features import InceptionFeatures
 
     section = _section(spec, "eval")
@@ -131,7 +131,15 @@ def default_evaluator(spec: JobSpec):
         prompt_scorer = CLIPScorer(section.get("clip_model") or "openai/clip-vit-base-patch32")
     else:
         prompt_scorer = load_object(scorer)()
-    if section.get("table"):
+    return extractor, prompt_scorer
+
+
+def default_evaluator(spec: JobSpec):
+    """The evaluator the job's ``eval`` section names (``eval_instruments``), the table's if it has one."""
+    from workers.eval.evaluator import Evaluator
+
+    extractor, prompt_scorer = eval_instruments(spec)
+    if _section(spec, "eval").get("table"):
         return table_evaluator(spec, extractor, prompt_scorer)
     return Evaluator(extractor, prompt_scorer)
 

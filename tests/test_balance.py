@@ -124,3 +124,47 @@ def test_with_the_adversarial_loss_on_the_heads_learn_and_the_student_beats_dist
     assert w1_both < 0.8 * w1_distill, (w1_both, w1_distill)
     ratios = [m["balance/ratio_x"] for m in both["history"]]
     assert all(math.isclose(r, 1.0, rel_tol=1e-3) for r in ratios if r > 0)
+
+
+def test_balance_probe_prints_the_balance_per_report_and_scores_the_student(tmp_path):
+    """``addctl balance-probe`` on a tiny job: one line per report with the heads against chance and both
+    gradients' ratio, then a JSON result appended to --out with the 1- and 4-step scores."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+    from tests.mlflow_server import tiny_job
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(tiny_job(tmp_path, f"sqlite:///{tmp_path}/m.db", "probe")))
+    out = tmp_path / "probes.jsonl"
+    result = CliRunner().invoke(
+        main,
+        [
+            "balance-probe",
+            str(job),
+            "--steps",
+            "3",
+            "--images",
+            "100",
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+            "--set",
+            "loss.balance=adaptive",
+            "--set",
+            "loss.adv_ratio=0.5",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert sum("heads/auc_mean=" in line and "balance/ratio_theta=" in line for line in result.output.splitlines()) == 3
+    (line,) = out.read_text().splitlines()
+    probe = json.loads(line)
+    assert probe["label"] == "loss.balance=adaptive loss.adv_ratio=0.5"
+    assert [r["step"] for r in probe["reports"]] == [1, 2, 3]
+    assert all(r["balance/ratio_x"] == pytest.approx(0.5, rel=1e-3) for r in probe["reports"])
+    for key in ("fid 1 step", "recall 1 step", "alignment 1 step", "fid 4 step", "loss/D (second half)"):
+        assert math.isfinite(probe[key]), key

@@ -1,0 +1,156 @@
+"""``addctl balance-probe``: a job's ADD step run in this process (no Ray, no MLflow) for a few hundred
+steps, to compare settings of the two losses' balance cheaply before spending a whole run on one.
+
+Every ``train.log_every`` steps it prints the heads' hinge loss against its chance value, their mean
+real/fake AUC, λ_adv and the two gradients' ratio and cosine at x̂θ and at θ; at the end it scores the
+student's 1- and 4-step samples of the job's eval prompts with the job's eval features and scorer
+(FID, precision / recall, alignment) against ``eval.table.reference_uri``. It uses the same step
+functions as the training loop (``student_loss``, ``StudentGradients.backward``, ``discriminator_loss``,
+``student_sample``) with the job's optimizers, EMA and heads' updates; batches are drawn at random
+from the first ``pool`` rows of ``data.uri`` rather than streamed, so its figures compare settings
+with each other, not with a full run's table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from orchestrator.controller import eval_instruments
+from orchestrator.spec import JobSpec
+from workers.add.step import discriminator_loss, student_loss, student_sample
+from workers.data.ingest import decode_image, list_shards
+from workers.data.storage import resolve
+from workers.eval.frechet import FeatureStats, frechet_distance
+from workers.eval.images import student_images
+from workers.eval.manifold import precision_recall
+from workers.eval.reference import reference_images
+from workers.train.ema import EMA
+from workers.train.models import build_models, build_objective, build_optimizers, make_batch
+
+SHOWN = (
+    "loss/D",
+    "heads/auc_mean",
+    "balance/lambda_adv",
+    "balance/ratio_x",
+    "balance/ratio_theta",
+    "balance/cos_theta",
+)
+
+
+def _rows(spec: JobSpec, pool: int) -> dict[str, list]:
+    """The first ``pool`` rows (image bytes and captions) of the job's shards."""
+    fs, root = resolve(spec.data.uri)
+    images, captions = [], []
+    for name in list_shards(spec.data.uri):
+        with fs.open_input_file(f"{root}/{name}" if name else root) as f:
+            table = pq.read_table(f, columns=["image", "caption"]).to_pydict()
+        images += table["image"]
+        captions += table["caption"]
+        if len(images) >= pool:
+            break
+    return {"image": images[:pool], "caption": captions[:pool]}
+
+
+def probe(spec: JobSpec, steps: int, pool: int = 12000, images: int = 1000, log=print) -> dict:
+    """Train ``steps`` ADD steps in-process; the balance figures per report and the final scores."""
+    t, d = spec.train, spec.data
+    torch.manual_seed(t.seed)
+    device = torch.device("cpu")
+    models, objective = build_models(spec, device), build_objective(spec)
+    opt_g, opt_d = build_optimizers(spec, models)
+    ema = EMA(models.student, t.ema_decay) if t.ema_decay else None
+    data, rng = _rows(spec, pool), np.random.default_rng(t.seed)
+    theta, heads = models.student.trainable_parameters(), models.discriminator.trainable_parameters()
+    clip = t.max_grad_norm or float("inf")
+
+    def batch():
+        idx = rng.choice(len(data["image"]), t.batch_size, replace=False)
+        pixels = np.stack([decode_image(data["image"][i], d.resolution, d.channels, 8) for i in idx])
+        return make_batch(
+            models.teacher, {"pixels": pixels, "caption": np.array([data["caption"][i] for i in idx])}, device
+        )
+
+    def update_heads(loss):
+        opt_d.zero_grad(set_to_none=True)
+        loss.backward(inputs=heads)
+        torch.nn.utils.clip_grad_norm_(heads, clip)
+        opt_d.step()
+
+    reports, interval, started = [], [], time.time()
+    for step in range(steps):
+        for update in range(1, t.discriminator_steps):  # the extra heads' updates, as the loop runs them
+            b, g = batch(), torch.Generator().manual_seed(10**6 + 10 * step + update)
+            update_heads(discriminator_loss(models, objective, b, student_sample(models, b, g), step, g)[0])
+        b, g = batch(), torch.Generator().manual_seed(step)
+        measure = (step + 1) % t.log_every == 0
+        for p in heads:
+            p.requires_grad_(False)
+        grads, metrics, fake = student_loss(models, objective, b, g)
+        for p in heads:
+            p.requires_grad_(True)
+        opt_g.zero_grad(set_to_none=True)
+        metrics |= grads.backward(split=theta if measure else None)
+        torch.nn.utils.clip_grad_norm_(theta, clip)
+        opt_g.step()
+        loss_d, metrics_d = discriminator_loss(models, objective, b, fake, step, g)
+        update_heads(loss_d)
+        if ema is not None:
+            ema.update(models.student)
+        interval.append(metrics | metrics_d)
+        if measure:
+            report = {k: float(np.mean([m[k] for m in interval if k in m])) for k in SHOWN} | {"step": step + 1}
+            reports.append(report)
+            interval = []
+            log(f"step {step + 1:4d} {time.time() - started:5.0f}s " + "  ".join(f"{k}={report[k]:.3g}" for k in SHOWN))
+    result = {"steps": steps, "train_s": time.time() - started, "reports": reports}
+    late = [r for r in reports if r["step"] > steps // 2] or reports
+    result |= {f"{k} (second half)": float(np.mean([r[k] for r in late])) for k in SHOWN}
+    return result | _scores(spec, models, ema, images)
+
+
+@torch.no_grad()
+def _scores(spec: JobSpec, models, ema, n: int) -> dict:
+    """FID, precision / recall and alignment of the student's 1- and 4-step samples (EMA weights if kept)."""
+    e = spec.eval
+    prompts = [e.prompts[i % len(e.prompts)] for i in range(n)] if e.prompts else [""] * n
+    features, scorer = eval_instruments(spec)
+    real_f = None
+    if features is not None:
+        reference_uri = e.table.reference_uri if e.table and e.table.reference_uri else spec.data.uri
+        count = e.table.reference_images if e.table else n
+        real = reference_images(reference_uri, count, spec.data.resolution, spec.data.channels)
+        real_f = torch.cat([features(real[i : i + 1000]) for i in range(0, len(real), 1000)])
+    out = {}
+    weights = ema.swapped_in(models.student) if ema is not None else contextlib.nullcontext()
+    with weights:
+        for steps in (1, 4):
+            generator = torch.Generator().manual_seed(e.seed)
+            fake = torch.cat(
+                [
+                    student_images(models.student, models.teacher, prompts[i : i + 100], steps, generator)
+                    for i in range(0, n, 100)
+                ]
+            )
+            if real_f is not None:
+                fake_f = features(fake)
+                pr = precision_recall(real_f, fake_f, k=3)
+                out[f"fid {steps} step"] = frechet_distance(FeatureStats.of(fake_f), FeatureStats.of(real_f))
+                out[f"precision {steps} step"], out[f"recall {steps} step"] = pr["precision"], pr["recall"]
+            if scorer is not None:
+                out[f"alignment {steps} step"] = float(scorer(fake, prompts).mean())
+    return out
+
+
+def write(result: dict, path: str | Path) -> None:
+    """Append one probe's result as a JSON line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(result) + "\n")
