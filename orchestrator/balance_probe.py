@@ -58,7 +58,7 @@ def _rows(spec: JobSpec, pool: int) -> dict[str, list]:
     return {"image": images[:pool], "caption": captions[:pool]}
 
 
-def probe(spec: JobSpec, steps: int, pool: int = 12000, images: int = 1000, log=print) -> dict:
+def probe(spec: JobSpec, steps: int, pool: int = 20000, images: int = 1000, log=print) -> dict:
     """Train ``steps`` ADD steps in-process; the balance figures per report and the final scores."""
     t, d = spec.train, spec.data
     torch.manual_seed(t.seed)
