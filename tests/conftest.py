@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray's default (60 s) for a new worker process to register was too short on 2 loaded cores: Serve's actors
+# were cancelled before they started ("The actor never ran") while the suite shared the CPU with training
+os.environ.setdefault("RAY_worker_register_timeout_seconds", "300")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
