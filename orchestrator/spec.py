@@ -92,15 +92,19 @@ def _not_blank(v: str) -> str:
     return v
 
 
-def _storage_uri(v: str) -> str:
+def _known_scheme(v: str, schemes, what: str, otherwise: str) -> str:
+    """``v`` unless it is a URI whose scheme is not one of ``schemes``."""
     _not_blank(v)
     scheme = SCHEME.match(v)
-    if scheme and scheme[1].lower() not in STORAGE_SCHEMES:
+    if scheme and scheme[1].lower() not in schemes:
         raise ValueError(
-            f"unsupported storage scheme {scheme[1][:20]}://; supported: "
-            f"{', '.join(s + '://' for s in STORAGE_SCHEMES)} or a local path"
+            f"unsupported {what} {scheme[1][:20]}://; supported: {', '.join(s + '://' for s in schemes)} or {otherwise}"
         )
     return v
+
+
+def _storage_uri(v: str) -> str:
+    return _known_scheme(v, STORAGE_SCHEMES, "storage scheme", "a local path")
 
 
 def _model_source(v: str) -> str:
@@ -111,8 +115,7 @@ def _model_source(v: str) -> str:
 
 
 def _tracking_uri(v: str | None) -> str | None:
-    if v is None:
-        return v
+    return v if v is None else _known_scheme(v, TRACKING_SCHEMES, "tracking URI scheme", "a local folder")
     _not_blank(v)
     scheme = SCHEME.match(v)
     if scheme and scheme[1].lower() not in TRACKING_SCHEMES:
