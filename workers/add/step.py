@@ -195,7 +195,7 @@ def student_loss(
 
 def _fake_logits(D: nn.Module, fake: Tensor, batch: ADDBatch, real: Tensor, generator) -> list[Tensor]:
     """D_k(F_k(x̂θ), c); with the heads' batch-norm groups mixed, beside the real batch as in step 8."""
-    if not getattr(D, "mix_real_fake", False):
+    if not D.mix_real_fake:
         return D(fake, batch.cond, x_real=real, generator=generator)
     with torch.no_grad():
         feats_real, c_real = D.features(real, batch.cond, real, generator)

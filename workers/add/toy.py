@@ -113,6 +113,8 @@ class RandomFourierFeatures(FrozenModule):
 class ToyDiscriminator(nn.Module):
     """D = frozen F plus one small MLP head per tap; unconditional (the mixture has no captions)."""
 
+    mix_real_fake = False  # no batch norm in its heads
+
     def __init__(self, width: int = 128):
         super().__init__()
         self.feature_network = RandomFourierFeatures()
@@ -132,7 +134,7 @@ class ToyDiscriminator(nn.Module):
         return [head(f) for head, f in zip(self.heads, feats, strict=True)]
 
     def paired_logits(self, feats_real, feats_fake, c_real, c_fake) -> tuple[list[Tensor], list[Tensor]]:
-        return self.head_logits(feats_real, c_real), self.head_logits(feats_fake, c_fake)  # no batch norm to mix
+        return self.head_logits(feats_real, c_real), self.head_logits(feats_fake, c_fake)
 
     def forward(self, x, cond, x_real=None, generator=None) -> list[Tensor]:
         return self.head_logits(*self.features(x, cond, x_real, generator))
