@@ -32,6 +32,7 @@ from workers.eval.images import student_images
 from workers.eval.manifold import precision_recall
 from workers.eval.reference import reference_images
 from workers.train.ema import EMA
+from workers.train.loop import frozen
 from workers.train.models import build_models, build_objective, build_optimizers, make_batch
 
 SHOWN = (
@@ -90,11 +91,8 @@ def probe(spec: JobSpec, steps: int, pool: int = 20000, images: int = 1000, log=
             update_heads(discriminator_loss(models, objective, b, student_sample(models, b, g), step, g)[0])
         b, g = batch(), torch.Generator().manual_seed(step)
         measure = (step + 1) % t.log_every == 0
-        for p in heads:
-            p.requires_grad_(False)
-        grads, metrics, fake = student_loss(models, objective, b, g)
-        for p in heads:
-            p.requires_grad_(True)
+        with frozen(heads):  # L_G reaches θ only, as in the loop
+            grads, metrics, fake = student_loss(models, objective, b, g)
         opt_g.zero_grad(set_to_none=True)
         metrics |= grads.backward(split=theta if measure else None)
         torch.nn.utils.clip_grad_norm_(theta, clip)
