@@ -56,11 +56,11 @@ def generate(
 
     if not prompts:
         raise ValueError("give at least one prompt")
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    uri = model_uri(model, MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri))
-    pyfunc = mlflow.pyfunc.load_model(uri)
+    from orchestrator.pyfunc import fluent_context
+
+    with fluent_context(tracking_uri or None, None):  # models:/ resolves here; the process's URIs come back after
+        uri = model_uri(model, MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri))
+        pyfunc = mlflow.pyfunc.load_model(uri)
     frame = pyfunc.predict(
         pd.DataFrame({"prompt": [str(p) for p in prompts]}), params={"num_inference_steps": steps, "seed": seed}
     )

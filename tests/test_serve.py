@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from orchestrator.cli import main
+from orchestrator.pyfunc import fluent_context
 from orchestrator.serve_request import BadRequest, Limits, parse_request
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +138,6 @@ def register(client, uri: str, student_dir: Path, teacher: str) -> str:
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """A SQLite MLflow store with NAME v1 (4 student steps) as champion and v2 (2 steps) registered."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from tests.tiny_models import save_tiny_pixel_unet
@@ -150,17 +150,13 @@ def registry(tmp_path_factory):
     teacher = load_teacher(str(teacher_dir))
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)  # a version's source (models:/<id>) resolves in the fluent store, as in a job
-    try:
+    with fluent_context(uri, None):  # a version's source (models:/<id>) resolves in the fluent store, as in a job
         versions = []
         for n in (4, 2):
             student = Student(teacher, timesteps=student_timesteps(n))
             versions.append(register(client, uri, export_student(student, teacher, folder / f"s{n}"), str(teacher_dir)))
         client.set_registered_model_alias(NAME, "champion", versions[0])
         yield uri, client, versions
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def free_port() -> int:
@@ -188,11 +184,12 @@ def png_array(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)))
 
 
-def pyfunc_pngs(version: str, prompts: list[str], steps: int, seed: int) -> list[bytes]:
-    """What the registered version's pyfunc gives for these prompts (the tracking URI is the registry's)."""
+def pyfunc_pngs(uri: str, version: str, prompts: list[str], steps: int, seed: int) -> list[bytes]:
+    """What the registered version's pyfunc (in the registry at ``uri``) gives for these prompts."""
     import mlflow
 
-    model = mlflow.pyfunc.load_model(f"models:/{NAME}/{version}")
+    with fluent_context(uri, None):
+        model = mlflow.pyfunc.load_model(f"models:/{NAME}/{version}")
     frame = model.predict(pd.DataFrame({"prompt": prompts}), params={"num_inference_steps": steps, "seed": seed})
     return list(frame["image"])
 
@@ -281,7 +278,7 @@ def test_served_bytes_are_the_pyfunc_and_generate_bytes(server, tmp_path):
         status, headers, body = post(url, {"prompts": PROMPTS, "steps": steps, "seed": seed})
         assert status == 200 and headers["x-batch-images"] == "3"  # computed alone, one network call per step
         served = [base64.b64decode(i) for i in json.loads(body)["images"]]
-        assert served == pyfunc_pngs(headers["x-model-version"], PROMPTS, steps, seed)
+        assert served == pyfunc_pngs(server[1], headers["x-model-version"], PROMPTS, steps, seed)
         grid = generate(f"models:/{NAME}@champion", PROMPTS, tmp_path / f"{steps}.png", steps=steps, seed=seed,
                         columns=3, tracking_uri=uri)  # fmt: skip
         cells = np.asarray(Image.open(grid))
@@ -327,7 +324,7 @@ def test_concurrent_requests_share_a_batch_and_keep_their_own_noise(server):
     assert sorted(replies) == list(range(8)) and all(r[0] == 200 for r in replies.values())
     assert max(int(r[1]["x-batch-images"]) for r in replies.values()) > 1  # some were computed together
     for i, (_, headers, png) in replies.items():  # the image each would get alone, up to a float's last bits
-        alone = png_array(pyfunc_pngs(headers["x-model-version"], [PROMPTS[i % 3]], 1, i)[0]).astype(int)
+        alone = png_array(pyfunc_pngs(server[1], headers["x-model-version"], [PROMPTS[i % 3]], 1, i)[0]).astype(int)
         assert np.abs(png_array(png).astype(int) - alone).max() <= 1
 
 
