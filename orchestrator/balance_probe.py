@@ -22,7 +22,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from orchestrator.controller import eval_instruments
 from orchestrator.spec import JobSpec
 from workers.add.step import discriminator_loss, student_loss, student_sample
 from workers.data.ingest import decode_image, list_shards
@@ -59,15 +58,27 @@ def _rows(spec: JobSpec, pool: int) -> dict[str, list]:
     return {"image": images[:pool], "caption": captions[:pool]}
 
 
-def probe(spec: JobSpec, steps: int, pool: int = 20000, images: int = 1000, log=print) -> dict:
-    """Train ``steps`` ADD steps in-process; the balance figures per report and the final scores."""
+def probe(
+    spec: JobSpec,
+    steps: int,
+    pool: int = 20000,
+    images: int = 1000,
+    log=print,
+    device: str = "cpu",
+    data: dict[str, list] | None = None,
+    reference: torch.Tensor | None = None,
+) -> dict:
+    """Train ``steps`` ADD steps in-process; the balance figures per report and the final scores.
+
+    ``data`` (image bytes and captions) replaces the first ``pool`` rows of ``data.uri``, and
+    ``reference`` the eval features of the reference images, where a caller has them already."""
     t, d = spec.train, spec.data
     torch.manual_seed(t.seed)
-    device = torch.device("cpu")
+    device = torch.device(device)
     models, objective = build_models(spec, device), build_objective(spec)
     opt_g, opt_d = build_optimizers(spec, models)
     ema = EMA(models.student, t.ema_decay) if t.ema_decay else None
-    data, rng = _rows(spec, pool), np.random.default_rng(t.seed)
+    data, rng = data or _rows(spec, pool), np.random.default_rng(t.seed)
     theta, heads = models.student.trainable_parameters(), models.discriminator.trainable_parameters()
     clip = t.max_grad_norm or float("inf")
 
@@ -110,21 +121,28 @@ def probe(spec: JobSpec, steps: int, pool: int = 20000, images: int = 1000, log=
     result = {"steps": steps, "train_s": time.time() - started, "reports": reports}
     late = [r for r in reports if r["step"] > steps // 2] or reports
     result |= {f"{k} (second half)": float(np.mean([r[k] for r in late])) for k in SHOWN}
-    return result | _scores(spec, models, ema, images)
+    return result | _scores(spec, models, ema, images, reference)
+
+
+def reference_features(spec: JobSpec, features) -> torch.Tensor:
+    """The eval features of the job's reference images (``eval.table.reference_uri``, else ``data.uri``)."""
+    e = spec.eval
+    reference_uri = e.table.reference_uri if e.table and e.table.reference_uri else spec.data.uri
+    count = e.table.reference_images if e.table else 1000
+    real = reference_images(reference_uri, count, spec.data.resolution, spec.data.channels)
+    return torch.cat([features(real[i : i + 1000]) for i in range(0, len(real), 1000)])
 
 
 @torch.no_grad()
-def _scores(spec: JobSpec, models, ema, n: int) -> dict:
+def _scores(spec: JobSpec, models, ema, n: int, real_f: torch.Tensor | None = None) -> dict:
     """FID, precision / recall and alignment of the student's 1- and 4-step samples (EMA weights if kept)."""
+    from orchestrator.controller import eval_instruments
+
     e = spec.eval
     prompts = [e.prompts[i % len(e.prompts)] for i in range(n)] if e.prompts else [""] * n
     features, scorer = eval_instruments(spec)
-    real_f = None
-    if features is not None:
-        reference_uri = e.table.reference_uri if e.table and e.table.reference_uri else spec.data.uri
-        count = e.table.reference_images if e.table else n
-        real = reference_images(reference_uri, count, spec.data.resolution, spec.data.channels)
-        real_f = torch.cat([features(real[i : i + 1000]) for i in range(0, len(real), 1000)])
+    if features is not None and real_f is None:
+        real_f = reference_features(spec, features)
     out = {}
     weights = ema.swapped_in(models.student) if ema is not None else contextlib.nullcontext()
     with weights:
@@ -135,7 +153,7 @@ def _scores(spec: JobSpec, models, ema, n: int) -> dict:
                     student_images(models.student, models.teacher, prompts[i : i + 100], steps, generator)
                     for i in range(0, n, 100)
                 ]
-            )
+            ).cpu()  # the eval instruments run on the CPU
             if real_f is not None:
                 fake_f = features(fake)
                 pr = precision_recall(real_f, fake_f, k=3)

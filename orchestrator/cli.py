@@ -814,7 +814,8 @@ def train_teacher(job, overrides, tracking_uri):
 @click.option("--out", type=click.Path(dir_okay=False), default="results/balance/probes.jsonl", show_default=True,
               help="JSON lines file the result is appended to")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch threads")
-def balance_probe(job, overrides, steps, images, label, out, threads):
+@click.option("--device", default="cpu", show_default=True, help="torch device the step runs on (e.g. cuda)")
+def balance_probe(job, overrides, steps, images, label, out, threads, device):
     """Run a job's ADD step in this process (no Ray, no MLflow) for a few hundred steps and print how the
     two losses pull on θ and whether the heads learn, then the student's 1- and 4-step scores.
 
@@ -825,12 +826,13 @@ def balance_probe(job, overrides, steps, images, label, out, threads):
     Examples:
       addctl balance-probe jobs/fashion-mnist.yaml --steps 200
       addctl balance-probe jobs/fashion-mnist.yaml --set loss.balance=adaptive --set loss.adv_ratio=0.3
+      addctl balance-probe jobs/fashion-mnist.yaml --set discriminator.minibatch_std=8 --device cuda
     """
     from orchestrator.balance_probe import probe, write
 
     spec = _load(job, overrides)
     torch_threads(threads)
-    result = probe(spec, steps, images=images, log=lambda line: click.echo(line, err=True))
+    result = probe(spec, steps, images=images, log=lambda line: click.echo(line, err=True), device=device)
     result = {"label": label or " ".join(overrides) or "the job as written", "job": job, **result}
     write(result, out)
     click.echo(json.dumps({k: v for k, v in result.items() if k != "reports"}, indent=2))

@@ -226,6 +226,18 @@ class DiscriminatorSpec(Section):
     mix_real_fake: bool = Field(
         False, description="each batch-norm group of the heads holds real and fake samples (else one kind)"
     )
+    minibatch_std: int = Field(
+        0, ge=0, le=1024,
+        description="heads see the features' std across groups of this many samples (StyleGAN; 0: off, else ≥ 2)",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _minibatch_std_groups(self):
+        if self.minibatch_std == 1:
+            raise ValueError("minibatch_std: a group of one sample has no spread; use 0 (off) or at least 2")
+        if self.minibatch_std and self.mix_real_fake:
+            raise ValueError("minibatch_std needs groups of one kind (real or fake): set mix_real_fake false")
+        return self
 
 
 class LossSpec(Section):

@@ -47,8 +47,11 @@ class Discriminator(nn.Module):
         kernel_size: int | None = None,
         text_rms: bool = True,
         mix_real_fake: bool = False,
+        minibatch_std: int = 0,
     ):
         super().__init__()
+        if mix_real_fake and minibatch_std:
+            raise ValueError("minibatch_std needs groups of one kind: it cannot be combined with mix_real_fake")
         if image_conditioning and not hasattr(feature_network, "image_embedding"):
             raise ValueError(
                 f"{type(feature_network).__name__} has no image embedding: set image_conditioning off"
@@ -69,6 +72,7 @@ class Discriminator(nn.Module):
                 spatial_dims=feature_network.spatial_dims,
                 kernel_size=kernel_size,
                 virtual_bs=virtual_bs,
+                minibatch_std=minibatch_std,
             )
             for channels in feature_network.channels
         )
@@ -161,6 +165,7 @@ def build_discriminator(
     virtual_bs: int = 8,
     text_rms: bool = True,
     mix_real_fake: bool = False,
+    minibatch_std: int = 0,
 ) -> Discriminator:
     """D on the named backbone: "dinov2" (pixels, ADD) or "teacher" (the teacher's input space, LADD).
 
@@ -186,4 +191,5 @@ def build_discriminator(
         virtual_bs=virtual_bs,
         text_rms=text_rms,
         mix_real_fake=mix_real_fake,
+        minibatch_std=minibatch_std,
     )

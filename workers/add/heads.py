@@ -68,6 +68,29 @@ class ConvBlock(nn.Sequential):
         )
 
 
+class MinibatchStd(nn.Module):
+    """StyleGAN's minibatch standard deviation (Karras et al. 2018, §3; ours in ADD's heads): one extra
+    channel holding, for each group of ``group_size`` samples, the standard deviation of the features
+    across the group averaged over channels and positions. A group of near-copies (a student that
+    gives one prototype per prompt) shows a small value that no single sample can show; the heads can
+    see the lost diversity. Groups are consecutive samples, so a group must hold one kind (real or fake).
+    """
+
+    def __init__(self, group_size: int):
+        super().__init__()
+        if group_size < 2:
+            raise ValueError(f"a minibatch-std group needs at least 2 samples, got {group_size}")
+        self.group_size = group_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, ...) → (B, C + 1, ...); a last group smaller than ``group_size`` gets its own value."""
+        stats = []
+        for g in x.float().split(self.group_size):
+            std = (g.var(dim=0, unbiased=False) + 1e-8).sqrt().mean() if len(g) > 1 else g.new_zeros(())
+            stats.append(std.expand(len(g), 1, *g.shape[2:]))
+        return torch.cat([x, torch.cat(stats).to(x.dtype)], dim=1)
+
+
 class ResidualBlock(nn.Module):
     """(block(x) + x)/√2, which keeps the variance of the sum that of its terms."""
 
@@ -83,7 +106,8 @@ class DiscriminatorHead(nn.Module):
     """D_φ,k: per-position logits (B, N) from features (B, C, N) or (B, C, H, W) and condition c.
 
     With ``c_dim > 0`` the logit is the projection ⟨out, W c⟩/√cmap_dim of the head's output on the
-    mapped condition (Miyato & Koyama); with ``c_dim == 0`` the head projects to one channel.
+    mapped condition (Miyato & Koyama); with ``c_dim == 0`` the head projects to one channel. With
+    ``minibatch_std`` ≥ 2 the last conv also sees ``MinibatchStd`` over groups of that many samples.
     """
 
     def __init__(
@@ -94,6 +118,7 @@ class DiscriminatorHead(nn.Module):
         spatial_dims: int = 1,
         kernel_size: int | None = None,
         virtual_bs: int = 8,
+        minibatch_std: int = 0,
     ):
         super().__init__()
         if spatial_dims not in (1, 2):
@@ -106,8 +131,9 @@ class DiscriminatorHead(nn.Module):
             ConvBlock(spatial_dims, channels, 1, virtual_bs),
             ResidualBlock(ConvBlock(spatial_dims, channels, kernel_size, virtual_bs)),
         )
+        self.mbstd = MinibatchStd(minibatch_std) if minibatch_std else None
         self.cmapper = nn.Linear(c_dim, cmap_dim) if c_dim > 0 else None
-        self.cls = _conv(spatial_dims, channels, cmap_dim if c_dim > 0 else 1, 1)
+        self.cls = _conv(spatial_dims, channels + (self.mbstd is not None), cmap_dim if c_dim > 0 else 1, 1)
 
     def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
         """Logits (B, N_tokens), or (B, H·W) for grids."""
@@ -115,7 +141,10 @@ class DiscriminatorHead(nn.Module):
             raise ValueError(f"head expects {self.spatial_dims + 2}-D features, got shape {tuple(x.shape)}")
         # A half-precision backbone feeds float32 heads. (Reading cls.weight would run a power iteration.)
         x = x.to(self.cls.bias.dtype)
-        out = self.cls(self.main(x)).flatten(2)  # (B, cmap_dim or 1, N)
+        h = self.main(x)
+        if self.mbstd is not None:
+            h = self.mbstd(h)
+        out = self.cls(h).flatten(2)  # (B, cmap_dim or 1, N)
         if self.cmapper is None:
             return out[:, 0]
         if c is None:

@@ -81,6 +81,7 @@ def build_models(spec: JobSpec, device: torch.device, dinov2: torch.nn.Module | 
         t_hat_scale=d.t_hat_scale,
         text_rms=d.text_rms,
         mix_real_fake=d.mix_real_fake,
+        minibatch_std=d.minibatch_std,
     ).to(device)
     return ADDModels(student, teacher, D)
 
