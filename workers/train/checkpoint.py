@@ -124,6 +124,10 @@ def save_checkpoint(folder: str | Path, state: dict, train_state: TrainState, ra
     return folder
 
 
+class IncompatibleCheckpoint(ValueError):
+    """A checkpoint written by another model shape (the job's model settings changed since)."""
+
+
 def load_checkpoint(folder: str | Path, state: dict, rank: int, world_size: int) -> TrainState:
     """Read a checkpoint folder into ``state`` in place (dropping its "ema" entry when the checkpoint
     has none); restores this rank's RNG states when the world size is the one it was saved with.
@@ -136,7 +140,17 @@ def load_checkpoint(folder: str | Path, state: dict, rank: int, world_size: int)
     saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
     if "ema" in state and not any(key.startswith("ema.") for key in saved):
         del state["ema"]  # saved without an EMA: the caller starts one from the loaded weights
-    dcp.load(state, checkpoint_id=str(folder))
+    try:
+        dcp.load(state, checkpoint_id=str(folder))
+    except (Exception, dcp.api.CheckpointException) as err:  # a BaseException that carries the planner's text
+        if "Size mismatch" not in str(err) and "Missing key" not in str(err):
+            raise
+        detail = next((line for line in str(err).splitlines() if "mismatch" in line or "Missing" in line), "")
+        raise IncompatibleCheckpoint(
+            f"the checkpoint {folder} holds a different model than this job builds ({detail.strip()[:300]}): "
+            "the job's model settings changed since it was written. Give the run another name or storage "
+            "folder, or delete that run's folder, to start afresh"
+        ) from None
     rng_file = folder / RNG_DIR / f"rank_{rank:05d}.pt"
     if train_state.world_size == world_size and rng_file.is_file():
         set_rng_states(torch.load(rng_file, weights_only=False))
