@@ -192,11 +192,11 @@ def run(job, overrides, address, tracking_uri, storage_path, run_name, num_cpus)
       addctl run jobs/sd15-laion.yaml --address auto --tracking-uri http://mlflow:5000
     """
     from orchestrator import embedded
-    from orchestrator.spec import SecretError, apply_env
+    from workers.secrets import SecretError, apply_env
 
     spec = _load(job, overrides)
     try:
-        apply_env(spec)  # here is where the job runs: references resolve from this environment
+        apply_env(spec.env)  # here is where the job runs: references resolve from this environment
     except SecretError as err:
         raise BadInput(str(err)) from None
     uri = embedded.tracking_uri(tracking_uri, spec.tracking.uri)
@@ -254,13 +254,13 @@ def submit(job, overrides, address, tracking_uri, storage_path, follow, wait):
       addctl submit jobs/sdxl-laion.yaml --address https://ray.example.com --set train.steps=20000
     """
     from orchestrator import embedded
-    from orchestrator.jobs import is_loopback, localize_paths, resolve_address
+    from orchestrator.jobs import is_loopback, resolve_address
 
     address = resolve_address(address)
     local = is_loopback(address)
     spec = _load(job, overrides, check_paths=local)  # a remote cluster checks its own paths when it loads the job
     if local:
-        spec = localize_paths(spec)
+        spec = spec.localized()
     else:
         for field, uri in (("data.uri", spec.data.uri), ("storage.uri", spec.storage.uri)):
             if "://" not in uri:
@@ -779,10 +779,10 @@ def train_teacher(job, overrides, tracking_uri):
       addctl train-teacher jobs/fashion-mnist-teacher.yaml                  # resumable: run it again
       addctl train-teacher jobs/fashion-mnist-teacher.yaml --set train.steps=20 --set output.run=runs/try
     """
-    from orchestrator.spec import SecretError
     from orchestrator.tracking import JobStopped
     from workers.data import StorageError
     from workers.diffusion.job import load_teacher_job, run_teacher_job
+    from workers.secrets import SecretError
 
     try:
         spec = load_teacher_job(job, overrides)

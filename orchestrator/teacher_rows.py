@@ -44,7 +44,7 @@ def measure_teacher_rows(spec, out: str | Path | None = None, progress: str | Pa
     out = Path(out or table.teacher_rows or "teacher_rows.json")
     evaluator, teacher, fingerprint, key = _measuring(spec)
     # kept batches are numbered in generation calls: a folder of another batch size is stale
-    batches = {"generation_batch_size": evaluator.config.protocol.generation_size}
+    batches = {"generation_batch_size": evaluator.protocol.generation_size}
     kept = RowProgress(progress or default_progress(spec), {"teacher_fingerprint": fingerprint} | key | batches)
     started = time.monotonic()
     rows = evaluator.teacher_rows(teacher, kept)
@@ -78,18 +78,18 @@ def retime_teacher_rows(spec, path: str | Path | None = None) -> Path:
 def _measuring(spec):
     """The job's table evaluator, its teacher, the teacher's fingerprint and the protocol key."""
     from workers.add.components import load_teacher
-    from workers.eval.table import teacher_fingerprint
+    from workers.eval.table import protocol_key, teacher_fingerprint
 
     evaluator = default_evaluator(spec)
     teacher = load_teacher(spec.teacher.source, prediction_type=spec.teacher.prediction_type)
-    return evaluator, teacher, teacher_fingerprint(spec.teacher.source), evaluator.config.protocol_key()
+    return evaluator, teacher, teacher_fingerprint(spec.teacher.source), protocol_key(evaluator.config)
 
 
 def _write_markdown(out: Path, rows, evaluator, spec, how: str) -> None:
     from workers.eval.report import table_markdown
 
-    markdown = table_markdown(rows, evaluator.config.alignment_name)
-    n = evaluator.config.protocol.num_images
+    markdown = table_markdown(rows, evaluator.table.alignment_name)
+    n = evaluator.table.num_images
     heading = f"Teacher rows of {spec.teacher.source}: {n} images per row, {how}."
     out.with_suffix(".md").write_text(f"{heading}\n\n{markdown}")
 

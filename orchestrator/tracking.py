@@ -31,8 +31,8 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from orchestrator.spec import SECRET_REF, JobSpec
-from workers.secrets import NOT_SECRET, ambient_secrets, environ, redact
+from orchestrator.spec import JobSpec
+from workers.secrets import NOT_SECRET, SECRET_REF, ambient_secrets, environ, redact
 
 log = logging.getLogger(__name__)
 

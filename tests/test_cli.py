@@ -169,13 +169,14 @@ def test_models_and_promote_on_a_registry(runner, tmp_path):
     """``models list/show`` and ``promote`` through the CLI on a local store (versions made by hand)."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.promotion import Gates, eval_tags
+    from orchestrator.promotion import eval_tags
     from orchestrator.registry import register_candidate
+    from orchestrator.spec import PromotionSpec
 
     uri = f"sqlite:///{tmp_path / 'registry.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = client.create_run(client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri()))
-    gates = Gates(max_fid_ratio=1.0, alignment_margin=None, min_speedup=5.0)
+    gates = PromotionSpec(max_fid_ratio=1.0, alignment_margin=None, min_speedup=5.0)
     good = {"student_fid": 9.0, "teacher_fid": 10.0, "speedup": 40.0}
     bad = {"student_fid": 12.0, "teacher_fid": 10.0, "speedup": 40.0}
     for metrics in (good, bad):

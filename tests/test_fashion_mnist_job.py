@@ -24,13 +24,12 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_the_shipped_teacher_rows_are_those_of_the_shipped_teacher_under_the_jobs_protocol():
-    from orchestrator.controller import table_config
-    from workers.eval.table import load_teacher_rows, teacher_fingerprint
+    from orchestrator.controller import eval_section
+    from workers.eval.table import load_teacher_rows, protocol_key, teacher_fingerprint
 
     spec = load_job(JOB)
-    config = table_config(spec)
     fingerprint = teacher_fingerprint(spec.teacher.source)
-    rows = load_teacher_rows(spec.eval.table.teacher_rows, fingerprint, config.protocol_key())
+    rows = load_teacher_rows(spec.eval.table.teacher_rows, fingerprint, protocol_key(eval_section(spec)))
     assert [f"{r.sampler.solver}:{r.sampler.steps}" for r in rows] == list(spec.eval.table.teacher_samplers)
     assert all(r.num_images == spec.eval.table.num_images for r in rows)
     reference = {f"{r.sampler.solver}:{r.sampler.steps}": r for r in rows}["ddim:50"]
@@ -131,9 +130,10 @@ def test_teacher_rows_command_resumes_after_a_kill_and_retimes_the_written_rows(
     monkeypatch.setattr(Protocol, "measure", measure)
     teacher_rows.main(args)
     spec = load_job(JOB, [a for a in args[args.index("--set"):] if a != "--set"])
-    from orchestrator.controller import table_config
+    from orchestrator.controller import eval_section
+    from workers.eval.table import protocol_key
 
-    key = table_config(spec).protocol_key()
+    key = protocol_key(eval_section(spec))
     rows = load_teacher_rows(out, teacher_fingerprint(spec.teacher.source), key)
     assert [r.sampler.key for r in rows] == ["teacher-ddim-2", "teacher-dpmpp-1"]
     assert all(r.num_images == 12 and r.fid > 0 for r in rows) and "DPM-Solver++" in out.with_suffix(".md").read_text()

@@ -21,23 +21,31 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Annotated
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
+from pydantic import AfterValidator
 
 from workers import secrets as _secrets
+from workers.config import known_scheme
 
 __all__ = [
     "SCHEMES",
+    "STORAGE_OPTIONS",
     "StorageError",
     "StorageOptions",
+    "StorageUri",
+    "check_storage_options",
     "check_reachable",
     "display_uri",
     "join_uri",
     "redact",
     "resolve",
     "split_uri",
+    "storage_options",
 ]
 
 SCHEMES = ("file", "s3", "s3a", "gs", "gcs")  # what ``resolve`` reaches (a bare path is file://)
@@ -60,6 +68,68 @@ class StorageOptions:
     connect_timeout: float = 5.0  # seconds; small so an unreachable endpoint fails fast
     request_timeout: float = 60.0  # seconds per request
     max_attempts: int = 3  # S3 retry attempts per request
+
+
+# Keys of ``storage.options`` / ``data.storage_options`` in a job file, each with its parser.
+STORAGE_OPTIONS = {
+    "endpoint_url": str,
+    "region": str,
+    "profile": str,
+    "anonymous": lambda v: {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[v.lower()],
+    "connect_timeout": float,
+    "request_timeout": float,
+    "max_attempts": int,
+}
+
+
+def _storage_uri(v: str) -> str:
+    return known_scheme(v, SCHEMES, "storage scheme", "a local path")
+
+
+StorageUri = Annotated[str, AfterValidator(_storage_uri)]  # s3://, gs://, file:// or a local path
+
+
+def scalars_as_strings(values):
+    """``{"max_attempts": 5, "anonymous": true}`` -> ``{"max_attempts": "5", "anonymous": "true"}``
+    (mappings of strings, written in YAML without quotes); anything else is left to validation."""
+    if not isinstance(values, Mapping):
+        return values
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, int | float):
+            value = str(value)
+        out[key] = value
+    return out
+
+
+def check_storage_options(values: dict[str, str], where: str) -> dict[str, str]:
+    """Only ``StorageOptions`` keys, with values of their type (or references); credentials go in ``env``."""
+    _secrets.check_secrets(values, where)
+    for key, value in values.items():
+        if key not in STORAGE_OPTIONS:
+            raise ValueError(
+                f"{where}.{key}: unknown storage option; allowed: {', '.join(STORAGE_OPTIONS)} "
+                "(credentials go in `env:` as ${env:NAME} references, e.g. AWS_SECRET_ACCESS_KEY)"
+            )
+        if not _secrets.SECRET_REF.match(value):
+            try:
+                STORAGE_OPTIONS[key](value)
+            except (KeyError, ValueError):
+                kind = "true or false" if key == "anonymous" else STORAGE_OPTIONS[key].__name__
+                raise ValueError(f"{where}.{key}: must be {kind}, got {value!r}") from None
+    return values
+
+
+def storage_options(options: Mapping[str, str], where: str) -> StorageOptions:
+    """A job's ``storage.options`` / ``data.storage_options`` as ``StorageOptions``, references resolved
+    (call it where the job runs)."""
+    unknown = sorted(set(options) - set(STORAGE_OPTIONS))
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown storage option; allowed are {', '.join(STORAGE_OPTIONS)}")
+    values = _secrets.resolve_secrets({k: str(v) for k, v in options.items()}, where)
+    return StorageOptions(**{k: STORAGE_OPTIONS[k](v) for k, v in values.items()})
 
 
 def split_uri(uri: str) -> tuple[str, str]:

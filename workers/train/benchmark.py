@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from orchestrator.spec import JobSpec
+from workers.train.config import TrainJob
 from workers.train.loop import TrainCallback
 
 FASHION_MNIST_IDX = "/usr/share/datasets/fashion-mnist"
@@ -86,8 +86,8 @@ def random_teacher(folder: Path) -> str:
     return str(folder)
 
 
-def job_spec(teacher: str, data_uri: str, workers: int, batch_size: int, steps: int, log_every: int) -> JobSpec:
-    return JobSpec.model_validate(
+def job_spec(teacher: str, data_uri: str, workers: int, batch_size: int, steps: int, log_every: int) -> TrainJob:
+    return TrainJob.model_validate(
         {
             "name": f"benchmark-w{workers}",
             "teacher": {"source": teacher},
@@ -130,14 +130,14 @@ def _stream_rate(ds) -> dict:
     }
 
 
-def measure_ingest(spec: JobSpec) -> dict:
+def measure_ingest(spec: TrainJob) -> dict:
     """One pass of the trainer's pipeline over the set, read on the driver: decode only, then decode
     and caption embedding (MiniLM in an actor, which caches each distinct caption)."""
     import functools
 
     from workers.data.ingest import build_dataset, embed_captions
+    from workers.data.storage import storage_options
     from workers.train.models import caption_encoder
-    from workers.train.trainer import storage_options
 
     d = spec.data
 
@@ -158,7 +158,7 @@ def measure_ingest(spec: JobSpec) -> dict:
     }
 
 
-def measure_training(spec: JobSpec, storage: str, work: Path) -> dict:
+def measure_training(spec: TrainJob, storage: str, work: Path) -> dict:
     """A run of ``spec``; throughput and data wait from its reports after the first interval."""
     from workers.train.trainer import build_trainer, run_training
 
