@@ -19,9 +19,9 @@ from pathlib import Path
 import click
 
 from orchestrator.errors import JobSpecError
+from workers.data.fashion_mnist import FASHION_MNIST_IDX
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
-FASHION_MNIST_IDX = "/usr/share/datasets/fashion-mnist"
 
 
 class BadInput(click.ClickException):
@@ -201,9 +201,9 @@ def run(job, overrides, address, tracking_uri, storage_path, run_name, num_cpus)
         raise BadInput(str(err)) from None
     uri = embedded.tracking_uri(tracking_uri, spec.tracking.uri)
     from orchestrator.controller import run_job
-    from orchestrator.tracking import JobStopped
+    from orchestrator.tracking import JobStopped, ensure_experiment
 
-    embedded.ensure_experiment(uri, spec.tracking.experiment)
+    ensure_experiment(uri, spec.tracking.experiment)
     os.environ["MLFLOW_TRACKING_URI"] = uri  # MLflow's fluent calls (model logging) go where the runs go
     os.environ.pop("MLFLOW_REGISTRY_URI", None)
     r = spec.resources
@@ -770,7 +770,7 @@ def train_teacher(job, overrides, tracking_uri):
     """Train a caption-conditioned pixel teacher by plain diffusion from image-caption shards, in the
     foreground; log it to MLflow and export it as a diffusers folder.
 
-    The job file is a teacher job (workers/diffusion/job.py), not an ADD job. Running it again with
+    The job file is a teacher job (orchestrator/teacher_job.py), not an ADD job. Running it again with
     the same output.run folder resumes from its checkpoint (e.g. with a larger train.steps).
 
     \b
@@ -779,9 +779,9 @@ def train_teacher(job, overrides, tracking_uri):
       addctl train-teacher jobs/fashion-mnist-teacher.yaml                  # resumable: run it again
       addctl train-teacher jobs/fashion-mnist-teacher.yaml --set train.steps=20 --set output.run=runs/try
     """
+    from orchestrator.teacher_job import load_teacher_job, run_teacher_job
     from orchestrator.tracking import JobStopped
     from workers.data import StorageError
-    from workers.diffusion.job import load_teacher_job, run_teacher_job
     from workers.secrets import SecretError
 
     try:

@@ -520,11 +520,12 @@ def parse_yaml(text: str, source: str = "<job>") -> dict:
     return data
 
 
-def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+def apply_overrides(data: dict, overrides: Sequence[str], model: type[BaseModel] | None = None) -> dict:
     """``data`` with each ``KEY=VALUE`` override set (VALUE parsed as YAML: numbers, lists, null...).
 
-    KEY is a dotted path checked against the spec (``train.steps``, ``env.HF_HOME``,
-    ``sweep.search_space.loss.lambda_distill``: for a mapping the rest of the path is the key).
+    KEY is a dotted path checked against ``model`` (default ``JobSpec``; a teacher job passes its own):
+    ``train.steps``, ``env.HF_HOME``, ``sweep.search_space.loss.lambda_distill`` (for a mapping the rest
+    of the path is the key).
     """
     data = copy.deepcopy(data)
     problems = []
@@ -539,7 +540,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         except Exception as err:  # noqa: BLE001  (YAMLError, or a number too long to convert)
             problems.append(Problem(key, f"--set value is not valid YAML: {getattr(err, 'problem', None) or err}"))
             continue
-        problem = _set_override(data, key, value)
+        problem = _set_override(data, key, value, model or JobSpec)
         if problem:
             problems.append(problem)
     if problems:
@@ -547,9 +548,8 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
-def _set_override(data: dict, key: str, value: Any) -> Problem | None:
+def _set_override(data: dict, key: str, value: Any, model: type[BaseModel]) -> Problem | None:
     parts = key.split(".")
-    model: type[BaseModel] = JobSpec
     node = data
     for i, part in enumerate(parts):
         path = ".".join(parts[: i + 1])
@@ -676,6 +676,13 @@ def missing_paths(spec: JobSpec) -> list[Problem]:
     return problems
 
 
+def job_yaml(data: Mapping) -> str:
+    """A job's dump (``model_dump(mode="json")``, of an ADD or a teacher job) as YAML: its sections in
+    their order, text as written."""
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
 def dump_job(spec: JobSpec) -> str:
-    """The job as YAML with every default filled in (references stay references): what a submitted job runs."""
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The job as YAML with every default filled in (references stay references): what a submitted job
+    runs, and what every MLflow run of it logs as ``job.yaml``."""
+    return job_yaml(spec.model_dump(mode="json"))

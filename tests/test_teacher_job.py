@@ -20,11 +20,11 @@ from mlflow.tracking import MlflowClient
 from orchestrator.cli import main
 from orchestrator.errors import JobSpecError
 from orchestrator.spec import load_job
+from orchestrator.teacher_job import check_resumable, load_teacher_job, run_teacher_job, validate_teacher_job
 from tests.test_data import tiny_fashion_mnist
 from workers.add.components import load_teacher
 from workers.data import prepare_fashion_mnist
 from workers.data.fashion_mnist import pad_image
-from workers.diffusion.job import check_resumable, load_teacher_job, run_teacher_job, validate_teacher_job
 from workers.diffusion.train import ShardCaptions, minilm_encoder, train
 
 ROOT = Path(__file__).resolve().parents[1]

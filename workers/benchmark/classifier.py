@@ -20,8 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from workers.data.fashion_mnist import load_fashion_mnist, pad_image
-from workers.diffusion.train import FASHION_MNIST_IDX
+from workers.data.fashion_mnist import FASHION_MNIST_IDX, load_fashion_mnist, pad_image
 
 WEIGHTS, INFO = "classifier.safetensors", "classifier.json"
 

@@ -9,7 +9,7 @@ what gets exported. Checkpoints are atomic and every random draw is a pure funct
 The images and captions come from a ``CaptionedImages`` source: ``FashionMnistIdx`` (the idx files,
 each draw pairing an image with a random training template of its label) or ``ShardCaptions``
 (image-caption Parquet shards, each image with the caption it was written with). A job file that
-trains from shards and tracks to MLflow is ``workers/diffusion/job.py``.
+trains from shards and tracks to MLflow is ``orchestrator/teacher_job.py``.
 
 Example (two to three hours on 2 CPU cores; resumable, run it in the background):
     nohup python -m workers.diffusion.train --out runs/fashion-mnist-teacher --steps 5000 &
@@ -35,12 +35,15 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from workers.add.schedule import NoiseSchedule
-from workers.add.text_encoders import SentencePromptEncoder
-from workers.data.fashion_mnist import caption_for, load_fashion_mnist, pad_image, train_caption_templates
+from workers.add.text_encoders import MINILM_PACKAGE, SentencePromptEncoder, package_model_path
+from workers.data.fashion_mnist import (
+    FASHION_MNIST_IDX,
+    caption_for,
+    load_fashion_mnist,
+    pad_image,
+    train_caption_templates,
+)
 from workers.data.storage import StorageOptions, display_uri, resolve
-from workers.diffusion.text_encoder import MINILM_PACKAGE, package_model_path
-
-FASHION_MNIST_IDX = "/usr/share/datasets/fashion-mnist"
 
 # Cosine schedule, v-prediction: what BENCHMARK.md measured; ᾱ_T ≈ 0 without rescaling.
 SCHEDULER_CONFIG = {

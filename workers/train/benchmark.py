@@ -31,10 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from workers.data.fashion_mnist import FASHION_MNIST_IDX
 from workers.train.config import TrainJob
 from workers.train.loop import TrainCallback
 
-FASHION_MNIST_IDX = "/usr/share/datasets/fashion-mnist"
 BUCKET = "bench"
 INGEST_BATCH = 256
 
@@ -77,7 +77,7 @@ def random_teacher(folder: Path) -> str:
     """The Fashion-MNIST teacher's architecture with random weights, in the folder layout it ships in."""
     from diffusers import DDPMScheduler
 
-    from workers.diffusion.text_encoder import MINILM_PACKAGE
+    from workers.add.text_encoders import MINILM_PACKAGE
     from workers.diffusion.train import SCHEDULER_CONFIG, fashion_mnist_unet
 
     fashion_mnist_unet().save_pretrained(folder / "unet")
