@@ -1,7 +1,7 @@
 """The controller: one job, from spec to registered candidate, tracked in MLflow.
 
-``run_job(spec)`` is what ``addctl run`` calls in-process and what a submitted Ray job runs
-(``python -m orchestrator.controller JOB.yaml``)::
+``run_job(spec)`` is what ``addctl run`` calls, in-process or as the entrypoint of a submitted Ray
+job (``python -m orchestrator.cli run job.yaml``)::
 
     parent run (the job)                         job.yaml, code version, result.* tags
       child run per training run / sweep trial   params (resolved config, flattened), metrics per
@@ -19,21 +19,17 @@ failure ends them FAILED, with the error (secrets redacted) as the tag ``job.err
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import logging
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
 
 from orchestrator.promotion import eval_tags
 from orchestrator.registry import register_candidate
@@ -496,37 +492,3 @@ def mark_stopped(
                 client.set_terminated(run_id, status="KILLED")
                 ended.append(run_id)
     return ended
-
-
-# ---- the Ray job entrypoint -----------------------------------------------------------------------
-
-
-def load_spec(path: str) -> JobSpec:
-    """A job YAML file as a JobSpec (validation errors name the field)."""
-    with open(path) as f:
-        return JobSpec.model_validate(yaml.safe_load(f))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m orchestrator.controller JOB.yaml``: run one job; exit 0, 1 on failure, 128 + signal when stopped."""
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.controller", description=main.__doc__)
-    parser.add_argument("job", help="the job YAML")
-    parser.add_argument(
-        "--tracking-uri", default=None, help="MLflow tracking URI (default: tracking.uri, then MLFLOW_TRACKING_URI)"
-    )
-    parser.add_argument("--storage-path", default=None, help="runs' storage (default: storage.uri)")
-    parser.add_argument("--run-name", default=None, help="name of the parent run (default: the job's name)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    spec = load_spec(args.job)
-    try:
-        result = run_job(spec, tracking_uri=args.tracking_uri, storage_path=args.storage_path, run_name=args.run_name)
-    except JobStopped as stopped:
-        log.warning("job %s %s", spec.name, stopped)
-        return 128 + stopped.signum
-    print(yaml.safe_dump({"result": {k: v for k, v in vars(result).items()}}, sort_keys=False), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

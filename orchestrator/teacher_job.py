@@ -32,7 +32,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator
 
 from orchestrator.errors import JobSpecError, Problem, problems_from_validation
-from orchestrator.spec import URI_PASSWORD, apply_overrides, parse_yaml, read_job_text
+from orchestrator.spec import URI_PASSWORD, apply_overrides, job_yaml, parse_yaml, read_job_text
 from workers.config import Section
 from workers.data.config import ShardsSpec
 from workers.data.storage import StorageError, StorageOptions, display_uri, split_uri, storage_options
@@ -145,7 +145,7 @@ def check_resumable(spec: TeacherJobSpec) -> list[dict]:
     if not (out / "checkpoint.pt").exists():
         return []
     config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
-    trained_on = config.get("data")  # absent: a run of ``python -m workers.diffusion.train`` on the idx files
+    trained_on = config.get("data")  # absent: a run of ``addctl teacher train-idx`` on the idx files
     if trained_on is None or split_uri(trained_on) != split_uri(spec.data.uri):
         problem = Problem(
             "output.run",
@@ -171,7 +171,6 @@ def run_teacher_job(spec: TeacherJobSpec, tracking_uri: str | None = None) -> Te
         code_version,
         experiment_id,
         flatten,
-        job_yaml,
         numeric_metrics,
         stop_on_signals,
     )

@@ -135,7 +135,7 @@ def test_sigterm_ends_the_runs_killed(mlflow_server, ray_cluster, tmp_path):
     path.write_text(yaml.safe_dump(spec))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "ADD_SUBMISSION_ID": "raysubmit_test"}
     log = open(tmp_path / "controller.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.controller", str(path)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(path)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])  # fmt: skip
     client = mlflow_server.client()
     try:

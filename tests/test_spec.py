@@ -170,7 +170,7 @@ def test_schema_describes_every_field_in_one_line_and_forbids_unknown_keys():
 def test_readme_reference_is_generated_from_the_schema():
     section = readme_section((ROOT / "README.md").read_text())
     assert section is not None, "README.md lacks the job-reference markers"
-    assert section == reference_markdown(), "run: python -m orchestrator.reference --write README.md"
+    assert section == reference_markdown(), "run: addctl docs"
 
 
 def test_readme_shows_the_flow():

@@ -12,13 +12,12 @@ each draw pairing an image with a random training template of its label) or ``Sh
 trains from shards and tracks to MLflow is ``orchestrator/teacher_job.py``.
 
 Example (two to three hours on 2 CPU cores; resumable, run it in the background):
-    nohup python -m workers.diffusion.train --out runs/fashion-mnist-teacher --steps 5000 &
-    python -m workers.diffusion.train --out runs/fashion-mnist-teacher --export jobs/fashion-mnist/teacher
+    nohup addctl teacher train-idx --out runs/fashion-mnist-teacher --steps 5000 &
+    addctl teacher export runs/fashion-mnist-teacher jobs/fashion-mnist/teacher
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -331,26 +330,3 @@ def export(out: Path, folder: Path, weights: str = "ema") -> Path:
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return folder
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoint.pt, history.json)")
-    parser.add_argument("--steps", type=int, default=5000, help="total optimizer steps (default 5000)")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
-    parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--idx-dir", default=FASHION_MNIST_IDX, help="Fashion-MNIST idx files")
-    parser.add_argument("--export", type=Path, default=None, help="write the teacher here instead of training")
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights --export writes")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.export:
-        print(export(args.out, args.export, args.weights))
-        return
-    print(json.dumps(train(args.out, args.steps, args.batch_size, args.lr, seed=args.seed, idx_dir=args.idx_dir)))
-
-
-if __name__ == "__main__":
-    main()

@@ -109,7 +109,7 @@ def save_teacher_rows(path: str | Path, rows: Sequence[Row], fingerprint: str | 
 def load_teacher_rows(path: str | Path, fingerprint: str | None, key: dict) -> list[Row]:
     """The shipped rows, or ``StaleTeacherRows`` naming what differs and how to measure them again."""
     path = Path(path)
-    redo = f"measure them again: python -m orchestrator.teacher_rows JOB.yaml (writes {path})"
+    redo = f"measure them again: addctl teacher rows JOB.yaml (writes {path})"
     if not path.is_file():
         raise StaleTeacherRows(f"no teacher rows at {path}; {redo}")
     body = json.loads(path.read_text())
