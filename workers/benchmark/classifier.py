@@ -10,7 +10,6 @@ Example (a few minutes on 2 CPU cores):
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from workers.data.fashion_mnist import FASHION_MNIST_IDX, load_fashion_mnist, pad_image
+from workers.data.storage import atomic_write
 
 WEIGHTS, INFO = "classifier.safetensors", "classifier.json"
 
@@ -108,9 +108,7 @@ def train(
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file(model.state_dict(), str(tmp))
-    os.replace(tmp, out / WEIGHTS)
+    atomic_write(out / WEIGHTS, lambda tmp: save_file(model.state_dict(), str(tmp)))
     (out / INFO).write_text(json.dumps(info, indent=2))
     return info
 

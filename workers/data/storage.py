@@ -20,9 +20,13 @@ removed), pass through ``redact`` so that no credential value can appear, and ar
 from __future__ import annotations
 
 import os
+import posixpath
 import re
-from collections.abc import Mapping
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -38,7 +42,9 @@ __all__ = [
     "StorageError",
     "StorageOptions",
     "StorageUri",
+    "atomic_write",
     "check_storage_options",
+    "commit_bytes",
     "check_reachable",
     "display_uri",
     "join_uri",
@@ -273,3 +279,42 @@ def _hint(e: Exception) -> str:
     if "ACCESS_DENIED" in msg or "InvalidAccessKeyId" in msg or "SignatureDoesNotMatch" in msg:
         return f"{msg} (check the credentials in the environment or profile)"
     return msg
+
+
+# ---- atomic writes: a reader sees the old file or the new one, never half of one -----------------
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Write a local file or folder through ``write(tmp)`` to a hidden temporary sibling, then move it
+    into place (a folder replaces the folder there). A failed write leaves nothing behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        if tmp.is_dir() and path.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def commit_bytes(fs: pafs.FileSystem, path: str, write: Callable[[object], object]) -> None:
+    """``atomic_write`` on any pyarrow filesystem (object storage included): ``write(stream)`` to a
+    temporary sibling named ``_<name>.<random>.tmp`` (readers skip ``_`` names), then move it to ``path``."""
+    parent, name = posixpath.split(path)
+    tmp = posixpath.join(parent, f"_{name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with fs.open_output_stream(tmp) as out:
+            write(out)
+        fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except Exception:  # noqa: BLE001  (the temporary file may not exist)
+            pass
+        raise

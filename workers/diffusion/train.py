@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import posixpath
 import time
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from workers.data.fashion_mnist import (
     pad_image,
     train_caption_templates,
 )
-from workers.data.storage import StorageOptions, display_uri, resolve
+from workers.data.storage import StorageOptions, atomic_write, display_uri, resolve
 
 # Cosine schedule, v-prediction: what BENCHMARK.md measured; ᾱ_T ≈ 0 without rescaling.
 SCHEDULER_CONFIG = {
@@ -186,10 +185,8 @@ class ShardCaptions:
         return self.x[idx], drop_captions(self.table[self.caption_idx[idx]], drop, self.null)
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _save_checkpoint(obj, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def train(
@@ -273,7 +270,7 @@ def train(
             elapsed = time.perf_counter() - start
             history.append({"step": step, "loss": float(np.mean(losses)), "s_per_step": elapsed / len(losses)})
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-            _save_atomic(
+            _save_checkpoint(
                 {
                     "model": model.state_dict(),
                     "ema": ema.state_dict(),
@@ -314,19 +311,14 @@ def export(out: Path, folder: Path, weights: str = "ema") -> Path:
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     model = fashion_mnist_unet()
     model.load_state_dict(state[weights])
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp / "unet")
-    DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(tmp / "scheduler")
-    (tmp / "text_encoder.json").write_text(json.dumps({"package": MINILM_PACKAGE, "subfolder": "model"}, indent=2))
     record = {"config": state["config"], "history": state["history"], "step": state["step"], "weights": weights}
-    (tmp / "training.json").write_text(json.dumps(record, indent=1))
-    if folder.exists():
-        import shutil
 
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp / "unet")
+        DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(tmp / "scheduler")
+        text_encoder = {"package": MINILM_PACKAGE, "subfolder": "model"}
+        (tmp / "text_encoder.json").write_text(json.dumps(text_encoder, indent=2))
+        (tmp / "training.json").write_text(json.dumps(record, indent=1))
+
+    atomic_write(folder, write)
     return folder

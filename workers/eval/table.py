@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from workers.add.components import load_teacher
 from workers.add.export import load_student
 from workers.add.student import Student
 from workers.add.teacher import Teacher
+from workers.data.storage import atomic_write
 from workers.eval.alignment import PromptScorer
 from workers.eval.config import EvalSpec
 from workers.eval.features import FeatureExtractor
@@ -88,22 +88,16 @@ class TableResult:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name, value in self.artifacts.items():
-            tmp = folder / f".{name}.tmp"
             if isinstance(value, Image.Image):
-                value.save(tmp, format="PNG")
+                atomic_write(folder / name, lambda tmp, image=value: image.save(tmp, format="PNG"))
             else:
-                tmp.write_text(value)
-            os.replace(tmp, folder / name)
+                atomic_write(folder / name, lambda tmp, text=value: tmp.write_text(text))
         return folder
 
 
 def save_teacher_rows(path: str | Path, rows: Sequence[Row], fingerprint: str | None, key: dict) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     body = {"teacher_fingerprint": fingerprint, "protocol": key, "rows": [r.to_dict() for r in rows]}
-    tmp.write_text(json.dumps(body, indent=1))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(body, indent=1)))
 
 
 def load_teacher_rows(path: str | Path, fingerprint: str | None, key: dict) -> list[Row]:
