@@ -397,7 +397,7 @@ def stop(job_id, address, wait, timeout, tracking_uri):
         asked = client.stop(job_id)
         info = _wait_for(client, job_id, timeout_s=timeout) if wait else client.info(job_id)
     if tracking_uri:  # runs whose driver was SIGKILLed before it could end them
-        from orchestrator.controller import mark_stopped
+        from orchestrator.tracking import mark_stopped
 
         ended = mark_stopped(tracking_uri, submission_id=job_id)
         if ended:

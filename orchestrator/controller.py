@@ -14,7 +14,7 @@ Stopping: SIGTERM or SIGINT (``ray job stop`` sends SIGTERM, then SIGKILL after 
 parent and every child run still running as KILLED at once, from a watcher thread (see
 ``stop_on_signals``), then the process exits with 128 + the signal (143 for SIGTERM). Any other
 failure ends them FAILED, with the error (secrets redacted) as the tag ``job.error``.
-``mark_stopped`` does the same from outside, for runs whose driver was SIGKILLed first.
+``orchestrator.tracking.mark_stopped`` does the same from outside, for runs whose driver was SIGKILLed first.
 """
 
 from __future__ import annotations
@@ -464,31 +464,3 @@ def _data_storage(spec):
     from workers.data.storage import storage_options
 
     return storage_options(spec.data.storage_options, "data.storage_options")
-
-
-def mark_stopped(
-    tracking_uri: str | None, *, submission_id: str | None = None, parent_run_id: str | None = None
-) -> list[str]:
-    """End as KILLED a job's parent run and its children still RUNNING, found by the parent's id or
-    the ``job.submission_id`` tag (for ``addctl stop`` when the driver died before it could); returns their ids."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if parent_run_id is None:
-        if submission_id is None:
-            raise ValueError("give the parent run id or the submission id")
-        found = client.search_runs(experiments, f"tags.`job.submission_id` = '{submission_id}'", max_results=10)
-        parents = [r.info.run_id for r in found]
-    else:
-        parents = [parent_run_id]
-    ended = []
-    for parent in parents:
-        children = client.search_runs(
-            experiments, f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'", max_results=1000
-        )
-        for run_id in [r.info.run_id for r in children] + [parent]:
-            if client.get_run(run_id).info.status == "RUNNING":
-                client.set_terminated(run_id, status="KILLED")
-                ended.append(run_id)
-    return ended

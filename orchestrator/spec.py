@@ -320,7 +320,7 @@ def check_search_space(spec: JobSpec) -> None:
             candidates = [(f"{where}.{kind}", lo), (f"{where}.{kind}", hi), (f"{where}.{kind}", inside)]
         for at, value in candidates:
             data = copy.deepcopy(base)
-            set_path(data, path, value)
+            set_field(data, path, value)
             try:
                 JobSpec.model_validate(data)
             except ValidationError as err:
@@ -355,23 +355,12 @@ def _check_variants(spec: JobSpec, domain, where: str, allowed: list[str], base:
                 close = difflib.get_close_matches(path, allowed, n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise ValueError(f"{at}: {path!r} is not a field of the job spec that a sweep can vary{hint}")
-            set_path(data, path, value)
+            set_field(data, path, value)
         try:
             JobSpec.model_validate(data)
         except ValidationError as err:
             problem = problems_from_validation(err, JobSpec)[0]
             raise ValueError(f"{at}: {problem.path}: {problem.message}") from None
-
-
-def set_path(data: dict, path: str, value: Any) -> None:
-    """Set a dotted ``path`` in a nested dict (creating sections as needed)."""
-    *parents, last = path.split(".")
-    node = data
-    for key in parents:
-        if not isinstance(node.get(key), dict):
-            node[key] = {}
-        node = node[key]
-    node[last] = value
 
 
 # ---- reading a job file ---------------------------------------------------------------------------
@@ -540,7 +529,7 @@ def apply_overrides(data: dict, overrides: Sequence[str], model: type[BaseModel]
         except Exception as err:  # noqa: BLE001  (YAMLError, or a number too long to convert)
             problems.append(Problem(key, f"--set value is not valid YAML: {getattr(err, 'problem', None) or err}"))
             continue
-        problem = _set_override(data, key, value, model or JobSpec)
+        problem = set_field(data, key, value, model)
         if problem:
             problems.append(problem)
     if problems:
@@ -548,7 +537,10 @@ def apply_overrides(data: dict, overrides: Sequence[str], model: type[BaseModel]
     return data
 
 
-def _set_override(data: dict, key: str, value: Any, model: type[BaseModel]) -> Problem | None:
+def set_field(data: dict, key: str, value: Any, model: type[BaseModel] | None = None) -> Problem | None:
+    """Set the dotted ``key`` of a job's data to ``value`` (sections made as needed), or the problem with
+    ``key``: no such field of ``model`` (default ``JobSpec``), or a field that is not a section."""
+    model = model or JobSpec
     parts = key.split(".")
     node = data
     for i, part in enumerate(parts):

@@ -33,7 +33,7 @@ import ray
 from pydantic import BaseModel
 from ray import tune
 
-from orchestrator.spec import VARIANT, JobSpec, SweepSpec, variant_fields
+from orchestrator.spec import VARIANT, JobSpec, SweepSpec, set_field, variant_fields
 from orchestrator.tracking import JobTracker, TrackingCallback
 
 TRIAL_TAG = "sweep.trial_id"
@@ -77,21 +77,16 @@ def param_space(search_space: Mapping[str, object]) -> dict[str, object]:
     }
 
 
-def apply_overrides(spec: JobSpec, values: Mapping[str, object]) -> JobSpec:
-    """``spec`` with dotted-path values set, validated again (a bad path or value names the field), as a
-    single run (no ``sweep`` section)."""
+def with_values(spec: JobSpec, values: Mapping[str, object]) -> JobSpec:
+    """``spec`` with a trial's dotted-path values set, validated again (a bad path or value names the
+    field), as a single run (no ``sweep`` section)."""
     data = spec.model_dump(mode="json")
     values = dict(values)
     if VARIANT in values:  # one search-space point that sets several fields
         values = {k: v for k, v in values.items() if k != VARIANT} | variant_fields(values[VARIANT])
     for path, value in values.items():
-        *parents, last = path.split(".")
-        node = data
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or last not in node:
+        if set_field(data, path, value) is not None:
             raise ValueError(f"sweep.search_space: {path!r} is not a field of the job spec")
-        node[last] = value
     # a trial is one run: its search space, checked against the base job, says nothing about it
     return JobSpec.model_validate(data | {"sweep": None})
 
@@ -100,7 +95,7 @@ def trial_spec(spec_data: dict, values: Mapping[str, object], driver_cwd: str | 
     """The job spec of one trial: the base job with the trial's values, whose relative local paths
     (a variant's ``discriminator.dinov2`` folder, say) are the driver's: a trial runs in its own
     working directory."""
-    spec = apply_overrides(JobSpec.model_validate(spec_data), values)
+    spec = with_values(JobSpec.model_validate(spec_data), values)
     return spec.localized(Path(driver_cwd)) if driver_cwd else spec
 
 

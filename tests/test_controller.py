@@ -16,11 +16,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from orchestrator.controller import mark_stopped, run_job
+from orchestrator.controller import run_job
 from orchestrator.generate import generate, model_uri
 from orchestrator.promotion import gates_from_mapping
 from orchestrator.registry import CANDIDATE
 from orchestrator.spec import JobSpec, PromotionSpec
+from orchestrator.tracking import mark_stopped
 from tests.mlflow_server import TINY_CAPTIONS, tiny_job
 
 SECRET_ENV = "ADD_TEST_API_TOKEN"

@@ -14,12 +14,12 @@ from orchestrator.spec import JobSpec, SweepSpec
 from orchestrator.sweep import (
     TRIAL_TAG,
     TrialRunCloser,
-    apply_overrides,
     concurrent_trials,
     param_space,
     reports_per_run,
     trial_resources,
     trial_spec,
+    with_values,
 )
 from orchestrator.tracking import JobTracker
 from tests.mlflow_server import tiny_job
@@ -49,13 +49,13 @@ def test_search_space_and_overrides(tmp_path):
         param_space({"train.seed": {"normal": [0, 1]}})
 
     spec = JobSpec.model_validate(tiny_job(tmp_path, "http://unused", "overrides"))
-    trial = apply_overrides(spec, {"train.lr_student": 3e-4, "loss.lambda_distill": 1.0})
+    trial = with_values(spec, {"train.lr_student": 3e-4, "loss.lambda_distill": 1.0})
     assert (trial.train.lr_student, trial.loss.lambda_distill, trial.train.steps) == (3e-4, 1.0, 4)
     with pytest.raises(ValueError, match="'train.lr' is not a field"):
-        apply_overrides(spec, {"train.lr": 1.0})
+        with_values(spec, {"train.lr": 1.0})
     with pytest.raises(ValueError, match="greater than 0"):
-        apply_overrides(spec, {"train.lr_student": -1.0})
-    both = apply_overrides(spec, {"variant": {"label": "x", "loss.lambda_adv": 0.0, "train.seed": 5}})
+        with_values(spec, {"train.lr_student": -1.0})
+    both = with_values(spec, {"variant": {"label": "x", "loss.lambda_adv": 0.0, "train.seed": 5}})
     assert (both.loss.lambda_adv, both.train.seed) == (0.0, 5)
 
 

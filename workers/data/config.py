@@ -5,30 +5,20 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from workers.config import Section, Seed
-from workers.data.storage import StorageUri, check_storage_options, scalars_as_strings
+from workers.data.storage import StorageOptionsMap, StorageUri
 
 
 class ShardsSpec(Section):
     """Where image-caption shards are read from: their URI and the options of that storage."""
 
     uri: StorageUri = Field(description="shards: s3://bucket/prefix, file:///path, gs://..., or a local path")
-    storage_options: dict[str, str] = Field(
+    storage_options: StorageOptionsMap("data.storage_options") = Field(
         default_factory=dict,
         description="endpoint_url, region, profile, anonymous, timeouts, max_attempts; values may be ${env:NAME}",
     )
-
-    @field_validator("storage_options", mode="before")
-    @classmethod
-    def _unquoted(cls, v):
-        return scalars_as_strings(v)
-
-    @field_validator("storage_options")
-    @classmethod
-    def _options(cls, v):
-        return check_storage_options(v, "data.storage_options")
 
 
 class DataSpec(ShardsSpec):
@@ -45,16 +35,6 @@ class DataSpec(ShardsSpec):
 
 class StorageSpec(Section):
     uri: StorageUri = Field("runs", description="where checkpoints and exports go: a local folder or s3://bucket/prefix")
-    options: dict[str, str] = Field(
+    options: StorageOptionsMap("storage.options") = Field(
         default_factory=dict, description="options of the storage (as data.storage_options); values may be ${env:NAME}"
     )
-
-    @field_validator("options", mode="before")
-    @classmethod
-    def _unquoted(cls, v):
-        return scalars_as_strings(v)
-
-    @field_validator("options")
-    @classmethod
-    def _options(cls, v):
-        return check_storage_options(v, "storage.options")

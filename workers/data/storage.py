@@ -31,7 +31,7 @@ from typing import Annotated
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BeforeValidator
 
 from workers import secrets as _secrets
 from workers.config import known_scheme
@@ -41,7 +41,9 @@ __all__ = [
     "STORAGE_OPTIONS",
     "StorageError",
     "StorageOptions",
+    "StorageOptionsMap",
     "StorageUri",
+    "StringMap",
     "atomic_write",
     "check_storage_options",
     "commit_bytes",
@@ -126,6 +128,17 @@ def check_storage_options(values: dict[str, str], where: str) -> dict[str, str]:
                 kind = "true or false" if key == "anonymous" else STORAGE_OPTIONS[key].__name__
                 raise ValueError(f"{where}.{key}: must be {kind}, got {value!r}") from None
     return values
+
+
+def StringMap(check: Callable[[dict[str, str]], dict[str, str]]):  # noqa: N802  (a type, named as one)
+    """``dict[str, str]`` of a job file whose scalars may be written unquoted (``max_attempts: 5``),
+    then checked by ``check``."""
+    return Annotated[dict[str, str], BeforeValidator(scalars_as_strings), AfterValidator(check)]
+
+
+def StorageOptionsMap(where: str):  # noqa: N802  (a type, named as one)
+    """The options of a storage in a job file at ``where`` (``storage.options``, ``data.storage_options``)."""
+    return StringMap(lambda values: check_storage_options(values, where))
 
 
 def storage_options(options: Mapping[str, str], where: str) -> StorageOptions:

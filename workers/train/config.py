@@ -16,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from workers.add.config import DiscriminatorSpec, LossSpec, StudentSpec, TeacherSpec
 from workers.config import Section, Seed, Text
 from workers.data.config import DataSpec, StorageSpec
-from workers.data.storage import scalars_as_strings
+from workers.data.storage import StringMap
 from workers.secrets import check_secrets
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -63,6 +63,13 @@ class ResourcesSpec(Section):
     max_failures: int = Field(2, ge=0, description="worker failures survived by restarting from a checkpoint")
 
 
+def _environment(values: dict[str, str]) -> dict[str, str]:
+    for key in values:
+        if not ENV_NAME.match(key):
+            raise ValueError(f"env.{key}: not a valid environment variable name (letters, digits, _)")
+    return check_secrets(values, "env")
+
+
 class TrainJob(Section):
     """One ADD training run: what to distil, on what data, with which resources, stored where."""
 
@@ -75,22 +82,9 @@ class TrainJob(Section):
     train: TrainSpec = Field(default_factory=TrainSpec, description="optimisation, logging and checkpoints")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Ray Train workers")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="checkpoints and exports")
-    env: dict[str, str] = Field(
+    env: StringMap(_environment) = Field(
         default_factory=dict, description="environment of the workers; secrets only as ${env:NAME} references"
     )
-
-    @field_validator("env", mode="before")
-    @classmethod
-    def _unquoted(cls, v):
-        return scalars_as_strings(v)
-
-    @field_validator("env")
-    @classmethod
-    def _env(cls, v):
-        for key in v:
-            if not ENV_NAME.match(key):
-                raise ValueError(f"env.{key}: not a valid environment variable name (letters, digits, _)")
-        return check_secrets(v, "env")
 
     @model_validator(mode="after")
     def _batch_divides(self):
