@@ -164,11 +164,9 @@ def run_job(
     """
     import ray
 
-    from orchestrator.jobs import localize_paths
-
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
-    spec = localize_paths(spec)  # relative to here, not to a Tune trial's working directory
+    spec = spec.localized()  # relative to here, not to a Tune trial's working directory
     tracker = JobTracker(spec, tracking_uri)
 
     def stop(signum: int) -> None:  # from the watcher thread, at once
