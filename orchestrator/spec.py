@@ -7,9 +7,9 @@ a file, applies ``--set key=value`` overrides and validates; ``JobSpec.model_jso
 
 Secrets appear only as references ``${env:NAME}``, and only where they are resolved: in ``env``,
 ``storage.options`` and ``data.storage_options``. A reference is resolved where the job runs (the
-driver and each worker, ``resolve_secrets``; a submitted job's ``env`` travels only in its job.yaml,
-see ``orchestrator/jobs.py``), so the value is never in the job file, the job's submission, a log or
-an MLflow run. Clear-text secrets are rejected anywhere in the job, the sweep included: a
+driver and each worker, ``workers.secrets.resolve_secrets``; a submitted job's ``env`` travels only
+in its job.yaml, see ``orchestrator/jobs.py``), so the value is never in the job file, the job's
+submission, a log or an MLflow run. Clear-text secrets are rejected anywhere in the job, the sweep included: a
 secret-looking key with a literal value, or a value shaped like a credential
 (``workers.secrets.CLEAR_SECRETS``: URL user-info and query tokens, connection-string keys, AWS key
 ids, private keys, API tokens). Malformed references and shell-style ``${...}`` are rejected too.
