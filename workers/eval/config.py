@@ -83,7 +83,7 @@ class EvalSpec(Section):
     seed: Seed = Field(0, description="noise of both samplers (the same for student and teacher)")
     speed_batch_size: int = Field(8, ge=1, description="images per timed call")
     speed_warmup: int = Field(1, ge=0, description="untimed calls before timing")
-    speed_repeats: int = Field(3, ge=1, description="timed calls; the median counts")
+    speed_repeats: int = Field(3, ge=1, description="timed calls; the median counts (at least 3 with a table)")
     features: str = Field("inception", description="FID feature network: inception, none, or package.module:factory")
     scorer: str = Field("clip", description="prompt-alignment scorer: clip, none, or package.module:factory")
     clip_model: ModelSource | None = Field(None, description="CLIP path or hub id (scorer: clip; default: ViT-B/32)")

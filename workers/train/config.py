@@ -64,6 +64,7 @@ class ResourcesSpec(Section):
 
 
 def _environment(values: dict[str, str]) -> dict[str, str]:
+    """The ``env`` section: variable names only, secrets only as references."""
     for key in values:
         if not ENV_NAME.match(key):
             raise ValueError(f"env.{key}: not a valid environment variable name (letters, digits, _)")
