@@ -302,3 +302,20 @@ def test_the_sweep_section_reaches_tune_as_written(overrides, asha, seeded):
     assert spec.sweep.seed == (0 if seeded else None)
     assert (config.search_alg._random_state._rng is not None) == seeded
 
+
+
+def test_each_section_is_declared_once_beside_its_code_and_the_workers_get_theirs_only():
+    from workers.add.config import LossSpec
+    from workers.data.config import DataSpec
+    from workers.eval.config import EvalSpec
+    from workers.train.config import TrainJob
+
+    fields = JobSpec.model_fields
+    assert issubclass(JobSpec, TrainJob)
+    assert (fields["loss"].annotation, fields["data"].annotation, fields["eval"].annotation) == (
+        LossSpec, DataSpec, EvalSpec,
+    )  # fmt: skip
+    spec = load_job(ROOT / "jobs" / "fashion-mnist.yaml")
+    dump = spec.training_dump()
+    assert set(dump) == set(TrainJob.model_fields) and not {"eval", "tracking", "promotion", "sweep"} & set(dump)
+    assert TrainJob.model_validate(dump).model_dump() == {k: v for k, v in spec.model_dump().items() if k in dump}
