@@ -43,7 +43,7 @@ demo: $(STAMP) $(DATA)/fashion-mnist-train/_manifest.json $(DATA)/fashion-mnist-
 	$(VENV)/bin/addctl run jobs/fashion-mnist.yaml
 
 toy: $(STAMP)
-	$(PY) -m workers.add.toy --out results/toy
+	$(VENV)/bin/addctl toy --out results/toy
 
 clean:
 	rm -rf $(VENV) results/toy results/fashion-mnist

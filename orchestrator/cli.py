@@ -19,9 +19,9 @@ from pathlib import Path
 import click
 
 from orchestrator.errors import JobSpecError
+from workers.data.fashion_mnist import FASHION_MNIST_IDX
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
-FASHION_MNIST_IDX = "/usr/share/datasets/fashion-mnist"
 
 
 class BadInput(click.ClickException):
@@ -168,6 +168,34 @@ def schema(fmt):
     click.echo(json.dumps(job_schema(), indent=2) if fmt == "json" else reference_markdown(), nl=fmt == "json")
 
 
+@main.command()
+@click.option("--file", "path", type=click.Path(dir_okay=False, path_type=Path), default=Path("README.md"),
+              help="the file whose job-reference section (between its markers) is regenerated")
+@click.option("--check", is_flag=True, help="only check that the section is current (exit 1 if not)")
+def docs(path, check):
+    """Regenerate the job-file reference (generated from the job spec, one row per field) in place.
+
+    \b
+    Examples:
+      addctl docs                 # after changing a field of the job spec
+      addctl docs --check         # what CI runs: exit 1 when the reference is stale
+    """
+    from orchestrator.reference import readme_section, reference_markdown, write_readme
+
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file")
+    section = readme_section(path.read_text())
+    if section is None:
+        raise BadInput(f"{path} has no job-reference markers")
+    if check:
+        if section != reference_markdown():
+            raise Failed(f"{path}: the job-file reference is stale; run: addctl docs --file {path}")
+        click.echo(f"{path}: the job-file reference is current")
+        return
+    write_readme(path)
+    click.echo(f"{path}: job-file reference written")
+
+
 # ---- running a job --------------------------------------------------------------------------------
 
 
@@ -192,18 +220,18 @@ def run(job, overrides, address, tracking_uri, storage_path, run_name, num_cpus)
       addctl run jobs/sd15-laion.yaml --address auto --tracking-uri http://mlflow:5000
     """
     from orchestrator import embedded
-    from orchestrator.spec import SecretError, apply_env
+    from workers.secrets import SecretError, apply_env
 
     spec = _load(job, overrides)
     try:
-        apply_env(spec)  # here is where the job runs: references resolve from this environment
+        apply_env(spec.env)  # here is where the job runs: references resolve from this environment
     except SecretError as err:
         raise BadInput(str(err)) from None
     uri = embedded.tracking_uri(tracking_uri, spec.tracking.uri)
     from orchestrator.controller import run_job
-    from orchestrator.tracking import JobStopped
+    from orchestrator.tracking import JobStopped, ensure_experiment
 
-    embedded.ensure_experiment(uri, spec.tracking.experiment)
+    ensure_experiment(uri, spec.tracking.experiment)
     os.environ["MLFLOW_TRACKING_URI"] = uri  # MLflow's fluent calls (model logging) go where the runs go
     os.environ.pop("MLFLOW_REGISTRY_URI", None)
     r = spec.resources
@@ -254,13 +282,13 @@ def submit(job, overrides, address, tracking_uri, storage_path, follow, wait):
       addctl submit jobs/sdxl-laion.yaml --address https://ray.example.com --set train.steps=20000
     """
     from orchestrator import embedded
-    from orchestrator.jobs import is_loopback, localize_paths, resolve_address
+    from orchestrator.jobs import is_loopback, resolve_address
 
     address = resolve_address(address)
     local = is_loopback(address)
     spec = _load(job, overrides, check_paths=local)  # a remote cluster checks its own paths when it loads the job
     if local:
-        spec = localize_paths(spec)
+        spec = spec.localized()
     else:
         for field, uri in (("data.uri", spec.data.uri), ("storage.uri", spec.storage.uri)):
             if "://" not in uri:
@@ -369,7 +397,7 @@ def stop(job_id, address, wait, timeout, tracking_uri):
         asked = client.stop(job_id)
         info = _wait_for(client, job_id, timeout_s=timeout) if wait else client.info(job_id)
     if tracking_uri:  # runs whose driver was SIGKILLed before it could end them
-        from orchestrator.controller import mark_stopped
+        from orchestrator.tracking import mark_stopped
 
         ended = mark_stopped(tracking_uri, submission_id=job_id)
         if ended:
@@ -762,27 +790,32 @@ def prepare_folder(folder, out, rows_per_shard, seed):
 # ---- a teacher to distil --------------------------------------------------------------------------
 
 
-@main.command(name="train-teacher")
+@main.group()
+def teacher():
+    """The teacher to distil: train one, export it, measure its rows of the benchmark table."""
+
+
+@teacher.command(name="train")
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a field (repeatable)")
 @click.option("--tracking-uri", default=None, help="MLflow (default: tracking.uri, MLFLOW_TRACKING_URI, ./runs)")
-def train_teacher(job, overrides, tracking_uri):
+def teacher_train(job, overrides, tracking_uri):
     """Train a caption-conditioned pixel teacher by plain diffusion from image-caption shards, in the
     foreground; log it to MLflow and export it as a diffusers folder.
 
-    The job file is a teacher job (workers/diffusion/job.py), not an ADD job. Running it again with
+    The job file is a teacher job (orchestrator/teacher_job.py), not an ADD job. Running it again with
     the same output.run folder resumes from its checkpoint (e.g. with a larger train.steps).
 
     \b
     Examples:
       addctl prepare-data fashion-mnist runs/data/fashion-mnist-train
-      addctl train-teacher jobs/fashion-mnist-teacher.yaml                  # resumable: run it again
-      addctl train-teacher jobs/fashion-mnist-teacher.yaml --set train.steps=20 --set output.run=runs/try
+      addctl teacher train jobs/fashion-mnist-teacher.yaml                  # resumable: run it again
+      addctl teacher train jobs/fashion-mnist-teacher.yaml --set train.steps=20 --set output.run=runs/try
     """
-    from orchestrator.spec import SecretError
+    from orchestrator.teacher_job import load_teacher_job, run_teacher_job
     from orchestrator.tracking import JobStopped
     from workers.data import StorageError
-    from workers.diffusion.job import load_teacher_job, run_teacher_job
+    from workers.secrets import SecretError
 
     try:
         spec = load_teacher_job(job, overrides)
@@ -803,6 +836,213 @@ def train_teacher(job, overrides, tracking_uri):
     except Exception as err:  # noqa: BLE001  (recorded as FAILED on the MLflow run)
         raise Failed(f"job {spec.name} failed: {_redact(f'{type(err).__name__}: {err}')}") from None
     click.echo(json.dumps(vars(result), indent=2))
+
+
+@teacher.command(name="train-idx")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="run folder (checkpoint.pt, history.json); the same folder resumes")
+@click.option("--steps", type=click.IntRange(min=1), default=5000, help="total optimizer steps")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, help="images per step")
+@click.option("--lr", type=float, default=5e-4, help="AdamW learning rate")
+@click.option("--seed", type=int, default=0, help="seed of the weights and of every step's draws")
+@click.option("--threads", type=click.IntRange(min=1), default=1, help="torch threads")
+@click.option("--idx-dir", default=FASHION_MNIST_IDX, help="folder of the Fashion-MNIST idx files")
+def teacher_train_idx(out, steps, batch_size, lr, seed, threads, idx_dir):
+    """Train the Fashion-MNIST teacher straight from the idx files (no job file, no MLflow), each draw
+    pairing an image with a random training caption of its label; export it with `addctl teacher export`.
+
+    \b
+    Examples (two to three hours on 2 CPU cores; resumable, run it in the background):
+      nohup addctl teacher train-idx --out runs/fashion-mnist-teacher --steps 5000 &
+      addctl teacher export runs/fashion-mnist-teacher jobs/fashion-mnist/teacher
+    """
+    from workers.diffusion.train import train
+
+    torch_threads(threads)
+    click.echo(json.dumps(train(out, steps, batch_size, lr, seed=seed, idx_dir=idx_dir)))
+
+
+@teacher.command(name="export")
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--weights", type=click.Choice(["ema", "model"]), default="ema",
+              help="the EMA of the weights, or the trained weights themselves (short runs)")
+def teacher_export(run, folder, weights):
+    """Write a teacher run folder's weights as a diffusers folder (replaced atomically).
+
+    \b
+    Example:
+      addctl teacher export runs/fashion-mnist-teacher jobs/fashion-mnist/teacher
+    """
+    from workers.diffusion.train import export
+
+    click.echo(export(run, folder, weights))
+
+
+@teacher.command(name="rows")
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a field (repeatable)")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="where to write the rows (default: eval.table.teacher_rows)")
+@click.option("--progress", type=click.Path(file_okay=False), default=None,
+              help="folder of finished rows and batches (default: runs/teacher-rows/<job name>)")
+@click.option("--retime", is_flag=True, help="only time the rows of the existing file again")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: torch's)")
+def teacher_rows(job, overrides, out, progress, retime, threads):
+    """Measure the teacher's rows of a job's benchmark table (eval.table) once, to ship beside the teacher.
+
+    The rows are keyed by the teacher's fingerprint and the table's protocol: a job whose teacher or
+    protocol differs refuses them and names this command. Finished rows and batches are kept under
+    --progress, so a killed measurement resumes (see orchestrator/teacher_rows.py).
+
+    \b
+    Examples:
+      addctl teacher rows jobs/fashion-mnist.yaml --threads 2      # hours on a CPU; resumable
+      addctl teacher rows jobs/fashion-mnist.yaml --retime         # only the speed columns again
+    """
+    from orchestrator.teacher_rows import measure_teacher_rows, retime_teacher_rows
+    from workers.eval.progress import StaleProgress
+    from workers.eval.table import StaleTeacherRows
+
+    spec = _load(job, overrides)
+    if threads:
+        torch_threads(threads)
+    try:
+        path = retime_teacher_rows(spec, out) if retime else measure_teacher_rows(spec, out, progress)
+    except (StaleTeacherRows, StaleProgress, ValueError) as err:  # rows or progress of another teacher or protocol
+        raise BadInput(str(err)) from None
+    click.echo(path.with_suffix(".md").read_text())
+    click.echo(json.dumps({"written": str(path)}))
+
+
+# ---- the evaluator network ------------------------------------------------------------------------
+
+
+@main.group()
+def evaluator():
+    """The benchmark's evaluator network (features of FID and recall, class accuracy)."""
+
+
+@evaluator.command(name="train")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="folder for classifier.safetensors and classifier.json")
+@click.option("--epochs", type=click.IntRange(min=1), default=4, help="epochs over the train split")
+@click.option("--threads", type=click.IntRange(min=1), default=1, help="torch threads")
+@click.option("--idx-dir", default=FASHION_MNIST_IDX, help="folder of the Fashion-MNIST idx files")
+def evaluator_train(out, epochs, threads, idx_dir):
+    """Train the small Fashion-MNIST classifier whose penultimate layer is the table's feature space
+    (workers/benchmark/classifier.py); it sees only the evaluation, never the discriminator.
+
+    \b
+    Example (a few minutes on 2 CPU cores):
+      addctl evaluator train --out jobs/fashion-mnist/evaluator
+    """
+    from workers.benchmark.classifier import train
+
+    torch_threads(threads)
+    click.echo(json.dumps(train(out, epochs, idx_dir=idx_dir), indent=2))
+
+
+@main.command(name="random-dinov2")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--shape", type=click.Choice(["small", "base"]), default="small", help="DINOv2 size to copy")
+@click.option("--seed", type=int, default=0, help="seed of the random weights")
+def random_dinov2(out, shape, seed):
+    """Write a DINOv2 folder of a real model's shape with random weights (the ablation's control:
+    how much of a DINOv2 discriminator is its pretraining).
+
+    \b
+    Example:
+      addctl random-dinov2 runs/dinov2-small-shaped
+    """
+    from workers.add.random_dinov2 import save_dinov2_shaped
+
+    click.echo(save_dinov2_shaped(out, shape, seed))
+
+
+# ---- measurements and demonstrations --------------------------------------------------------------
+
+
+@main.group()
+def bench():
+    """Throughput benchmarks: one ADD step in this process, distributed training on Ray."""
+
+
+@bench.command(name="step")
+@click.option("--teacher", required=True, help="diffusers folder or hub id of the teacher")
+@click.option("--backbone", type=click.Choice(["teacher", "dinov2"]), default="teacher", help="discriminator F")
+@click.option("--batch-size", type=click.IntRange(min=2), default=8, help="images per iteration")
+@click.option("--image-size", type=click.IntRange(min=8), default=16, help="pixel resolution of the batch")
+@click.option("--iters", type=click.IntRange(min=1), default=10, help="timed iterations")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, help="untimed iterations first")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: torch's)")
+def bench_step(teacher, backbone, batch_size, image_size, iters, warmup, threads):
+    """Time one ADD iteration (student step and discriminator step) in this process, no Ray
+    (workers/add/benchmark.py); prints seconds per iteration and images/s as JSON.
+
+    \b
+    Example:
+      addctl bench step --teacher jobs/fashion-mnist/teacher --batch-size 32 --image-size 32 --threads 2
+    """
+    from workers.add.benchmark import run
+
+    if threads:
+        torch_threads(threads)
+    click.echo(json.dumps(run(teacher, backbone, batch_size, iters, warmup, image_size), indent=2))
+
+
+@bench.command(name="train")
+@click.option("--images", type=click.IntRange(min=1), default=16384, help="Fashion-MNIST images written to S3")
+@click.option("--rows-per-shard", type=click.IntRange(min=1), default=1024, help="rows per Parquet shard")
+@click.option("--steps", type=click.IntRange(min=2), default=30, help="training steps per run")
+@click.option("--log-every", type=click.IntRange(min=1), default=10, help="steps per report; the first is warm-up")
+@click.option("--batch-size", type=click.IntRange(min=2), default=32, help="global batch")
+@click.option("--cpus", type=click.IntRange(min=1), default=8, help="logical CPUs given to Ray")
+@click.option("--teacher", default=None, help="teacher folder (default: a random Fashion-MNIST teacher)")
+@click.option("--idx-dir", default=FASHION_MNIST_IDX, help="folder of the Fashion-MNIST idx files")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="write the results as JSON here too")
+def bench_train(images, rows_per_shard, steps, log_every, batch_size, cpus, teacher, idx_dir, out):
+    """Throughput of distributed ADD training on Ray from an S3 server on loopback: ingest images/s,
+    samples/s and data wait with 1 and 2 workers, FSDP memory per rank (workers/train/benchmark.py).
+
+    \b
+    Example (about 5 minutes on 2 CPU cores):
+      addctl bench train --out results/train-benchmark.json
+    """
+    from workers.train.benchmark import run
+
+    result = run(images=images, rows_per_shard=rows_per_shard, steps=steps, log_every=log_every,
+                 batch_size=batch_size, cpus=cpus, teacher=teacher, idx_dir=idx_dir)  # fmt: skip
+    text = json.dumps(result, indent=2)
+    click.echo(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
+@main.command()
+@click.option("--steps", type=click.IntRange(min=1), default=600, help="ADD iterations")
+@click.option("--seed", type=int, default=0, help="random seed")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results/toy"),
+              help="folder for samples.png")
+def toy(steps, seed, out):
+    """ADD on a 2-D toy in seconds (workers/add/toy.py): the student at 1 step against its teacher at 1
+    and 50 steps, as sliced W1 to the data; writes a scatter plot of samples.
+
+    \b
+    Examples:
+      addctl toy
+      addctl toy --steps 600 --out results/toy
+    """
+    from workers.add.toy import plot, run_toy
+
+    run = run_toy(steps, seed=seed)
+    click.echo("| sampler | sliced W1 to data (lower is better) |\n|---|---|")
+    for name, value in run["sliced_w1"].items():
+        click.echo(f"| {name} | {value:.4f} |")
+    plot(run, out / "samples.png", seed)
+    click.echo(f"scatter plot: {out / 'samples.png'}")
 
 
 @main.command(name="balance-probe")

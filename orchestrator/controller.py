@@ -1,7 +1,7 @@
 """The controller: one job, from spec to registered candidate, tracked in MLflow.
 
-``run_job(spec)`` is what ``addctl run`` calls in-process and what a submitted Ray job runs
-(``python -m orchestrator.controller JOB.yaml``)::
+``run_job(spec)`` is what ``addctl run`` calls, in-process or as the entrypoint of a submitted Ray
+job (``python -m orchestrator.cli run job.yaml``)::
 
     parent run (the job)                         job.yaml, code version, result.* tags
       child run per training run / sweep trial   params (resolved config, flattened), metrics per
@@ -14,31 +14,28 @@ Stopping: SIGTERM or SIGINT (``ray job stop`` sends SIGTERM, then SIGKILL after 
 parent and every child run still running as KILLED at once, from a watcher thread (see
 ``stop_on_signals``), then the process exits with 128 + the signal (143 for SIGTERM). Any other
 failure ends them FAILED, with the error (secrets redacted) as the tag ``job.error``.
-``mark_stopped`` does the same from outside, for runs whose driver was SIGKILLed first.
+``orchestrator.tracking.mark_stopped`` does the same from outside, for runs whose driver was SIGKILLed first.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import logging
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from orchestrator.promotion import Gates, eval_tags
+from orchestrator.promotion import eval_tags
 from orchestrator.registry import register_candidate
-from orchestrator.spec import VARIANT, JobSpec, variant_fields
+from orchestrator.spec import VARIANT, JobSpec, PromotionSpec, variant_fields
 from orchestrator.tracking import JobStopped, JobTracker, TrackingCallback, stop_on_signals
+from workers.eval.config import EvalSpec
 
 log = logging.getLogger(__name__)
 SUBMISSION_ENV = "ADD_SUBMISSION_ID"  # set by ``addctl submit`` in the job's runtime env; tagged on the parent
@@ -66,42 +63,19 @@ class SweepTrialsFailed(RuntimeError):
     """More sweep trials failed than ``sweep.max_failed_trials`` allows; the message names each."""
 
 
-# ---- the job's sections (written by the spec's owner; read here by name, explicit arguments win) ----
+# ---- the job's sections ---------------------------------------------------------------------------
 
 
-def _section(spec: JobSpec, name: str) -> dict:
-    value = getattr(spec, name, None)
-    if value is None:
-        return {}
-    return value.model_dump() if hasattr(value, "model_dump") else dict(value)
-
-
-def _known(cls, values: dict) -> dict:
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in values.items() if k in names and v is not None}
-
-
-def sweep_config(spec: JobSpec):
-    """The job's ``sweep`` section as a ``SweepConfig``, or None for a single training run."""
-    from orchestrator.sweep import SweepConfig
-
-    section = _section(spec, "sweep")
-    return SweepConfig(**_known(SweepConfig, section)) if section.get("search_space") else None
-
-
-def eval_config(spec: JobSpec):
-    """The job's ``eval`` section as an ``EvalConfig``; prompts default to ``train.sample_prompts``."""
-    from workers.eval.evaluator import EvalConfig
-
-    section = _section(spec, "eval")
-    prompts = section.get("prompts") or list(spec.train.sample_prompts)
+def eval_section(spec: JobSpec) -> EvalSpec | None:
+    """The job's ``eval`` section with the defaults it takes from other sections: ``prompts`` from
+    ``train.sample_prompts``, ``table.reference_uri`` from ``data.uri``; None without any prompt."""
+    prompts = list(spec.eval.prompts) or list(spec.train.sample_prompts)
     if not prompts:
         return None
-    return EvalConfig(**(_known(EvalConfig, section) | {"prompts": prompts}))
-
-
-def gates(spec: JobSpec) -> Gates:
-    return Gates.from_mapping(_section(spec, "promotion"))
+    update: dict = {"prompts": prompts}
+    if spec.eval.table is not None and spec.eval.table.reference_uri is None:
+        update["table"] = spec.eval.table.model_copy(update={"reference_uri": spec.data.uri})
+    return spec.eval.model_copy(update=update)
 
 
 def load_object(ref: str) -> Callable:
@@ -119,16 +93,15 @@ def eval_instruments(spec: JobSpec):
     from workers.eval.alignment import CLIPScorer
     from workers.eval.features import InceptionFeatures
 
-    section = _section(spec, "eval")
-    features, scorer = section.get("features", "inception"), section.get("scorer", "clip")
-    if features in (None, "none"):
+    features, scorer = spec.eval.features, spec.eval.scorer
+    if features == "none":
         extractor = None
     else:
         extractor = InceptionFeatures() if features == "inception" else load_object(features)()
-    if scorer in (None, "none"):
+    if scorer == "none":
         prompt_scorer = None
     elif scorer == "clip":
-        prompt_scorer = CLIPScorer(section.get("clip_model") or "openai/clip-vit-base-patch32")
+        prompt_scorer = CLIPScorer(spec.eval.clip_model or "openai/clip-vit-base-patch32")
     else:
         prompt_scorer = load_object(scorer)()
     return extractor, prompt_scorer
@@ -139,39 +112,9 @@ def default_evaluator(spec: JobSpec):
     from workers.eval.evaluator import Evaluator
 
     extractor, prompt_scorer = eval_instruments(spec)
-    if _section(spec, "eval").get("table"):
+    if spec.eval.table is not None:
         return table_evaluator(spec, extractor, prompt_scorer)
     return Evaluator(extractor, prompt_scorer)
-
-
-def table_config(spec: JobSpec):
-    """The job's ``eval.table`` section as a ``workers.eval.table.TableConfig``."""
-    from workers.eval.protocol import ProtocolConfig
-    from workers.eval.table import TableConfig
-
-    e, t = spec.eval, spec.eval.table
-    prompts = list(e.prompts) or list(spec.train.sample_prompts)
-    protocol = ProtocolConfig(
-        prompts, t.num_images, t.batch_size, e.seed, t.k, max(e.speed_repeats, 3), t.generation_batch_size
-    )
-    return TableConfig(
-        protocol,
-        teacher_samplers=t.teacher_samplers,
-        guidance_scale=e.guidance_scale,
-        student_steps=t.student_steps,
-        reference=t.reference_sampler,
-        gated_student_steps=e.student_steps,
-        gated_teacher=f"{e.teacher_solver}:{e.teacher_steps}",
-        teacher_rows=t.teacher_rows,
-        grid_prompts=t.grid_prompts,
-        alignment_name=t.alignment_name,
-        measure={
-            "features": e.features,
-            "scorer": e.scorer,
-            "reference": t.reference_uri or spec.data.uri,
-            "reference_images": t.reference_images,
-        },
-    )
 
 
 def table_evaluator(spec: JobSpec, features, scorer, reference=None):
@@ -180,14 +123,17 @@ def table_evaluator(spec: JobSpec, features, scorer, reference=None):
     from workers.eval.reference import reference_images
     from workers.eval.table import TableEvaluator
 
-    t = spec.eval.table
+    config = eval_section(spec)
     if features is None:
         raise ValueError("eval.table needs a feature network (eval.features) for FID and recall")
+    if config is None:
+        raise ValueError("the benchmark needs at least one prompt (eval.prompts or train.sample_prompts)")
     if reference is None:
-        storage = _data_storage(spec) if t.reference_uri is None else None
-        uri = t.reference_uri or spec.data.uri
-        reference = reference_images(uri, t.reference_images, spec.data.resolution, spec.data.channels, storage)
-    return TableEvaluator(table_config(spec), features, scorer, reference)
+        t = config.table
+        storage = _data_storage(spec) if spec.eval.table.reference_uri is None else None
+        d = spec.data
+        reference = reference_images(t.reference_uri, t.reference_images, d.resolution, d.channels, storage)
+    return TableEvaluator(config, features, scorer, reference)
 
 
 # ---- one job --------------------------------------------------------------------------------------
@@ -201,7 +147,7 @@ def run_job(
     sweep=None,
     evaluation=None,
     evaluator=None,
-    promotion_gates: Gates | None = None,
+    promotion_gates: PromotionSpec | None = None,
     reference=None,
     register: bool = True,
     run_name: str | None = None,
@@ -210,19 +156,17 @@ def run_job(
 ) -> JobResult:
     """Train (one run, or a sweep), evaluate the best student, log it as a model and register it as ``candidate``.
 
-    Explicit arguments override the spec's sections: ``sweep`` (``SweepConfig``), ``evaluation``
-    (``EvalConfig``), ``evaluator`` (``Evaluator``; default from the spec's ``eval`` section),
+    Explicit arguments override the spec's sections: ``sweep`` (``SweepSpec``), ``evaluation``
+    (``EvalSpec``), ``evaluator`` (``Evaluator``; default from the spec's ``eval`` section),
     ``promotion_gates`` (stored on the version for ``promote``), ``reference`` (real images for the
     Fréchet distance, (N, C, H, W) in [0, 1]; default: read from ``data.uri``). ``trainer_kwargs``
     pass through to ``build_trainer`` (tests: ``dinov2``, ``datasets``).
     """
     import ray
 
-    from orchestrator.jobs import localize_paths
-
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
-    spec = localize_paths(spec)  # relative to here, not to a Tune trial's working directory
+    spec = spec.localized()  # relative to here, not to a Tune trial's working directory
     tracker = JobTracker(spec, tracking_uri)
 
     def stop(signum: int) -> None:  # from the watcher thread, at once
@@ -236,7 +180,7 @@ def run_job(
         status = "FAILED"
         try:
             started = time.monotonic()
-            sweep = sweep if sweep is not None else sweep_config(spec)
+            sweep = sweep if sweep is not None else spec.sweep
             evaluated: dict[str, dict] = {}
             if sweep is not None:
                 best, trials = _train_sweep(spec, sweep, tracker, storage_path, trainer_kwargs, build_trainer, result)
@@ -253,9 +197,8 @@ def run_job(
             result.balance = tags.get("train.balance")
             if register:
                 started = time.monotonic()
-                _evaluate_and_register(
-                    spec, tracker, result, evaluation, evaluator, promotion_gates or gates(spec), reference, evaluated
-                )
+                gates = promotion_gates or spec.promotion
+                _evaluate_and_register(spec, tracker, result, evaluation, evaluator, gates, reference, evaluated)
                 tracker.set_tags(tracker.parent_run_id, {"timing.register_s": f"{time.monotonic() - started:.1f}"})
             status = "FINISHED"
         except (JobStopped, KeyboardInterrupt) as stopped:
@@ -353,7 +296,7 @@ def _evaluate_trials(spec, config, tracker, trials, evaluation, evaluator, refer
     """Evaluate every finished trial (each on its own run, files under ``results_dir/<run name>``); the
     best by ``eval_metric`` wins. Writes ``ablation.md``: one row per trial, its swept values and
     evaluation. Returns the best ``(run_id, export_uri)`` and ``{run_id: evaluation}``."""
-    config_eval = evaluation if evaluation is not None else eval_config(spec)
+    config_eval = evaluation if evaluation is not None else eval_section(spec)
     results_dir = spec.eval.table.results_dir if spec.eval.table is not None else None
     finished = [t for t in trials if t.export_uri and t.run_id]
     evaluated, labels = {}, {}
@@ -430,8 +373,7 @@ def local_copy(uri: str, spec: JobSpec, folder: Path) -> Path:
     """The exported student as a local folder (downloaded from object storage when it is there)."""
     import pyarrow.fs as pafs
 
-    from workers.data.storage import resolve, split_uri
-    from workers.train.trainer import storage_options
+    from workers.data.storage import resolve, split_uri, storage_options
 
     if split_uri(uri)[0] == "file":
         return Path(split_uri(uri)[1])
@@ -452,7 +394,7 @@ def _evaluate_and_register(
     folder = Path(tempfile.mkdtemp(prefix="add-export-"))
     try:
         student_dir = local_copy(result.export_uri, spec, folder)
-        config = evaluation if evaluation is not None else eval_config(spec)
+        config = evaluation if evaluation is not None else eval_section(spec)
         if evaluated and run_id in evaluated:  # a sweep that evaluated every trial
             result.evaluation = evaluated[run_id]
         else:
@@ -517,68 +459,6 @@ def _evaluate(spec, tracker, run_id, student_dir, config, evaluator, reference, 
 
 
 def _data_storage(spec):
-    from workers.train.trainer import storage_options
+    from workers.data.storage import storage_options
 
     return storage_options(spec.data.storage_options, "data.storage_options")
-
-
-def mark_stopped(
-    tracking_uri: str | None, *, submission_id: str | None = None, parent_run_id: str | None = None
-) -> list[str]:
-    """End as KILLED a job's parent run and its children still RUNNING, found by the parent's id or
-    the ``job.submission_id`` tag (for ``addctl stop`` when the driver died before it could); returns their ids."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if parent_run_id is None:
-        if submission_id is None:
-            raise ValueError("give the parent run id or the submission id")
-        found = client.search_runs(experiments, f"tags.`job.submission_id` = '{submission_id}'", max_results=10)
-        parents = [r.info.run_id for r in found]
-    else:
-        parents = [parent_run_id]
-    ended = []
-    for parent in parents:
-        children = client.search_runs(
-            experiments, f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'", max_results=1000
-        )
-        for run_id in [r.info.run_id for r in children] + [parent]:
-            if client.get_run(run_id).info.status == "RUNNING":
-                client.set_terminated(run_id, status="KILLED")
-                ended.append(run_id)
-    return ended
-
-
-# ---- the Ray job entrypoint -----------------------------------------------------------------------
-
-
-def load_spec(path: str) -> JobSpec:
-    """A job YAML file as a JobSpec (validation errors name the field)."""
-    with open(path) as f:
-        return JobSpec.model_validate(yaml.safe_load(f))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m orchestrator.controller JOB.yaml``: run one job; exit 0, 1 on failure, 128 + signal when stopped."""
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.controller", description=main.__doc__)
-    parser.add_argument("job", help="the job YAML")
-    parser.add_argument(
-        "--tracking-uri", default=None, help="MLflow tracking URI (default: tracking.uri, then MLFLOW_TRACKING_URI)"
-    )
-    parser.add_argument("--storage-path", default=None, help="runs' storage (default: storage.uri)")
-    parser.add_argument("--run-name", default=None, help="name of the parent run (default: the job's name)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    spec = load_spec(args.job)
-    try:
-        result = run_job(spec, tracking_uri=args.tracking_uri, storage_path=args.storage_path, run_name=args.run_name)
-    except JobStopped as stopped:
-        log.warning("job %s %s", spec.name, stopped)
-        return 128 + stopped.signum
-    print(yaml.safe_dump({"result": {k: v for k, v in vars(result).items()}}, sort_keys=False), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

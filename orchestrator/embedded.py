@@ -32,28 +32,6 @@ def tracking_uri(explicit: str | None = None, job_uri: str | None = None) -> str
     return explicit or job_uri or os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri()
 
 
-def ensure_experiment(uri: str, name: str) -> None:
-    """For a SQLite store without a server: create the experiment with its artifacts in ``mlartifacts``
-    beside the database (MLflow would put them in ``./mlruns`` of whatever folder the job runs in,
-    for a submitted job a temporary one)."""
-    if not uri.startswith("sqlite:///"):
-        return
-    from mlflow.tracking import MlflowClient
-
-    db = Path(uri[len("sqlite:///") :])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    if client.get_experiment_by_name(name) is None:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        location = db.parent / "mlartifacts" / safe
-        location.mkdir(parents=True, exist_ok=True)
-        try:
-            client.create_experiment(name, artifact_location=location.as_uri())
-        except Exception:  # noqa: BLE001  (created meanwhile by another job)
-            if client.get_experiment_by_name(name) is None:
-                raise
-
-
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     """Connect to the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray; returns which."""
     import ray

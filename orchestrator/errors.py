@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ValidationError
 
-from workers.secrets import find_clear_secret, redact
+from workers.secrets import SECRET_NAME, find_clear_secret, redact
 
 # Locations pydantic adds for union members and wrapped validators: not part of the user's path.
 _TYPE_SEGMENT = re.compile(
@@ -34,7 +34,6 @@ _TYPE_SEGMENT = re.compile(
     r"($|\[)|^(function-|tagged-union|constrained-)"
 )
 _PATH_PREFIX = re.compile(r"^((?:[A-Za-z_][\w-]*|\[[^\]]+\])(?:\.[\w-]+|\[[^\]]+\])*): (.+)$", re.S)
-_SECRET_KEY = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY)", re.I)
 _NO_ECHO_SECTIONS = {"env", "options", "storage_options"}
 MESSAGE_MAX = 300  # characters of one problem's message (input never makes a message long)
 PROBLEMS_MAX = 20  # problems listed; the rest are counted
@@ -132,7 +131,7 @@ def _item_type(tp: object) -> object:
 def _may_echo(loc: Sequence[object]) -> bool:
     """Whether the offending value may be shown: never where a secret could be."""
     for part in loc:
-        if str(part) in _NO_ECHO_SECTIONS or _SECRET_KEY.search(str(part)):
+        if str(part) in _NO_ECHO_SECTIONS or SECRET_NAME.search(str(part)):
             return False
     return True
 
@@ -153,7 +152,7 @@ def safe_repr(value: object) -> str | None:
     """The value as it may appear in a message (a short repr that never walks the whole input), or
     None where it must not (a possible secret)."""
     text = _REPR.repr(value)
-    if looks_secret(value) or _SECRET_KEY.search(text) or _RANDOM_LOOKING.search(text):
+    if looks_secret(value) or SECRET_NAME.search(text) or _RANDOM_LOOKING.search(text):
         return None
     return text if len(text) <= 60 else text[:57] + "..."
 

@@ -148,26 +148,6 @@ def code_version() -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def localize_paths(spec: JobSpec, cwd: Path | None = None) -> JobSpec:
-    """Relative local paths of the job made absolute (for a cluster on this machine, whose jobs run elsewhere)."""
-    cwd = cwd or Path.cwd()
-
-    def absolute(uri: str, must_exist: bool = False) -> str:
-        if "://" in uri or os.path.isabs(uri) or (must_exist and not (cwd / uri).exists()):
-            return uri
-        return str((cwd / uri).resolve())
-
-    data = spec.model_dump(mode="json")
-    data["data"]["uri"] = absolute(spec.data.uri)
-    data["storage"]["uri"] = absolute(spec.storage.uri)
-    data["teacher"]["source"] = absolute(spec.teacher.source, must_exist=True)  # else a hub id
-    data["discriminator"]["dinov2"] = absolute(spec.discriminator.dinov2, must_exist=True)
-    uri = spec.tracking.uri
-    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        data["tracking"]["uri"] = "sqlite:///" + absolute(uri[len("sqlite:///") :])
-    return JobSpec.model_validate(data)
-
-
 def submission_id(spec: JobSpec) -> str:
     """A readable, unique submission id: ``add-<job name>-<8 hex>``."""
     return f"add-{spec.name}-{uuid.uuid4().hex[:8]}"

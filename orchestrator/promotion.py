@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from mlflow.tracking import MlflowClient
@@ -34,27 +34,20 @@ from orchestrator.registry import (
     set_version_tags,
     whoami,
 )
+from orchestrator.spec import PromotionSpec
 
 EVAL_PREFIX = "eval/"  # version tags (and child-run metrics) holding the evaluation
 GATES_TAG = "promotion/gates"
 
 
-@dataclass(frozen=True)
-class Gates:
-    """The bars a version must clear to become champion; ``None`` switches a gate off."""
+def gates_from_mapping(values: Mapping) -> PromotionSpec:
+    """Gates from a dict (given to ``promote``, or the JSON a job stored on a version as
+    ``promotion/gates``); keys this code no longer knows are ignored."""
+    return PromotionSpec.model_validate({k: v for k, v in dict(values).items() if k in PromotionSpec.model_fields})
 
-    max_fid_ratio: float | None = 1.0  # student FID ≤ this × the teacher's FID
-    alignment_margin: float | None = 0.0  # student alignment ≥ the teacher's − this
-    min_speedup: float | None = 10.0  # teacher ms/image ÷ student ms/image ≥ this
 
-    @classmethod
-    def from_mapping(cls, values: Mapping | None) -> Gates:
-        """From a dict (the job's promotion section, or the JSON stored on a version); unknown keys ignored."""
-        names = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in dict(values or {}).items() if k in names})
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+def gates_json(gates: PromotionSpec) -> str:
+    return json.dumps(gates.model_dump(), sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -68,7 +61,7 @@ class GateResult:
         return {True: "pass", False: "fail", None: "missing"}[self.passed]
 
 
-def check_gates(gates: Gates, metrics: Mapping[str, float]) -> list[GateResult]:
+def check_gates(gates: PromotionSpec, metrics: Mapping[str, float]) -> list[GateResult]:
     """Judge evaluation metrics (``student_fid``, ``teacher_fid``, ... without prefix) against ``gates``."""
 
     def need(*keys: str) -> list[float] | None:
@@ -104,11 +97,11 @@ def check_gates(gates: Gates, metrics: Mapping[str, float]) -> list[GateResult]:
     return results
 
 
-def eval_tags(metrics: Mapping[str, float], gates: Gates | None = None) -> dict[str, str]:
+def eval_tags(metrics: Mapping[str, float], gates: PromotionSpec | None = None) -> dict[str, str]:
     """Version tags recording an evaluation (and the job's gates) at registration."""
     tags = {f"{EVAL_PREFIX}{k}": repr(float(v)) for k, v in metrics.items()}
     if gates is not None:
-        tags[GATES_TAG] = gates.to_json()
+        tags[GATES_TAG] = gates_json(gates)
     return tags
 
 
@@ -150,7 +143,7 @@ def promote(
     *,
     force: bool = False,
     reason: str | None = None,
-    gates: Gates | Mapping | None = None,
+    gates: PromotionSpec | Mapping | None = None,
     client: MlflowClient | None = None,
     lock_timeout_s: float = 60.0,
 ) -> Promotion:
@@ -162,9 +155,9 @@ def promote(
     mv = client.get_model_version(name, version)  # fails clearly for an unknown model or version
     if gates is None:
         stored = mv.tags.get(GATES_TAG)
-        gates = Gates.from_mapping(json.loads(stored)) if stored else None
-    elif not isinstance(gates, Gates):
-        gates = Gates.from_mapping(gates)
+        gates = gates_from_mapping(json.loads(stored)) if stored else None
+    elif not isinstance(gates, PromotionSpec):
+        gates = gates_from_mapping(gates)
     results = check_gates(gates, metrics_from_tags(mv.tags)) if gates is not None else []
     passed = gates is not None and all(r.passed for r in results)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")

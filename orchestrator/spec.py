@@ -7,9 +7,9 @@ a file, applies ``--set key=value`` overrides and validates; ``JobSpec.model_jso
 
 Secrets appear only as references ``${env:NAME}``, and only where they are resolved: in ``env``,
 ``storage.options`` and ``data.storage_options``. A reference is resolved where the job runs (the
-driver and each worker, ``resolve_secrets``; a submitted job's ``env`` travels only in its job.yaml,
-see ``orchestrator/jobs.py``), so the value is never in the job file, the job's submission, a log or
-an MLflow run. Clear-text secrets are rejected anywhere in the job, the sweep included: a
+driver and each worker, ``workers.secrets.resolve_secrets``; a submitted job's ``env`` travels only
+in its job.yaml, see ``orchestrator/jobs.py``), so the value is never in the job file, the job's
+submission, a log or an MLflow run. Clear-text secrets are rejected anywhere in the job, the sweep included: a
 secret-looking key with a literal value, or a value shaped like a credential
 (``workers.secrets.CLEAR_SECRETS``: URL user-info and query tokens, connection-string keys, AWS key
 ids, private keys, API tokens). Malformed references and shell-style ``${...}`` are rejected too.
@@ -18,9 +18,12 @@ Bounds (hostile input must fail fast, with exit 2): a job file is at most ``MAX_
 UTF-8, ``MAX_DEPTH`` levels and ``MAX_VALUES`` values, and its aliases expand to at most
 ``MAX_EXPANDED``; floats are finite, seeds in [0, 2³²); local input paths must exist (``load_job``).
 
-Sections read by other modules: ``eval`` becomes ``workers.eval.EvalConfig`` (plus ``features``,
-``scorer``, ``clip_model``), ``promotion`` the ``orchestrator.promotion.Gates``, ``sweep`` the
-``orchestrator.sweep.SweepConfig``; field names match theirs one for one.
+Each section is declared once, beside the code that reads it: ``teacher``, ``student``,
+``discriminator`` and ``loss`` in ``workers/add/config.py``; ``data`` and ``storage`` in
+``workers/data/config.py``; ``train``, ``resources`` and their composition ``TrainJob`` (what a
+training run reads) in ``workers/train/config.py``; ``eval`` in ``workers/eval/config.py``.
+``JobSpec`` is a ``TrainJob`` plus what only the orchestrator reads: ``tracking``, ``eval``,
+``promotion`` (the gates of ``orchestrator/promotion.py``) and ``sweep`` (``orchestrator/sweep.py``).
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Discriminator,
     Field,
     Tag,
@@ -47,322 +49,25 @@ from pydantic import (
 )
 
 from orchestrator.errors import JobSpecError, Problem, format_path, problems_from_validation, safe_repr
-from workers import secrets
-from workers.data.storage import SCHEMES as STORAGE_SCHEMES
-from workers.secrets import find_clear_secret
+from workers.config import Section, Seed, known_scheme
+from workers.eval.config import EvalSpec
+from workers.secrets import SECRET_REF, find_clear_secret
+from workers.train.config import TrainJob, absolute_path
 
-SECRET_REF = re.compile(r"^\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}$")
-SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY)", re.IGNORECASE)
-DEFAULT_TEACHER_SAMPLERS = (
-    "ddim:50", "ddim:25", "ddim:8", "ddim:4", "ddim:2", "ddim:1",
-    "dpmpp:25", "dpmpp:8", "dpmpp:4", "dpmpp:2", "dpmpp:1",
-)  # fmt: skip
-FACTORY_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ANY_REF = re.compile(r"\$\{\s*env\s*:")
 URI_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@")  # a URI that starts user:password@
 SHELL_REF = re.compile(r"\$\{(?!env:)")  # ${HOME}, ${X:-y}: what a shell (or Ray's env_vars) would expand
-SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # MLflow tracking URIs: a server, a database, a folder (a bare path is a folder too).
 TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
-SEED_MAX = 2**32 - 1  # seeds are mixed with step numbers into 64-bit generator seeds
 # Where ``${env:NAME}`` references are allowed (and resolved).
 REFERENCE_SECTIONS = ("env", "storage.options", "data.storage_options")
-# Keys of ``storage.options`` / ``data.storage_options`` (``workers.data.storage.StorageOptions``).
-STORAGE_OPTIONS = {
-    "endpoint_url": str,
-    "region": str,
-    "profile": str,
-    "anonymous": lambda v: {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[v.lower()],
-    "connect_timeout": float,
-    "request_timeout": float,
-    "max_attempts": int,
-}
-
-
-class Section(BaseModel):
-    """Base of every section: unknown keys are rejected, assignments validated, NaN and infinity refused."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-def _not_blank(v: str) -> str:
-    if not v.strip():
-        raise ValueError("must not be empty")
-    return v
-
-
-def _known_scheme(v: str, schemes, what: str, otherwise: str) -> str:
-    """``v`` unless it is a URI whose scheme is not one of ``schemes``."""
-    _not_blank(v)
-    scheme = SCHEME.match(v)
-    if scheme and scheme[1].lower() not in schemes:
-        raise ValueError(
-            f"unsupported {what} {scheme[1][:20]}://; supported: {', '.join(s + '://' for s in schemes)} or {otherwise}"
-        )
-    return v
-
-
-def _storage_uri(v: str) -> str:
-    return _known_scheme(v, STORAGE_SCHEMES, "storage scheme", "a local path")
-
-
-def _model_source(v: str) -> str:
-    _not_blank(v)
-    if SCHEME.match(v):
-        raise ValueError("a local folder or a Hugging Face hub id (org/name), not a URI")
-    return v
 
 
 def _tracking_uri(v: str | None) -> str | None:
-    return v if v is None else _known_scheme(v, TRACKING_SCHEMES, "tracking URI scheme", "a local folder")
-    _not_blank(v)
-    scheme = SCHEME.match(v)
-    if scheme and scheme[1].lower() not in TRACKING_SCHEMES:
-        raise ValueError(
-            f"unsupported tracking URI scheme {scheme[1][:20]}://; supported: "
-            f"{', '.join(s + '://' for s in TRACKING_SCHEMES)} or a local folder"
-        )
-    return v
+    return v if v is None else known_scheme(v, TRACKING_SCHEMES, "tracking URI scheme", "a local folder")
 
 
-Text = Annotated[str, AfterValidator(_not_blank)]  # a string where empty means nothing
-StorageUri = Annotated[str, AfterValidator(_storage_uri)]  # s3://, gs://, file:// or a local path
-ModelSource = Annotated[str, AfterValidator(_model_source)]  # a local folder or a hub id
-Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
-
-
-class SecretError(RuntimeError):
-    """A ``${env:NAME}`` reference whose variable is not set where it is resolved (names, never values)."""
-
-
-def check_secrets(values: dict[str, str], where: str) -> dict[str, str]:
-    """Values under secret-looking names must be ``${env:NAME}`` references, never clear text."""
-    for key, value in values.items():
-        if SECRET_NAME.search(key) and not SECRET_REF.match(str(value)):
-            raise ValueError(
-                f"{where}.{key}: looks like a secret given in clear; give a reference to a variable set "
-                f"on the workers instead, e.g. ${{env:{key.upper()}}}"
-            )
-    return values
-
-
-def scalars_as_strings(values):
-    """``{"max_attempts": 5, "anonymous": true}`` -> ``{"max_attempts": "5", "anonymous": "true"}``
-    (mappings of strings, written in YAML without quotes); anything else is left to validation."""
-    if not isinstance(values, Mapping):
-        return values
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, bool):
-            value = str(value).lower()
-        elif isinstance(value, int | float):
-            value = str(value)
-        out[key] = value
-    return out
-
-
-def check_storage_options(values: dict[str, str], where: str) -> dict[str, str]:
-    """Only ``StorageOptions`` keys, with values of their type (or references); credentials go in ``env``."""
-    check_secrets(values, where)
-    for key, value in values.items():
-        if key not in STORAGE_OPTIONS:
-            raise ValueError(
-                f"{where}.{key}: unknown storage option; allowed: {', '.join(STORAGE_OPTIONS)} "
-                "(credentials go in `env:` as ${env:NAME} references, e.g. AWS_SECRET_ACCESS_KEY)"
-            )
-        if not SECRET_REF.match(value):
-            try:
-                STORAGE_OPTIONS[key](value)
-            except (KeyError, ValueError):
-                kind = "true or false" if key == "anonymous" else STORAGE_OPTIONS[key].__name__
-                raise ValueError(f"{where}.{key}: must be {kind}, got {value!r}") from None
-    return values
-
-
-# ---- the model's parts ----------------------------------------------------------------------------
-
-
-class TeacherSpec(Section):
-    source: ModelSource = Field(description="diffusers folder (local path) or hub id of the teacher ψ")
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = Field(
-        None, description="override the scheduler's prediction type"
-    )
-    resolution: int | None = Field(None, ge=8, description="SDXL micro-conditioning resolution (default: the UNet's)")
-
-
-class StudentSpec(Section):
-    steps: int = Field(4, ge=1, le=1000, description="N, the number of student timesteps (trailing spacing)")
-    timesteps: list[int] | None = Field(None, description="explicit T_student instead of `steps` (largest first)")
-    zero_terminal_snr: bool = Field(True, description="rescale the betas so τ1 = T−1 is pure noise")
-    lora_rank: int | None = Field(None, ge=1, description="train LoRA adapters of this rank instead of the full UNet")
-    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha (default: the rank)")
-
-    @field_validator("timesteps")
-    @classmethod
-    def _timesteps_in_range(cls, v):
-        if v is not None and (not v or any(t < 0 or t > 999 for t in v) or v != sorted(set(v), reverse=True)):
-            raise ValueError(f"must be distinct timesteps in [0, 999], largest first (got {v})")
-        return v
-
-
-class DiscriminatorSpec(Section):
-    backbone: Literal["teacher", "dinov2"] = Field(
-        "teacher", description="frozen F: the teacher (LADD) or DINOv2 (ADD)"
-    )
-    dinov2: ModelSource = Field("facebook/dinov2-small", description="DINOv2 path or hub id (backbone: dinov2)")
-    taps: list[int] | list[str] | None = Field(None, description="tapped layers (default: spread evenly)")
-    cmap_dim: int = Field(64, ge=1, description="dimension of the projection-conditioning map")
-    image_conditioning: bool = Field(False, description="also condition on the real image's CLS embedding")
-    augment_policy: str | None = Field(None, description="DiffAugment ops, e.g. 'color,translation,cutout'")
-    resolution: int | None = Field(224, ge=14, description="DINOv2 input resolution")
-    t_hat_loc: float = Field(
-        0.0, description="teacher backbone: t̂/T = sigmoid(n), n ~ N(t_hat_loc, t_hat_scale²); lower judges finer detail"
-    )
-    t_hat_scale: float = Field(1.0, gt=0, description="teacher backbone: spread of the logit-normal t̂")
-    text_rms: bool = Field(
-        True, description="rescale the pooled text embedding to unit RMS before the heads' projection"
-    )
-    mix_real_fake: bool = Field(
-        False, description="each batch-norm group of the heads holds real and fake samples (else one kind)"
-    )
-    minibatch_std: int = Field(
-        0, ge=0, le=1024,
-        description="heads see the features' std across groups of this many samples (StyleGAN; 0: off, else ≥ 2)",
-    )  # fmt: skip
-
-    @model_validator(mode="after")
-    def _minibatch_std_groups(self):
-        if self.minibatch_std == 1:
-            raise ValueError("minibatch_std: a group of one sample has no spread; use 0 (off) or at least 2")
-        if self.minibatch_std and self.mix_real_fake:
-            raise ValueError("minibatch_std needs groups of one kind (real or fake): set mix_real_fake false")
-        return self
-
-
-class LossSpec(Section):
-    weighting: Literal["exponential", "sds", "nfsd"] = Field("exponential", description="distillation c(t)")
-    lambda_distill: float = Field(
-        2.5, ge=0, description="λ, weight of the distillation loss (c(t) × the mean squared error per element)"
-    )
-    balance: Literal["fixed", "adaptive"] = Field(
-        "fixed",
-        description="λ_adv, the weight of L_G: fixed (lambda_adv) or adaptive (set each step so the two gradients "
-        "at x̂θ keep the ratio adv_ratio)",
-    )
-    lambda_adv: float = Field(1.0, ge=0, description="balance: fixed: weight of the adversarial loss L_G")
-    adv_ratio: float = Field(
-        1.0, gt=0, description="balance: adaptive: ‖λ_adv·∇L_G‖ / ‖∇λ·L_distill‖ at the student's output x̂θ"
-    )
-    guidance_scale: float = Field(3.0, ge=1, description="teacher CFG scale in the distillation target")
-    gamma_r1: float = Field(1e-5, ge=0, description="γ, weight of R1 at the heads' inputs")
-    r1_interval: int = Field(1, ge=1, description="apply R1 every this many D steps (lazy)")
-    distill_space: Literal["pixel", "latent"] = Field("pixel", description="distance for latent teachers")
-    sds_w: Literal["uniform", "snr"] = Field("uniform", description="w(t) of the sds/nfsd weightings")
-
-    @model_validator(mode="after")
-    def _some_loss(self):
-        if self.lambda_distill == 0 and self.lambda_adv == 0 and self.balance == "fixed":
-            raise ValueError("loss.lambda_adv: lambda_distill and lambda_adv are both 0: nothing to train")
-        if self.balance == "adaptive" and self.lambda_distill == 0:
-            raise ValueError(
-                "loss.balance: adaptive sets λ_adv relative to the distillation gradient, but lambda_distill is 0 "
-                "(for adversarial-only training use balance: fixed)"
-            )
-        return self
-
-
-# ---- data, training, resources ----------------------------------------------------------------
-
-
-class ShardsSpec(Section):
-    """Where image-caption shards are read from: their URI and the options of that storage."""
-
-    uri: StorageUri = Field(description="shards: s3://bucket/prefix, file:///path, gs://..., or a local path")
-    storage_options: dict[str, str] = Field(
-        default_factory=dict,
-        description="endpoint_url, region, profile, anonymous, timeouts, max_attempts; values may be ${env:NAME}",
-    )
-
-    @field_validator("storage_options", mode="before")
-    @classmethod
-    def _unquoted(cls, v):
-        return scalars_as_strings(v)
-
-    @field_validator("storage_options")
-    @classmethod
-    def _options(cls, v):
-        return check_storage_options(v, "data.storage_options")
-
-
-class DataSpec(ShardsSpec):
-    format: Literal["parquet", "webdataset"] = Field("parquet", description="shard format")
-    resolution: int = Field(32, ge=8, description="images are resized and centre-cropped to this size")
-    channels: Literal[1, 3] = Field(3, description="image channels the model takes")
-    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="fail when more records than this are bad")
-    shuffle_seed: Seed = Field(0, description="seed of the per-epoch file and local shuffles")
-    local_shuffle_buffer: int = Field(256, ge=0, description="rows in Ray Data's local shuffle buffer")
-    embed_captions: bool = Field(
-        False, description="encode captions in Ray Data (an actor pool, on GPUs if any), not on the training workers"
-    )
-
-
-class TrainSpec(Section):
-    steps: int = Field(1000, ge=1, description="ADD iterations")
-    batch_size: int = Field(32, ge=2, description="global batch (all workers); ≥ 2 per head for the hinge loss")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    lr_student: float = Field(1e-5, gt=0, description="AdamW learning rate of θ")
-    lr_discriminator: float = Field(2e-5, gt=0, description="AdamW learning rate of the heads φ")
-    discriminator_steps: int = Field(
-        1,
-        ge=1,
-        description="updates of the heads φ per student update (ours; the paper: 1): each extra one on a fresh "
-        "real batch and a fresh student sample",
-    )
-    adam_betas: tuple[float, float] = Field((0.0, 0.99), description="AdamW betas for both optimizers")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="clip gradients to this total norm")
-    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the student with this decay")
-    mixed_precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
-    seed: Seed = Field(0, description="seed of everything random")
-    log_every: int = Field(10, ge=1, description="report metrics every this many steps")
-    checkpoint_every: int = Field(100, ge=1, description="checkpoint every this many steps")
-    keep_checkpoints: int | None = Field(3, ge=1, description="checkpoints kept in storage (None: all)")
-    sample_every: int = Field(200, ge=1, description="log a sample grid every this many steps")
-    sample_prompts: list[Text] = Field(default_factory=list, description="captions of the sample grids")
-
-    @field_validator("adam_betas")
-    @classmethod
-    def _betas(cls, v):
-        if not all(0 <= b < 1 for b in v):
-            raise ValueError(f"each beta must be in [0, 1) (got {list(v)})")
-        return v
-
-
-class ResourcesSpec(Section):
-    num_workers: int = Field(1, ge=1, description="Ray Train workers")
-    cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker reserves")
-    gpus_per_worker: float = Field(0, ge=0, description="GPUs each worker reserves")
-    data_cpus: float = Field(1, ge=0, description="CPUs left for Ray Data (reading, decoding, embedding)")
-    fsdp: bool = Field(True, description="shard the student (and the frozen teacher) with FSDP2")
-    max_failures: int = Field(2, ge=0, description="worker failures survived by restarting from a checkpoint")
-
-
-class StorageSpec(Section):
-    uri: StorageUri = Field("runs", description="where checkpoints and exports go: a local folder or s3://bucket/prefix")
-    options: dict[str, str] = Field(
-        default_factory=dict, description="options of the storage (as data.storage_options); values may be ${env:NAME}"
-    )
-
-    @field_validator("options", mode="before")
-    @classmethod
-    def _unquoted(cls, v):
-        return scalars_as_strings(v)
-
-    @field_validator("options")
-    @classmethod
-    def _options(cls, v):
-        return check_storage_options(v, "storage.options")
+# ---- what only the orchestrator reads: tracking, promotion, sweep --------------------------------
 
 
 class TrackingSpec(Section):
@@ -371,82 +76,6 @@ class TrackingSpec(Section):
     )
     experiment: str = Field("add", min_length=1, description="MLflow experiment")
     model_name: str | None = Field(None, min_length=1, description="registered model name (default: the job's name)")
-
-
-# ---- evaluation, promotion, sweep -------------------------------------------------------------
-
-
-class TableSpec(Section):
-    """The benchmark table (``workers.eval.table``): every sampler row measured by one protocol."""
-
-    num_images: int = Field(10_000, ge=8, description="images generated per sampler row (prompts cycled)")
-    batch_size: int = Field(256, ge=1, description="images per timed call (the speed columns), and per generation call")
-    generation_batch_size: int | None = Field(
-        None,
-        ge=1,
-        description="images per generation call when not batch_size (a CPU's fastest); speed stays at batch_size",
-    )
-    teacher_samplers: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_TEACHER_SAMPLERS),
-        description="teacher rows as solver:steps (ddim or dpmpp), all with eval.guidance_scale",
-    )
-    student_steps: list[int] = Field(default_factory=lambda: [1, 2, 4], description="student rows (steps)")
-    reference_sampler: str = Field("ddim:50", description="the teacher row every speed-up is relative to")
-    teacher_rows: Text | None = Field(
-        None, description="shipped teacher rows (JSON, measured once); null: measure the teacher rows in the job"
-    )
-    reference_uri: StorageUri | None = Field(None, description="real images for FID and recall (default: data.uri)")
-    reference_images: int = Field(10_000, ge=8, description="real images read from reference_uri")
-    grid_prompts: list[Text] = Field(default_factory=list, description="rows of samples.png (default: 10 prompts)")
-    alignment_name: str = Field("alignment", min_length=1, description="the alignment column's name in the table")
-    k: int = Field(3, ge=1, description="neighbourhood size of precision and recall")
-    results_dir: Text | None = Field(None, description="also write table.md/json and the PNGs to this local folder")
-
-    @field_validator("teacher_samplers", "reference_sampler")
-    @classmethod
-    def _samplers(cls, v):
-        for text in [v] if isinstance(v, str) else v:
-            solver, _, steps = text.partition(":")
-            if solver not in ("ddim", "dpmpp") or not steps.isdigit() or int(steps) < 1:
-                raise ValueError(f"{text!r}: a teacher sampler is ddim:STEPS or dpmpp:STEPS")
-        return v
-
-    @field_validator("student_steps")
-    @classmethod
-    def _steps(cls, v):
-        if not v or any(n < 1 for n in v):
-            raise ValueError(f"must be a non-empty list of step counts ≥ 1 (got {v})")
-        return v
-
-
-class EvalSpec(Section):
-    """The student against its teacher after training (``workers.eval.EvalConfig``); never used in training."""
-
-    prompts: list[Text] = Field(
-        default_factory=list, description="eval prompts, held out from training (default: train.sample_prompts)"
-    )
-    images_per_prompt: int = Field(4, ge=1, description="samples per prompt and sampler for FID and alignment")
-    student_steps: int = Field(1, ge=1, le=1000, description="the student's sampling steps")
-    teacher_steps: int = Field(50, ge=1, le=1000, description="the teacher's reference sampler steps")
-    teacher_solver: Literal["ddim", "dpmpp"] = Field("ddim", description="the teacher's reference sampler")
-    guidance_scale: float = Field(5.0, ge=1, description="the teacher's classifier-free guidance scale")
-    batch_size: int = Field(32, ge=1, description="images per sampling call")
-    seed: Seed = Field(0, description="noise of both samplers (the same for student and teacher)")
-    speed_batch_size: int = Field(8, ge=1, description="images per timed call")
-    speed_warmup: int = Field(1, ge=0, description="untimed calls before timing")
-    speed_repeats: int = Field(3, ge=1, description="timed calls; the median counts")
-    features: str = Field("inception", description="FID feature network: inception, none, or package.module:factory")
-    scorer: str = Field("clip", description="prompt-alignment scorer: clip, none, or package.module:factory")
-    clip_model: ModelSource | None = Field(None, description="CLIP path or hub id (scorer: clip; default: ViT-B/32)")
-    table: TableSpec | None = Field(None, description="measure the benchmark table instead of one comparison")
-
-    @field_validator("features", "scorer")
-    @classmethod
-    def _named_or_factory(cls, v, info):
-        builtin = {"features": "inception", "scorer": "clip"}[info.field_name]
-        if v not in (builtin, "none") and not FACTORY_REF.match(v):
-            raise ValueError(f"must be {builtin}, none, or a factory as package.module:name (got {v!r})")
-        return v
 
 
 class PromotionSpec(Section):
@@ -538,7 +167,7 @@ Domain = Annotated[
 
 
 class SweepSpec(Section):
-    """A Ray Tune search over spec fields (``orchestrator.sweep.SweepConfig``); the best trial is registered."""
+    """A Ray Tune search over spec fields (run by ``orchestrator.sweep.run_sweep``); the best trial is registered."""
 
     search_space: dict[str, Domain] = Field(
         min_length=1,
@@ -578,38 +207,19 @@ class SweepSpec(Section):
 # ---- the job --------------------------------------------------------------------------------------
 
 
-class JobSpec(Section):
-    """One ADD job: what to distil, on what data, with which resources, tracked where."""
+class JobSpec(TrainJob):
+    """One ADD job: a training run (``TrainJob``), then evaluated, tracked, registered; or a sweep of them."""
 
-    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="job name (lowercase, - _ .)")]
-    teacher: TeacherSpec = Field(description="the pretrained diffusion model ψ to distil")
-    student: StudentSpec = Field(default_factory=StudentSpec, description="the student θ")
-    discriminator: DiscriminatorSpec = Field(default_factory=DiscriminatorSpec, description="D: frozen F + heads")
-    loss: LossSpec = Field(default_factory=LossSpec, description="the ADD objective")
-    data: DataSpec = Field(description="the image-caption shards")
-    train: TrainSpec = Field(default_factory=TrainSpec, description="optimisation, logging and checkpoints")
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Ray Train workers")
-    storage: StorageSpec = Field(default_factory=StorageSpec, description="checkpoints and exports")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="student against teacher after training")
     promotion: PromotionSpec = Field(default_factory=PromotionSpec, description="gates for `addctl promote`")
     sweep: SweepSpec | None = Field(None, description="optional Ray Tune sweep (default: a single run)")
-    env: dict[str, str] = Field(
-        default_factory=dict, description="environment of the workers; secrets only as ${env:NAME} references"
-    )
 
-    @field_validator("env", mode="before")
-    @classmethod
-    def _unquoted(cls, v):
-        return scalars_as_strings(v)
-
-    @field_validator("env")
-    @classmethod
-    def _env(cls, v):
-        for key in v:
-            if not ENV_NAME.match(key):
-                raise ValueError(f"env.{key}: not a valid environment variable name (letters, digits, _)")
-        return check_secrets(v, "env")
+    def _localize(self, data: dict, cwd: Path) -> None:
+        super()._localize(data, cwd)
+        uri = self.tracking.uri
+        if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            data["tracking"]["uri"] = "sqlite:///" + absolute_path(uri[len("sqlite:///") :], cwd)
 
     @model_validator(mode="after")
     def _table_student_steps(self):
@@ -617,16 +227,6 @@ class JobSpec(Section):
         n = len(self.student.timesteps) if self.student.timesteps else self.student.steps
         if table is not None and any(k > n for k in table.student_steps):
             raise ValueError(f"eval.table.student_steps: {table.student_steps} — the student samples in 1..{n} steps")
-        return self
-
-    @model_validator(mode="after")
-    def _batch_divides(self):
-        per_step = self.resources.num_workers * self.train.grad_accum
-        if self.train.batch_size % per_step:
-            raise ValueError(
-                f"train.batch_size: {self.train.batch_size} must be a multiple of resources.num_workers × "
-                f"train.grad_accum = {per_step}"
-            )
         return self
 
     @model_validator(mode="after")
@@ -720,7 +320,7 @@ def check_search_space(spec: JobSpec) -> None:
             candidates = [(f"{where}.{kind}", lo), (f"{where}.{kind}", hi), (f"{where}.{kind}", inside)]
         for at, value in candidates:
             data = copy.deepcopy(base)
-            set_path(data, path, value)
+            set_field(data, path, value)
             try:
                 JobSpec.model_validate(data)
             except ValidationError as err:
@@ -755,23 +355,12 @@ def _check_variants(spec: JobSpec, domain, where: str, allowed: list[str], base:
                 close = difflib.get_close_matches(path, allowed, n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise ValueError(f"{at}: {path!r} is not a field of the job spec that a sweep can vary{hint}")
-            set_path(data, path, value)
+            set_field(data, path, value)
         try:
             JobSpec.model_validate(data)
         except ValidationError as err:
             problem = problems_from_validation(err, JobSpec)[0]
             raise ValueError(f"{at}: {problem.path}: {problem.message}") from None
-
-
-def set_path(data: dict, path: str, value: Any) -> None:
-    """Set a dotted ``path`` in a nested dict (creating sections as needed)."""
-    *parents, last = path.split(".")
-    node = data
-    for key in parents:
-        if not isinstance(node.get(key), dict):
-            node[key] = {}
-        node = node[key]
-    node[last] = value
 
 
 # ---- reading a job file ---------------------------------------------------------------------------
@@ -920,11 +509,12 @@ def parse_yaml(text: str, source: str = "<job>") -> dict:
     return data
 
 
-def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+def apply_overrides(data: dict, overrides: Sequence[str], model: type[BaseModel] | None = None) -> dict:
     """``data`` with each ``KEY=VALUE`` override set (VALUE parsed as YAML: numbers, lists, null...).
 
-    KEY is a dotted path checked against the spec (``train.steps``, ``env.HF_HOME``,
-    ``sweep.search_space.loss.lambda_distill``: for a mapping the rest of the path is the key).
+    KEY is a dotted path checked against ``model`` (default ``JobSpec``; a teacher job passes its own):
+    ``train.steps``, ``env.HF_HOME``, ``sweep.search_space.loss.lambda_distill`` (for a mapping the rest
+    of the path is the key).
     """
     data = copy.deepcopy(data)
     problems = []
@@ -939,7 +529,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         except Exception as err:  # noqa: BLE001  (YAMLError, or a number too long to convert)
             problems.append(Problem(key, f"--set value is not valid YAML: {getattr(err, 'problem', None) or err}"))
             continue
-        problem = _set_override(data, key, value)
+        problem = set_field(data, key, value, model)
         if problem:
             problems.append(problem)
     if problems:
@@ -947,9 +537,11 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
-def _set_override(data: dict, key: str, value: Any) -> Problem | None:
+def set_field(data: dict, key: str, value: Any, model: type[BaseModel] | None = None) -> Problem | None:
+    """Set the dotted ``key`` of a job's data to ``value`` (sections made as needed), or the problem with
+    ``key``: no such field of ``model`` (default ``JobSpec``), or a field that is not a section."""
+    model = model or JobSpec
     parts = key.split(".")
-    model: type[BaseModel] = JobSpec
     node = data
     for i, part in enumerate(parts):
         path = ".".join(parts[: i + 1])
@@ -1076,50 +668,13 @@ def missing_paths(spec: JobSpec) -> list[Problem]:
     return problems
 
 
+def job_yaml(data: Mapping) -> str:
+    """A job's dump (``model_dump(mode="json")``, of an ADD or a teacher job) as YAML: its sections in
+    their order, text as written."""
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
 def dump_job(spec: JobSpec) -> str:
-    """The job as YAML with every default filled in (references stay references): what a submitted job runs."""
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-
-
-# ---- secrets: resolved on the workers only ----------------------------------------------------------
-
-
-def references(values: Mapping[str, str]) -> dict[str, str]:
-    """``{key: NAME}`` for each value of ``values`` that is a ``${env:NAME}`` reference."""
-    return {k: m[1] for k, v in values.items() if (m := SECRET_REF.match(str(v)))}
-
-
-def resolve_secrets(
-    values: Mapping[str, str], where: str = "env", environ: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    """On a worker: ``values`` with each ``${env:NAME}`` replaced by that variable's value.
-
-    Raises ``SecretError`` naming the keys and variables (never a value) when one is not set.
-    Call it where the job runs, never on the client; do not log what it returns.
-    """
-    environ = secrets.environ() if environ is None else environ
-    resolved, missing = {}, []
-    for key, value in values.items():
-        ref = SECRET_REF.match(str(value))
-        if ref is None:
-            resolved[key] = str(value)
-        elif ref[1] in environ:
-            resolved[key] = environ[ref[1]]
-        else:
-            missing.append(f"{where}.{key} -> ${{env:{ref[1]}}}")
-    if missing:
-        raise SecretError(
-            f"not set on this machine: {', '.join(missing)}; set the variable in the workers' environment "
-            "(a Kubernetes Secret, the environment of `ray start`, or your shell for `addctl run`)"
-        )
-    # From here this process holds the values: mask them in every message and log record.
-    secrets.remember(resolved[k] for k in references(values))
-    secrets.redact_log_records()
-    return resolved
-
-
-def apply_env(spec: JobSpec, environ: Mapping[str, str] | None = None) -> list[str]:
-    """On a worker: set the job's ``env`` (references resolved) in this process; returns the names set."""
-    resolved = resolve_secrets(spec.env, "env", environ)
-    os.environ.update(resolved)
-    return sorted(resolved)
+    """The job as YAML with every default filled in (references stay references): what a submitted job
+    runs, and what every MLflow run of it logs as ``job.yaml``."""
+    return job_yaml(spec.model_dump(mode="json"))

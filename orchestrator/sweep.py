@@ -30,43 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+from pydantic import BaseModel
 from ray import tune
 
-from orchestrator.spec import VARIANT, JobSpec, variant_fields
+from orchestrator.spec import VARIANT, JobSpec, SweepSpec, set_field, variant_fields
 from orchestrator.tracking import JobTracker, TrackingCallback
 
 TRIAL_TAG = "sweep.trial_id"
 DOMAINS = ("loguniform", "uniform", "randint", "choice", "grid", "quniform", "qloguniform")
-
-
-@dataclass
-class SweepConfig:
-    """What to search and how; mirrors the job's ``sweep`` section."""
-
-    search_space: dict[str, object]  # dotted spec path -> domain (see the module docstring)
-    metric: str = "loss/distill"  # a metric the training loop reports; the best trial is registered
-    mode: str = "min"  # "min" or "max"
-    num_samples: int = 4  # trials (times each grid point)
-    max_concurrent_trials: int | None = None  # default: as many as the cluster's CPUs (and GPUs) hold
-    scheduler: str | None = "asha"  # "asha", or "fifo" / None (every trial runs to the end)
-    grace_period: int = 1  # ASHA: reports before a trial can be stopped
-    reduction_factor: float = 2  # ASHA: keep 1 / this of the trials at each rung
-    max_t: int | None = None  # ASHA: reports in a full run (default: train.steps / train.log_every)
-    seed: int | None = 0  # of the random search
-    trial_cpus: float = 0.25  # the trial's driver function only waits on the trainer
-    evaluate_all: bool = False  # evaluate every finished trial; the best by eval_metric is registered
-    eval_metric: str = "student_fid"  # an evaluation metric (without the eval/ prefix)
-    eval_mode: str = "min"
-    max_failed_trials: int = 0  # trials that may fail with the job still succeeding
-    trial_retries: int = 1  # a failed trial resumed from its last checkpoint this many times
-
-    def __post_init__(self):
-        if self.mode not in ("min", "max"):
-            raise ValueError(f"sweep.mode must be 'min' or 'max', got {self.mode!r}")
-        if self.scheduler not in (None, "asha", "fifo"):
-            raise ValueError(f"sweep.scheduler must be 'asha', 'fifo' or null, got {self.scheduler!r}")
-        if not self.search_space:
-            raise ValueError("sweep.search_space is empty: nothing to search")
 
 
 @dataclass
@@ -99,24 +70,23 @@ def domain(spec) -> object:
 
 
 def param_space(search_space: Mapping[str, object]) -> dict[str, object]:
-    return {path: domain(value) for path, value in search_space.items()}
+    """Tune's param space of ``sweep.search_space`` (its domains as validated models, or as YAML mappings)."""
+    return {
+        path: domain(value.model_dump() if isinstance(value, BaseModel) else value)
+        for path, value in search_space.items()
+    }
 
 
-def apply_overrides(spec: JobSpec, values: Mapping[str, object]) -> JobSpec:
-    """``spec`` with dotted-path values set, validated again (a bad path or value names the field), as a
-    single run (no ``sweep`` section)."""
+def with_values(spec: JobSpec, values: Mapping[str, object]) -> JobSpec:
+    """``spec`` with a trial's dotted-path values set, validated again (a bad path or value names the
+    field), as a single run (no ``sweep`` section)."""
     data = spec.model_dump(mode="json")
     values = dict(values)
     if VARIANT in values:  # one search-space point that sets several fields
         values = {k: v for k, v in values.items() if k != VARIANT} | variant_fields(values[VARIANT])
     for path, value in values.items():
-        *parents, last = path.split(".")
-        node = data
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or last not in node:
+        if set_field(data, path, value) is not None:
             raise ValueError(f"sweep.search_space: {path!r} is not a field of the job spec")
-        node[last] = value
     # a trial is one run: its search space, checked against the base job, says nothing about it
     return JobSpec.model_validate(data | {"sweep": None})
 
@@ -125,10 +95,8 @@ def trial_spec(spec_data: dict, values: Mapping[str, object], driver_cwd: str | 
     """The job spec of one trial: the base job with the trial's values, whose relative local paths
     (a variant's ``discriminator.dinov2`` folder, say) are the driver's: a trial runs in its own
     working directory."""
-    from orchestrator.jobs import localize_paths
-
-    spec = apply_overrides(JobSpec.model_validate(spec_data), values)
-    return localize_paths(spec, Path(driver_cwd)) if driver_cwd else spec
+    spec = with_values(JobSpec.model_validate(spec_data), values)
+    return spec.localized(Path(driver_cwd)) if driver_cwd else spec
 
 
 def reports_per_run(spec: JobSpec) -> int:
@@ -139,13 +107,13 @@ def reports_per_run(spec: JobSpec) -> int:
     return len(logged | saved | {t.steps})
 
 
-def trial_resources(spec: JobSpec, config: SweepConfig) -> dict[str, float]:
+def trial_resources(spec: JobSpec, config: SweepSpec) -> dict[str, float]:
     r = spec.resources
     cpus = config.trial_cpus + r.num_workers * r.cpus_per_worker + r.data_cpus
     return {"CPU": cpus, "GPU": r.num_workers * r.gpus_per_worker}
 
 
-def concurrent_trials(spec: JobSpec, config: SweepConfig) -> int:
+def concurrent_trials(spec: JobSpec, config: SweepSpec) -> int:
     """As many trials as the cluster holds at once (at least one)."""
     if config.max_concurrent_trials:
         return config.max_concurrent_trials
@@ -272,23 +240,12 @@ def train_driver_fn(
     tracker.end(run_id, "FINISHED")
 
 
-def run_sweep(
-    spec: JobSpec,
-    config: SweepConfig,
-    tracker: JobTracker,
-    *,
-    storage_path: str | None = None,
-    trainer_kwargs: dict | None = None,
-    build_trainer: Callable | None = None,
-) -> tuple[TrialOutcome | None, list[TrialOutcome]]:
-    """Run the sweep; returns the best finished trial by ``config.metric`` (None if none finished) and all trials."""
-    import pyarrow.fs as pafs
+def tune_config(spec: JobSpec, config: SweepSpec) -> tune.TuneConfig:
+    """How Tune searches: the metric, ASHA (``scheduler: asha``) or none (``fifo`` or null: every trial
+    runs to the end), and a variant generator seeded with ``sweep.seed`` (null: random)."""
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from workers.train.trainer import run_storage, storage_options
-
-    storage_path = storage_path or spec.storage.uri
     scheduler = None
     if config.scheduler == "asha":
         scheduler = ASHAScheduler(
@@ -300,6 +257,32 @@ def run_sweep(
             # lose the export it is about to write; trials past every rung end on their own
             stop_last_trials=False,
         )
+    return tune.TuneConfig(
+        metric=config.metric,
+        mode=config.mode,
+        scheduler=scheduler,
+        num_samples=config.num_samples,
+        # the limit goes to the generator: Tune applies max_concurrent_trials only to Searchers
+        search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=concurrent_trials(spec, config)),
+    )
+
+
+def run_sweep(
+    spec: JobSpec,
+    config: SweepSpec,
+    tracker: JobTracker,
+    *,
+    storage_path: str | None = None,
+    trainer_kwargs: dict | None = None,
+    build_trainer: Callable | None = None,
+) -> tuple[TrialOutcome | None, list[TrialOutcome]]:
+    """Run the sweep; returns the best finished trial by ``config.metric`` (None if none finished) and all trials."""
+    import pyarrow.fs as pafs
+
+    from workers.data.storage import storage_options
+    from workers.train.trainer import run_storage
+
+    storage_path = storage_path or spec.storage.uri
     trainable = tune.with_parameters(
         train_driver_fn,
         spec_data=spec.model_dump(mode="json"),
@@ -315,14 +298,7 @@ def run_sweep(
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": config.trial_cpus}),
         param_space=param_space(config.search_space),
-        tune_config=tune.TuneConfig(
-            metric=config.metric,
-            mode=config.mode,
-            scheduler=scheduler,
-            num_samples=config.num_samples,
-            # the limit goes to the generator: Tune applies max_concurrent_trials only to Searchers
-            search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=concurrent_trials(spec, config)),
-        ),
+        tune_config=tune_config(spec, config),
         run_config=tune.RunConfig(
             name=f"{spec.name}-sweep-{tracker.parent_run_id[:8]}",
             storage_path=path,

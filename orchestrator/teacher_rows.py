@@ -6,8 +6,8 @@ fingerprint (its weights and configs) and the protocol (prompts, image count, se
 features, scorer, reference): a job whose teacher or protocol differs refuses them and names this
 command.
 
-    python -m orchestrator.teacher_rows jobs/fashion-mnist.yaml            # writes eval.table.teacher_rows
-    python -m orchestrator.teacher_rows jobs/fashion-mnist.yaml --set eval.table.num_images=1000
+    addctl teacher rows jobs/fashion-mnist.yaml            # writes eval.table.teacher_rows
+    addctl teacher rows jobs/fashion-mnist.yaml --set eval.table.num_images=1000
 
 The full protocol takes hours on a CPU, so finished rows and the finished batches of the row being
 measured are kept in a progress folder (``--progress``, default ``runs/teacher-rows/<job name>``):
@@ -18,13 +18,10 @@ generation shared the CPU with other work.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
 from orchestrator.controller import default_evaluator
-from orchestrator.spec import load_job
 
 
 def default_progress(spec) -> Path:
@@ -44,12 +41,12 @@ def measure_teacher_rows(spec, out: str | Path | None = None, progress: str | Pa
     out = Path(out or table.teacher_rows or "teacher_rows.json")
     evaluator, teacher, fingerprint, key = _measuring(spec)
     # kept batches are numbered in generation calls: a folder of another batch size is stale
-    batches = {"generation_batch_size": evaluator.config.protocol.generation_size}
+    batches = {"generation_batch_size": evaluator.protocol.generation_size}
     kept = RowProgress(progress or default_progress(spec), {"teacher_fingerprint": fingerprint} | key | batches)
     started = time.monotonic()
     rows = evaluator.teacher_rows(teacher, kept)
     save_teacher_rows(out, rows, fingerprint, key)
-    _write_markdown(out, rows, evaluator, spec, f"measured by `python -m orchestrator.teacher_rows` "
+    _write_markdown(out, rows, evaluator, spec, f"measured by `addctl teacher rows` "
                     f"({time.monotonic() - started:.0f} s in its last run)")
     return out
 
@@ -70,59 +67,24 @@ def retime_teacher_rows(spec, path: str | Path | None = None) -> Path:
         row.timing = timing | {"timed": "by --retime"}
     rows = evaluator.teacher_speedups(rows)
     save_teacher_rows(path, rows, fingerprint, key)
-    _write_markdown(path, rows, evaluator, spec, "measured by `python -m orchestrator.teacher_rows`, "
-                    "re-timed by its `--retime`")
+    _write_markdown(path, rows, evaluator, spec, "measured by `addctl teacher rows`, re-timed by its `--retime`")
     return path
 
 
 def _measuring(spec):
     """The job's table evaluator, its teacher, the teacher's fingerprint and the protocol key."""
     from workers.add.components import load_teacher
-    from workers.eval.table import teacher_fingerprint
+    from workers.eval.table import protocol_key, teacher_fingerprint
 
     evaluator = default_evaluator(spec)
     teacher = load_teacher(spec.teacher.source, prediction_type=spec.teacher.prediction_type)
-    return evaluator, teacher, teacher_fingerprint(spec.teacher.source), evaluator.config.protocol_key()
+    return evaluator, teacher, teacher_fingerprint(spec.teacher.source), protocol_key(evaluator.config)
 
 
 def _write_markdown(out: Path, rows, evaluator, spec, how: str) -> None:
     from workers.eval.report import table_markdown
 
-    markdown = table_markdown(rows, evaluator.config.alignment_name)
-    n = evaluator.config.protocol.num_images
+    markdown = table_markdown(rows, evaluator.table.alignment_name)
+    n = evaluator.table.num_images
     heading = f"Teacher rows of {spec.teacher.source}: {n} images per row, {how}."
     out.with_suffix(".md").write_text(f"{heading}\n\n{markdown}")
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("job", help="the job file whose eval.table protocol the rows are measured with")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out", default=None, help="where to write the rows (default: eval.table.teacher_rows)")
-    parser.add_argument(
-        "--progress", default=None, help="folder of finished rows and batches (default: runs/teacher-rows/<job name>)"
-    )
-    parser.add_argument("--retime", action="store_true", help="only time the rows of the existing file again")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    args = parser.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    from workers.eval.progress import StaleProgress
-    from workers.eval.table import StaleTeacherRows
-
-    spec = load_job(args.job, args.overrides)
-    try:
-        if args.retime:
-            path = retime_teacher_rows(spec, args.out)
-        else:
-            path = measure_teacher_rows(spec, args.out, args.progress)
-    except (StaleTeacherRows, StaleProgress) as e:  # rows or progress of another teacher or protocol
-        parser.exit(2, f"error: {e}\n")
-    print(path.with_suffix(".md").read_text())
-    print(json.dumps({"written": str(path)}))
-
-
-if __name__ == "__main__":
-    main()

@@ -26,13 +26,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from orchestrator.spec import SECRET_REF, JobSpec
-from workers.secrets import NOT_SECRET, ambient_secrets, environ, redact
+from orchestrator.spec import JobSpec, dump_job
+from workers.secrets import NOT_SECRET, SECRET_REF, ambient_secrets, environ, redact
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +87,6 @@ def spec_dump(spec: JobSpec) -> dict:
     return spec.model_dump(mode="json")
 
 
-def job_yaml(spec: JobSpec) -> str:
-    """The resolved job YAML, as logged with every run."""
-    return yaml.safe_dump(spec_dump(spec), sort_keys=False, allow_unicode=True)
-
-
 def flatten(value, prefix: str = "") -> dict[str, str]:
     """Nested config to ``{"train.lr_student": "1e-05", ...}``; lists as JSON; long values cut to MLflow's limit."""
     if isinstance(value, Mapping) and value:
@@ -143,6 +137,65 @@ def numeric_metrics(values: Mapping[str, object]) -> dict[str, float]:
     return out
 
 
+# ---- the experiment ------------------------------------------------------------------------------
+
+
+def experiment_id(client: MlflowClient, uri: str, name: str) -> str:
+    """The id of the experiment ``name``: restored if it was deleted, created if missing. In a SQLite
+    store without a server its artifacts go to ``mlartifacts/<name>`` beside the database (MLflow would
+    put them in ``./mlruns`` of whatever folder the job runs in, for a submitted job a temporary one)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+            folder = Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / safe
+            folder.mkdir(parents=True, exist_ok=True)
+            location = folder.resolve().as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except Exception:  # noqa: BLE001  (created meanwhile by another job)
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """``experiment_id`` with a client of its own (a SQLite database's folder made first)."""
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    return experiment_id(MlflowClient(tracking_uri=uri, registry_uri=uri), uri, name)
+
+
+def mark_stopped(
+    tracking_uri: str | None, *, submission_id: str | None = None, parent_run_id: str | None = None
+) -> list[str]:
+    """End as KILLED a job's parent run and its children still RUNNING, found by the parent's id or
+    the ``job.submission_id`` tag (for ``addctl stop`` when the driver died before it could); returns their ids."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if parent_run_id is None:
+        if submission_id is None:
+            raise ValueError("give the parent run id or the submission id")
+        found = client.search_runs(experiments, f"tags.`job.submission_id` = '{submission_id}'", max_results=10)
+        parents = [r.info.run_id for r in found]
+    else:
+        parents = [parent_run_id]
+    ended = []
+    for parent in parents:
+        children = client.search_runs(
+            experiments, f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'", max_results=1000
+        )
+        for run_id in [r.info.run_id for r in children] + [parent]:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status="KILLED")
+                ended.append(run_id)
+    return ended
+
+
 # ---- the runs -------------------------------------------------------------------------------------
 
 
@@ -155,7 +208,7 @@ class JobTracker:
         self.client = client or MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self.tracking_uri = self.client.tracking_uri
         self.redact = Redactor.for_spec(spec_dump(spec))
-        self.experiment_id = self._experiment(spec.tracking.experiment)
+        self.experiment_id = experiment_id(self.client, self.tracking_uri, spec.tracking.experiment)
         self.parent_run_id: str | None = None
         self.child_run_ids: list[str] = []
         self._lock = threading.Lock()
@@ -169,17 +222,6 @@ class JobTracker:
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self._lock = threading.Lock()
 
-    def _experiment(self, name: str) -> str:
-        experiment = self.client.get_experiment_by_name(name)
-        if experiment is not None:
-            if experiment.lifecycle_stage == "deleted":
-                self.client.restore_experiment(experiment.experiment_id)
-            return experiment.experiment_id
-        try:
-            return self.client.create_experiment(name)
-        except Exception:  # created meanwhile by another job
-            return self.client.get_experiment_by_name(name).experiment_id
-
     def _tags(self, tags: Mapping[str, object]) -> list[RunTag]:
         return [RunTag(k, self.redact(str(v))[:PARAM_VALUE_MAX]) for k, v in tags.items()]
 
@@ -189,7 +231,7 @@ class JobTracker:
         run = self.client.create_run(self.experiment_id, run_name=run_name or self.spec.name, tags={})
         self.parent_run_id = run.info.run_id
         self.client.log_batch(self.parent_run_id, tags=self._tags(tags))
-        self.log_text(self.parent_run_id, job_yaml(self.spec), "job.yaml")
+        self.log_text(self.parent_run_id, dump_job(self.spec), "job.yaml")
         return self.parent_run_id
 
     def start_child(
@@ -212,7 +254,7 @@ class JobTracker:
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(run_id, params=items[i : i + 100])
         self.client.log_batch(run_id, tags=self._tags(tags))
-        self.log_text(run_id, yaml.safe_dump(spec_dump(spec), sort_keys=False, allow_unicode=True), "job.yaml")
+        self.log_text(run_id, dump_job(spec), "job.yaml")
         return run_id
 
     def log_metrics(self, run_id: str, values: Mapping[str, object], step: int, timestamp_ms: int | None = None):

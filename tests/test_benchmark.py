@@ -95,7 +95,7 @@ def test_recall_falls_when_the_generated_set_collapses_and_precision_when_it_dri
 
 
 def test_samplers_parse_and_count_network_evaluations():
-    from workers.eval.protocol import Sampler
+    from workers.eval.samplers import Sampler
 
     assert Sampler.parse("ddim:50", 3.0).nfe == 100
     assert Sampler.parse("dpmpp:8", 1.0).nfe == 8
@@ -129,20 +129,29 @@ class _TinyScorer:
         return images.mean(dim=(1, 2, 3)) * 100
 
 
-def _table_config(teacher_rows=None, num_images=16):
-    from workers.eval.protocol import ProtocolConfig
-    from workers.eval.table import TableConfig
+def _table_config(teacher_rows=None, num_images=16, generation_batch_size=None):
+    """The eval section of a small table (what a job's ``eval`` with ``table`` holds)."""
+    from workers.eval.config import EvalSpec, TableSpec
 
-    return TableConfig(
-        ProtocolConfig(["a red cube", "a blue sphere"], num_images=num_images, batch_size=4, seed=0),
+    table = TableSpec(
+        num_images=num_images,
+        batch_size=4,
+        generation_batch_size=generation_batch_size,
         teacher_samplers=["ddim:4", "ddim:1", "dpmpp:2"],
-        guidance_scale=2.0,
         student_steps=[1, 2],
-        reference="ddim:4",
-        gated_teacher="ddim:4",
+        reference_sampler="ddim:4",
         teacher_rows=teacher_rows,
         alignment_name="CLIP score",
-        measure={"features": "tiny", "scorer": "tiny"},
+        reference_uri="tiny-reference",
+    )
+    return EvalSpec(
+        prompts=["a red cube", "a blue sphere"],
+        guidance_scale=2.0,
+        seed=0,
+        teacher_steps=4,
+        features="tests.tiny:features",
+        scorer="tests.tiny:scorer",
+        table=table,
     )
 
 
@@ -161,7 +170,7 @@ def sd_student(tmp_path_factory):
 
 
 def test_sd_class_table_with_injected_extractors_measures_every_row_and_writes_its_files(sd_student, tmp_path):
-    from workers.eval.table import TableEvaluator, save_teacher_rows, teacher_fingerprint
+    from workers.eval.table import TableEvaluator, protocol_key, save_teacher_rows, teacher_fingerprint
 
     source, student_dir = sd_student
     torch.manual_seed(1)
@@ -191,7 +200,7 @@ def test_sd_class_table_with_injected_extractors_measures_every_row_and_writes_i
 
     # shipped teacher rows are read instead of sampled, and refused when the teacher or protocol changed
     shipped = tmp_path / "teacher_rows.json"
-    save_teacher_rows(shipped, result.rows[:3], teacher_fingerprint(source), _table_config().protocol_key())
+    save_teacher_rows(shipped, result.rows[:3], teacher_fingerprint(source), protocol_key(_table_config()))
     features = _TinyFeatures(3)
     reused = TableEvaluator(_table_config(str(shipped)), features, _TinyScorer(), reference)
     again = reused.evaluate_paths(student_dir, source)
@@ -211,9 +220,10 @@ def test_sd_class_table_with_injected_extractors_measures_every_row_and_writes_i
 
 def test_a_killed_row_measurement_resumes_from_its_kept_batches_and_gives_the_uninterrupted_row(tmp_path):
     from workers.eval.progress import RowProgress, StaleProgress
-    from workers.eval.protocol import Protocol, Sampler
+    from workers.eval.protocol import Protocol
+    from workers.eval.samplers import Sampler
 
-    config = _table_config(num_images=18).protocol  # batches of 4: four full ones and a short one
+    config = _table_config(num_images=18)  # batches of 4: four full ones and a short one
     torch.manual_seed(2)
     protocol = Protocol(config, _TinyFeatures(3), _TinyScorer(), torch.rand(20, 3, 16, 16))
     sampler = Sampler.parse("ddim:4", 2.0)
@@ -252,11 +262,10 @@ def test_a_killed_row_measurement_resumes_from_its_kept_batches_and_gives_the_un
 def test_generation_at_another_batch_size_is_timed_at_the_protocols():
     """table.generation_batch_size: images are generated in calls of that size (a CPU's fastest), and
     the speed columns still come from warmed-up calls at batch_size."""
-    from dataclasses import replace
+    from workers.eval.protocol import Protocol
+    from workers.eval.samplers import Sampler
 
-    from workers.eval.protocol import Protocol, Sampler
-
-    config = replace(_table_config(num_images=18).protocol, generation_batch_size=6)
+    config = _table_config(num_images=18, generation_batch_size=6)
     protocol = Protocol(config, _TinyFeatures(3), _TinyScorer(), torch.rand(20, 3, 16, 16))
     calls = []
 
@@ -269,7 +278,7 @@ def test_generation_at_another_batch_size_is_timed_at_the_protocols():
     assert row.num_images == 18 and row.timing["batch_size"] == 4 and row.timing["repeats"] == 3
 
     calls.clear()  # without it, the generation's own batches of 4 are timed: no extra calls
-    Protocol(replace(config, generation_batch_size=None), _TinyFeatures(3), None, torch.rand(20, 3, 16, 16)).measure(
+    Protocol(_table_config(num_images=18), _TinyFeatures(3), None, torch.rand(20, 3, 16, 16)).measure(
         Sampler.parse("ddim:4", 2.0), generate
     )
     assert calls == [4, 4, 4, 4, 2]

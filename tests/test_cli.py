@@ -169,13 +169,14 @@ def test_models_and_promote_on_a_registry(runner, tmp_path):
     """``models list/show`` and ``promote`` through the CLI on a local store (versions made by hand)."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.promotion import Gates, eval_tags
+    from orchestrator.promotion import eval_tags
     from orchestrator.registry import register_candidate
+    from orchestrator.spec import PromotionSpec
 
     uri = f"sqlite:///{tmp_path / 'registry.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = client.create_run(client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri()))
-    gates = Gates(max_fid_ratio=1.0, alignment_margin=None, min_speedup=5.0)
+    gates = PromotionSpec(max_fid_ratio=1.0, alignment_margin=None, min_speedup=5.0)
     good = {"student_fid": 9.0, "teacher_fid": 10.0, "speedup": 40.0}
     bad = {"student_fid": 12.0, "teacher_fid": 10.0, "speedup": 40.0}
     for metrics in (good, bad):
@@ -219,3 +220,41 @@ def test_run_ends_with_the_balance_and_a_warning_a_person_cannot_miss(runner, tm
     lines = out.output.splitlines()
     assert f"WARNING: {warning}" in lines[-1]
     assert any(line.startswith("balance at the last report, step 50") for line in lines)
+
+
+# ---- the developer commands: one real invocation each where it is cheap ------------------------------
+
+
+def test_docs_checks_and_regenerates_the_job_file_reference(runner, tmp_path):
+    readme = ROOT / "README.md"
+    assert runner.invoke(main, ["docs", "--check", "--file", str(readme)]).exit_code == 0
+    stale = tmp_path / "README.md"
+    stale.write_text(readme.read_text().replace("| `steps` |", "| `stepz` |", 1))
+    assert runner.invoke(main, ["docs", "--check", "--file", str(stale)]).exit_code == 1
+    written = runner.invoke(main, ["docs", "--file", str(stale)])
+    assert written.exit_code == 0 and stale.read_text() == readme.read_text()
+    (tmp_path / "plain.md").write_text("no markers\n")
+    assert runner.invoke(main, ["docs", "--file", str(tmp_path / "plain.md")]).exit_code == 2
+
+
+def test_toy_prints_its_table_and_writes_the_plot(runner, tmp_path):
+    result = runner.invoke(main, ["toy", "--steps", "20", "--out", str(tmp_path / "toy")], catch_exceptions=False)
+    assert result.exit_code == 0 and "| student 1-step |" in result.output
+    assert (tmp_path / "toy" / "samples.png").stat().st_size > 0
+
+
+def test_bench_step_times_one_add_iteration(runner, tmp_path):
+    from tests.tiny_models import save_tiny_pixel_unet
+
+    teacher = save_tiny_pixel_unet(tmp_path / "teacher", conditioning="sentence")
+    args = ["bench", "step", "--teacher", str(teacher), "--batch-size", "4", "--image-size", "8",
+            "--iters", "1", "--warmup", "0", "--threads", "1"]  # fmt: skip
+    result = runner.invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    timing = json.loads(result.output[result.output.index("{") :])  # after any warning of torch's profiler
+    assert timing and all(isinstance(k, str) for k in timing)
+
+
+def test_teacher_rows_of_a_job_without_a_table_is_bad_input(runner):
+    result = runner.invoke(main, ["teacher", "rows", str(ROOT / "jobs" / "demo.yaml")])
+    assert result.exit_code == 2 and "no eval.table section" in result.output

@@ -16,16 +16,17 @@ import pytest
 import yaml
 from PIL import Image
 
-from orchestrator.controller import mark_stopped, run_job
+from orchestrator.controller import run_job
 from orchestrator.generate import generate, model_uri
-from orchestrator.promotion import Gates
+from orchestrator.promotion import gates_from_mapping
 from orchestrator.registry import CANDIDATE
-from orchestrator.spec import JobSpec
+from orchestrator.spec import JobSpec, PromotionSpec
+from orchestrator.tracking import mark_stopped
 from tests.mlflow_server import TINY_CAPTIONS, tiny_job
 
 SECRET_ENV = "ADD_TEST_API_TOKEN"
 SECRET = "tok-7f3a9c1e-never-in-mlflow"
-GATES = Gates(max_fid_ratio=1.5, alignment_margin=0.1, min_speedup=1.0)  # tiny_job's promotion section
+GATES = PromotionSpec(max_fid_ratio=1.5, alignment_margin=0.1, min_speedup=1.0)  # tiny_job's promotion section
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_student_registered_as_candidate_with_its_evaluation(job, mlflow_server)
     version = client.get_model_version_by_alias(spec.tracking.model_name, CANDIDATE)
     assert version.version == result.model_version and version.run_id == result.best_run_id
     assert float(version.tags["eval/speedup"]) == pytest.approx(result.evaluation["speedup"])
-    assert Gates.from_mapping(yaml.safe_load(version.tags["promotion/gates"])) == GATES
+    assert gates_from_mapping(yaml.safe_load(version.tags["promotion/gates"])) == GATES
     assert any("/models/" in k and k.endswith("/artifacts/student/unet/diffusion_pytorch_model.safetensors")
                for k in mlflow_server.artifact_keys())  # fmt: skip
 
@@ -135,7 +136,7 @@ def test_sigterm_ends_the_runs_killed(mlflow_server, ray_cluster, tmp_path):
     path.write_text(yaml.safe_dump(spec))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "ADD_SUBMISSION_ID": "raysubmit_test"}
     log = open(tmp_path / "controller.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.controller", str(path)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(path)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])  # fmt: skip
     client = mlflow_server.client()
     try:
@@ -217,7 +218,7 @@ def test_speed_is_a_warmed_up_median():
 def test_evaluator_compares_student_and_teacher(class_student):
     import torch
 
-    from workers.eval import EvalConfig, Evaluator
+    from workers.eval import EvalSpec, Evaluator
 
     source, student = class_student
     seen = []
@@ -227,14 +228,15 @@ def test_evaluator_compares_student_and_teacher(class_student):
         return {"student_recall": 0.5}
 
     evaluator = Evaluator(TinyFeaturesForTest(), lambda x, p: x.mean(dim=(1, 2, 3)), extra_metrics=[recall])
-    config = EvalConfig(prompts=[1, 2], images_per_prompt=3, teacher_steps=8, guidance_scale=2.0, speed_batch_size=4)
+    config = EvalSpec(prompts=["1", "2"], images_per_prompt=3, teacher_steps=8, guidance_scale=2.0, speed_batch_size=4)
     reference = torch.rand(6, 3, 16, 16)
     result = evaluator.evaluate_paths(student, source, config, reference)
     m = result.metrics
     assert {"student_fid", "teacher_fid", "fid_ratio", "student_alignment", "teacher_alignment"} <= set(m)
     assert m["fid_ratio"] == pytest.approx(m["student_fid"] / m["teacher_fid"])
     assert m["speedup"] > 1 and m["student_recall"] == 0.5  # speed: 1 network call against 8 steps × 2 (CFG)
-    assert seen[0].student.shape == seen[0].teacher.shape == (6, 3, 16, 16) and seen[0].prompts == [1, 1, 1, 2, 2, 2]
+    assert seen[0].student.shape == seen[0].teacher.shape == (6, 3, 16, 16)
+    assert seen[0].prompts == ["1", "1", "1", "2", "2", "2"]
     assert result.comparison_grid().size == (2 + 2 * 18, 2 + 2 * 18)
     without_reference = evaluator.evaluate_paths(student, source, config).metrics
     assert "student_teacher_fd" in without_reference and "student_fid" not in without_reference

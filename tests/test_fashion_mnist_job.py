@@ -24,13 +24,12 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_the_shipped_teacher_rows_are_those_of_the_shipped_teacher_under_the_jobs_protocol():
-    from orchestrator.controller import table_config
-    from workers.eval.table import load_teacher_rows, teacher_fingerprint
+    from orchestrator.controller import eval_section
+    from workers.eval.table import load_teacher_rows, protocol_key, teacher_fingerprint
 
     spec = load_job(JOB)
-    config = table_config(spec)
     fingerprint = teacher_fingerprint(spec.teacher.source)
-    rows = load_teacher_rows(spec.eval.table.teacher_rows, fingerprint, config.protocol_key())
+    rows = load_teacher_rows(spec.eval.table.teacher_rows, fingerprint, protocol_key(eval_section(spec)))
     assert [f"{r.sampler.solver}:{r.sampler.steps}" for r in rows] == list(spec.eval.table.teacher_samplers)
     assert all(r.num_images == spec.eval.table.num_images for r in rows)
     reference = {f"{r.sampler.solver}:{r.sampler.steps}": r for r in rows}["ddim:50"]
@@ -102,15 +101,18 @@ def test_main_job_small_prepares_trains_evaluates_writes_the_table_and_registers
     assert {"eval/table.md", "eval/table.json", "eval/samples.png", "eval/fid_vs_nfe.png"} <= logged
 
 
-def test_teacher_rows_command_resumes_after_a_kill_and_retimes_the_written_rows(tmp_path, monkeypatch, capsys):
-    from orchestrator import teacher_rows
+def test_teacher_rows_command_resumes_after_a_kill_and_retimes_the_written_rows(tmp_path, monkeypatch):
+    import click
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
     from workers.data import prepare_fashion_mnist
     from workers.eval.protocol import Protocol
     from workers.eval.table import load_teacher_rows, teacher_fingerprint
 
     prepare_fashion_mnist(FASHION, str(tmp_path / "test"), split="test", limit=100)
     out, progress = tmp_path / "rows.json", tmp_path / "progress"
-    args = [str(JOB), "--out", str(out), "--progress", str(progress), "--threads", "1",
+    args = ["teacher", "rows", str(JOB), "--out", str(out), "--progress", str(progress), "--threads", "1",
             "--set", "eval.table.num_images=12", "--set", "eval.table.batch_size=4",
             "--set", "eval.table.teacher_samplers=[ddim:2, dpmpp:1]", "--set", "eval.table.reference_sampler=ddim:2",
             "--set", f"eval.table.reference_uri={tmp_path / 'test'}", "--set", "eval.table.reference_images=100"]
@@ -124,27 +126,27 @@ def test_teacher_rows_command_resumes_after_a_kill_and_retimes_the_written_rows(
         return measure(self, sampler, generate, progress)
 
     monkeypatch.setattr(Protocol, "measure", killed_in_the_second_row)
-    with pytest.raises(KeyboardInterrupt):
-        teacher_rows.main(args)
+    with pytest.raises((KeyboardInterrupt, click.exceptions.Abort)):  # click turns Ctrl-C into Abort
+        main.main(args, standalone_mode=False)
     assert not out.exists() and len(list((progress / "rows").iterdir())) == 1  # the first row is kept
 
     monkeypatch.setattr(Protocol, "measure", measure)
-    teacher_rows.main(args)
+    assert CliRunner().invoke(main, args, catch_exceptions=False).exit_code == 0
     spec = load_job(JOB, [a for a in args[args.index("--set"):] if a != "--set"])
-    from orchestrator.controller import table_config
+    from orchestrator.controller import eval_section
+    from workers.eval.table import protocol_key
 
-    key = table_config(spec).protocol_key()
+    key = protocol_key(eval_section(spec))
     rows = load_teacher_rows(out, teacher_fingerprint(spec.teacher.source), key)
     assert [r.sampler.key for r in rows] == ["teacher-ddim-2", "teacher-dpmpp-1"]
     assert all(r.num_images == 12 and r.fid > 0 for r in rows) and "DPM-Solver++" in out.with_suffix(".md").read_text()
 
-    teacher_rows.main(args + ["--retime"])
+    assert CliRunner().invoke(main, [*args, "--retime"], catch_exceptions=False).exit_code == 0
     retimed = load_teacher_rows(out, teacher_fingerprint(spec.teacher.source), key)
     assert [r.fid for r in retimed] == [r.fid for r in rows]  # scores untouched
     assert all(r.timing["timed"] == "by --retime" and r.timing["repeats"] >= 3 for r in retimed)
     assert retimed[0].speedup == pytest.approx(1.0)
 
     # kept batches are numbered in generation calls: another generation batch size is refused by name
-    with pytest.raises(SystemExit) as stopped:
-        teacher_rows.main(args + ["--set", "eval.table.generation_batch_size=2"])
-    assert stopped.value.code == 2 and "generation_batch_size" in capsys.readouterr().err
+    refused = CliRunner().invoke(main, [*args, "--set", "eval.table.generation_batch_size=2"])
+    assert refused.exit_code == 2 and "generation_batch_size" in refused.output

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import orchestrator.promotion as promotion
-from orchestrator.promotion import Gates, PromotionRefused, check_gates, eval_tags, promote
+from orchestrator.promotion import PromotionRefused, check_gates, eval_tags, promote
 from orchestrator.registry import (
     CANDIDATE,
     CHAMPION,
@@ -21,8 +21,10 @@ from orchestrator.registry import (
     aliases,
     register_candidate,
 )
+from orchestrator.spec import PromotionSpec
 
-GATES = Gates(max_fid_ratio=1.2, alignment_margin=0.05, min_speedup=10)
+SPEED_ONLY = PromotionSpec(max_fid_ratio=None, alignment_margin=None, min_speedup=2.0)
+GATES = PromotionSpec(max_fid_ratio=1.2, alignment_margin=0.05, min_speedup=10)
 GOOD = {
     "student_fid": 11.0,
     "teacher_fid": 10.0,
@@ -33,7 +35,7 @@ GOOD = {
 BAD_FID = GOOD | {"student_fid": 30.0}
 
 
-def new_version(client: MlflowClient, name: str, metrics: dict, gates: Gates | None = GATES) -> str:
+def new_version(client: MlflowClient, name: str, metrics: dict, gates: PromotionSpec | None = GATES) -> str:
     """A registered version of ``name`` carrying an evaluation, as the controller registers students."""
     experiment = client.get_experiment_by_name("promotion-tests")
     experiment_id = experiment.experiment_id if experiment else client.create_experiment("promotion-tests")
@@ -59,7 +61,7 @@ def test_gates_judge_each_metric():
     assert "30" in results["fid"].detail and "1.2" in results["fid"].detail
     missing = {r.name: r.outcome for r in check_gates(GATES, {"speedup": 50.0})}
     assert missing == {"fid": "missing", "alignment": "missing", "speedup": "pass"}
-    assert [r.name for r in check_gates(Gates(None, None, 2.0), GOOD)] == ["speedup"]
+    assert [r.name for r in check_gates(SPEED_ONLY, GOOD)] == ["speedup"]
 
 
 def test_failed_gate_is_refused_and_moves_no_alias(model):

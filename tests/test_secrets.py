@@ -15,9 +15,10 @@ from click.testing import CliRunner
 from orchestrator import stack
 from orchestrator.cli import main
 from orchestrator.jobs import JobsClient, Token, check_tracking_uri
-from orchestrator.spec import resolve_secrets, validate_job
+from orchestrator.spec import validate_job
 from orchestrator.tracking import Redactor, code_version
 from workers import secrets
+from workers.secrets import resolve_secrets
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"name": "ok", "teacher": {"source": "runs/teacher"}, "data": {"uri": "runs/data"}}

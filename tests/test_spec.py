@@ -18,15 +18,13 @@ from orchestrator.errors import JobSpecError
 from orchestrator.reference import job_schema, readme_section, reference_markdown
 from orchestrator.spec import (
     JobSpec,
-    SecretError,
-    apply_env,
     apply_overrides,
     dump_job,
     load_job,
-    resolve_secrets,
     sweepable_paths,
     validate_job,
 )
+from workers.secrets import SecretError, apply_env, resolve_secrets
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD_JOBS = sorted((ROOT / "tests" / "bad_jobs").glob("*.yaml"))
@@ -135,7 +133,7 @@ def test_secret_references_are_resolved_only_where_the_job_runs(monkeypatch):
     assert resolve_secrets(spec.env, environ=environ) == {"AWS_SECRET_ACCESS_KEY": "value-1234", "HF_HOME": "/c"}
     monkeypatch.setenv("MY_S3_SECRET", "value-5678")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
-    assert apply_env(spec) == ["AWS_SECRET_ACCESS_KEY", "HF_HOME"]
+    assert apply_env(spec.env) == ["AWS_SECRET_ACCESS_KEY", "HF_HOME"]
     import os
 
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == "value-5678"
@@ -172,7 +170,7 @@ def test_schema_describes_every_field_in_one_line_and_forbids_unknown_keys():
 def test_readme_reference_is_generated_from_the_schema():
     section = readme_section((ROOT / "README.md").read_text())
     assert section is not None, "README.md lacks the job-reference markers"
-    assert section == reference_markdown(), "run: python -m orchestrator.reference --write README.md"
+    assert section == reference_markdown(), "run: addctl docs"
 
 
 def test_readme_shows_the_flow():
@@ -185,20 +183,39 @@ def test_readme_shows_the_flow():
 
 
 def test_sweep_paths_and_the_sections_the_controller_reads():
-    """The controller reads eval, promotion and sweep by field name: they must arrive as written."""
-    from orchestrator.controller import eval_config, gates, sweep_config
+    """The controller reads the eval, promotion and sweep sections as they are: the spec's own models."""
+    from orchestrator.controller import eval_section
     from orchestrator.sweep import param_space
 
     spec = load_job(ROOT / "jobs" / "demo-sweep.yaml", ["promotion.min_speedup=7"])
-    config = sweep_config(spec)
+    config = spec.sweep
     assert config is not None and config.scheduler == "asha" and config.grace_period == 2
     assert set(config.search_space) == {"loss.lambda_distill", "train.lr_student"}
     assert config.num_samples == 2 and config.max_concurrent_trials == 2 and config.metric == "loss/distill"
     assert set(param_space(config.search_space)) == set(config.search_space)
-    assert gates(spec).min_speedup == 7 and gates(spec).max_fid_ratio is None
-    evaluation = eval_config(spec)
+    assert spec.promotion.min_speedup == 7 and spec.promotion.max_fid_ratio is None
+    evaluation = eval_section(spec)
     assert evaluation.teacher_steps == 25 and evaluation.prompts == spec.eval.prompts
     assert "loss.lambda_distill" in sweepable_paths() and "name" not in sweepable_paths()
+
+
+def test_eval_prompts_default_to_the_sample_prompts_and_the_table_reference_to_the_data():
+    from orchestrator.controller import eval_section
+
+    spec = load_job(ROOT / "jobs" / "fashion-mnist.yaml", ["eval.prompts=[]", "eval.table.reference_uri=null"])
+    evaluation = eval_section(spec)
+    assert evaluation.prompts == spec.train.sample_prompts and evaluation.table.reference_uri == spec.data.uri
+    assert spec.eval.prompts == [] and spec.eval.table.reference_uri is None  # the job itself is untouched
+    no_prompts = load_job(ROOT / "jobs" / "fashion-mnist.yaml", ["eval.prompts=[]", "train.sample_prompts=[]"])
+    assert eval_section(no_prompts) is None
+
+
+def test_the_table_needs_three_timed_calls_and_enough_images_for_recall():
+    with pytest.raises(JobSpecError, match=r"eval.speed_repeats: .*at least 3"):
+        load_job(ROOT / "jobs" / "fashion-mnist.yaml", ["eval.speed_repeats=2"])
+    with pytest.raises(JobSpecError, match=r"eval.table.num_images: 9 is too few"):
+        load_job(ROOT / "jobs" / "fashion-mnist.yaml", ["eval.table.num_images=9", "eval.table.k=4"])
+    assert load_job(ROOT / "jobs" / "demo.yaml", ["eval.speed_repeats=1"]).eval.speed_repeats == 1  # no table
 
 
 # ---- the SD 1.5 and SDXL recipes: their loading path on tiny models and S3 -----------------------
@@ -231,8 +248,7 @@ def test_gpu_recipe_loads_its_teacher_and_streams_its_data(recipe, kind, tmp_pat
     from workers.add.components import load_teacher
     from workers.add.text_encoders import CLIPPromptEncoder, SDXLPromptEncoder
     from workers.data.ingest import decode_image, list_shards
-    from workers.data.storage import resolve
-    from workers.train.trainer import storage_options
+    from workers.data.storage import resolve, storage_options
 
     spec = load_job(ROOT / "jobs" / f"{recipe}.yaml")
     assert spec.resources.num_workers * spec.resources.gpus_per_worker == 8 and spec.resources.fsdp
@@ -265,8 +281,41 @@ def test_gpu_recipe_loads_its_teacher_and_streams_its_data(recipe, kind, tmp_pat
     assert isinstance(fs, pafs.S3FileSystem)
 
 
-def test_a_fifo_sweep_reaches_the_controller():
-    from orchestrator.controller import sweep_config
+@pytest.mark.parametrize(
+    ("overrides", "asha", "seeded"),
+    [
+        ([], True, True),
+        (["sweep.scheduler=fifo"], False, True),
+        (["sweep.scheduler=null", "sweep.seed=null"], False, False),  # documented: to the end; random
+    ],
+)
+def test_the_sweep_section_reaches_tune_as_written(overrides, asha, seeded):
+    """``sweep.scheduler: null`` runs every trial to the end and ``sweep.seed: null`` searches at random
+    (a copy that dropped None once turned them into ASHA and seed 0)."""
+    from ray.tune.schedulers import ASHAScheduler
 
-    config = sweep_config(load_job(ROOT / "jobs" / "demo-sweep.yaml", ["sweep.scheduler=fifo"]))
-    assert config.scheduler in (None, "fifo")  # Tune's FIFO is "no scheduler"
+    from orchestrator.sweep import tune_config
+
+    spec = load_job(ROOT / "jobs" / "demo-sweep.yaml", overrides)
+    config = tune_config(spec, spec.sweep)
+    assert isinstance(config.scheduler, ASHAScheduler) if asha else config.scheduler is None
+    assert spec.sweep.seed == (0 if seeded else None)
+    assert (config.search_alg._random_state._rng is not None) == seeded
+
+
+
+def test_each_section_is_declared_once_beside_its_code_and_the_workers_get_theirs_only():
+    from workers.add.config import LossSpec
+    from workers.data.config import DataSpec
+    from workers.eval.config import EvalSpec
+    from workers.train.config import TrainJob
+
+    fields = JobSpec.model_fields
+    assert issubclass(JobSpec, TrainJob)
+    assert (fields["loss"].annotation, fields["data"].annotation, fields["eval"].annotation) == (
+        LossSpec, DataSpec, EvalSpec,
+    )  # fmt: skip
+    spec = load_job(ROOT / "jobs" / "fashion-mnist.yaml")
+    dump = spec.training_dump()
+    assert set(dump) == set(TrainJob.model_fields) and not {"eval", "tracking", "promotion", "sweep"} & set(dump)
+    assert TrainJob.model_validate(dump).model_dump() == {k: v for k, v in spec.model_dump().items() if k in dump}

@@ -10,17 +10,16 @@ import pytest
 
 from orchestrator.controller import run_job
 from orchestrator.registry import CANDIDATE
-from orchestrator.spec import JobSpec
+from orchestrator.spec import JobSpec, SweepSpec
 from orchestrator.sweep import (
     TRIAL_TAG,
-    SweepConfig,
     TrialRunCloser,
-    apply_overrides,
     concurrent_trials,
     param_space,
     reports_per_run,
     trial_resources,
     trial_spec,
+    with_values,
 )
 from orchestrator.tracking import JobTracker
 from tests.mlflow_server import tiny_job
@@ -50,13 +49,13 @@ def test_search_space_and_overrides(tmp_path):
         param_space({"train.seed": {"normal": [0, 1]}})
 
     spec = JobSpec.model_validate(tiny_job(tmp_path, "http://unused", "overrides"))
-    trial = apply_overrides(spec, {"train.lr_student": 3e-4, "loss.lambda_distill": 1.0})
+    trial = with_values(spec, {"train.lr_student": 3e-4, "loss.lambda_distill": 1.0})
     assert (trial.train.lr_student, trial.loss.lambda_distill, trial.train.steps) == (3e-4, 1.0, 4)
     with pytest.raises(ValueError, match="'train.lr' is not a field"):
-        apply_overrides(spec, {"train.lr": 1.0})
+        with_values(spec, {"train.lr": 1.0})
     with pytest.raises(ValueError, match="greater than 0"):
-        apply_overrides(spec, {"train.lr_student": -1.0})
-    both = apply_overrides(spec, {"variant": {"label": "x", "loss.lambda_adv": 0.0, "train.seed": 5}})
+        with_values(spec, {"train.lr_student": -1.0})
+    both = with_values(spec, {"variant": {"label": "x", "loss.lambda_adv": 0.0, "train.seed": 5}})
     assert (both.loss.lambda_adv, both.train.seed) == (0.0, 5)
 
 
@@ -92,10 +91,10 @@ def test_variants_are_checked_field_by_field(tmp_path):
 
 def test_trials_fill_the_cluster(tmp_path, ray_cluster):
     spec = JobSpec.model_validate(tiny_job(tmp_path, "http://unused", "budget"))
-    config = SweepConfig(search_space=SEARCH)
+    config = SweepSpec(search_space=SEARCH)
     assert trial_resources(spec, config) == {"CPU": 2.25, "GPU": 0}  # driver fn + 1 worker + Ray Data
     assert concurrent_trials(spec, config) == 3  # of 8 logical CPUs
-    assert concurrent_trials(spec, SweepConfig(search_space=SEARCH, max_concurrent_trials=2)) == 2
+    assert concurrent_trials(spec, SweepSpec(search_space=SEARCH, max_concurrent_trials=2)) == 2
     assert reports_per_run(spec) == 4
 
 
@@ -250,7 +249,7 @@ def test_failed_trials_within_the_threshold_are_reported_and_the_job_goes_on(mlf
         TrialOutcome("t2", r2, error="RuntimeError: boom"),
     ]
     monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: (trials[0], trials))
-    config = SweepConfig(search_space=SEARCH, max_failed_trials=1)
+    config = SweepSpec(search_space=SEARCH, max_failed_trials=1)
     result = controller.JobResult(parent_run_id=tracker.parent_run_id)
     best, _ = controller._train_sweep(spec, config, tracker, None, {}, None, result)
     assert best == (r1, "s3://x/t1")
@@ -259,7 +258,7 @@ def test_failed_trials_within_the_threshold_are_reported_and_the_job_goes_on(mlf
     tags = mlflow_server.client().get_run(tracker.parent_run_id).data.tags
     assert tags["sweep.failed"] == "1" and "boom" in tags["sweep.failed_trials"]
     with pytest.raises(controller.SweepTrialsFailed, match="1 of 2 sweep trials failed"):
-        controller._train_sweep(spec, SweepConfig(search_space=SEARCH), tracker, None, {}, None, result)
+        controller._train_sweep(spec, SweepSpec(search_space=SEARCH), tracker, None, {}, None, result)
     tracker.end_all("FINISHED")
 
 

@@ -20,11 +20,11 @@ from mlflow.tracking import MlflowClient
 from orchestrator.cli import main
 from orchestrator.errors import JobSpecError
 from orchestrator.spec import load_job
+from orchestrator.teacher_job import check_resumable, load_teacher_job, run_teacher_job, validate_teacher_job
 from tests.test_data import tiny_fashion_mnist
 from workers.add.components import load_teacher
 from workers.data import prepare_fashion_mnist
 from workers.data.fashion_mnist import pad_image
-from workers.diffusion.job import check_resumable, load_teacher_job, run_teacher_job, validate_teacher_job
 from workers.diffusion.train import ShardCaptions, minilm_encoder, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_training_from_shards_resumes_exactly(shards, encoder, tmp_path):
 
 def test_teacher_job_trains_tracks_exports_and_resumes(shards, tmp_path):
     job = write(tmp_path, teacher_job(tmp_path, shards["uri"], steps=2))
-    first = CliRunner().invoke(main, ["train-teacher", str(job)], catch_exceptions=False)
+    first = CliRunner().invoke(main, ["teacher", "train", str(job)], catch_exceptions=False)
     assert first.exit_code == 0, first.output
     result = json.loads(first.stdout[first.stdout.index("{") :])
     assert result["step"] == 2 and result["export"] == str(tmp_path / "teacher")
@@ -144,8 +144,8 @@ def test_a_wrong_field_is_named(shards, tmp_path):
     good = write(tmp_path, teacher_job(tmp_path, shards["uri"]))
     with pytest.raises(JobSpecError, match=r"train\.caption_dropout: must be ≤ 1"):
         load_teacher_job(good, ["train.caption_dropout=1.5"])
-    result = CliRunner().invoke(main, ["train-teacher", str(good), "--set", "output.exprot=x"])
-    assert result.exit_code == 2 and "output.exprot: unknown key; allowed here: run, export" in result.output
+    result = CliRunner().invoke(main, ["teacher", "train", str(good), "--set", "output.exprot=x"])
+    assert result.exit_code == 2 and "output.exprot: unknown key in --set (did you mean export?)" in result.output
 
     # the shard source is validated as an ADD job's data section is
     with pytest.raises(JobSpecError, match=r"data\.storage_options\.endpoint: unknown storage option"):
@@ -164,7 +164,7 @@ def test_missing_shards_are_a_clear_error_and_track_nothing(tmp_path):
     message = str(err.value)
     assert message.startswith("data.uri: ") and missing in message and "addctl prepare-data fashion-mnist" in message
     assert not (tmp_path / "mlflow.db").exists()  # failed before any run was started
-    result = CliRunner().invoke(main, ["train-teacher", str(write(tmp_path, teacher_job(tmp_path, missing)))])
+    result = CliRunner().invoke(main, ["teacher", "train", str(write(tmp_path, teacher_job(tmp_path, missing)))])
     assert result.exit_code == 2 and missing in result.output
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.spec import JobSpec
+from orchestrator.spec import JobSpec, dump_job
 from orchestrator.tracking import (
     JobStopped,
     JobTracker,
@@ -20,7 +20,6 @@ from orchestrator.tracking import (
     TrackingCallback,
     code_version,
     flatten,
-    job_yaml,
     numeric_metrics,
     secret_references,
     spec_dump,
@@ -100,7 +99,7 @@ def test_tracker_parent_and_child_runs(mlflow_server, monkeypatch, tmp_path):
     assert run.data.params["sweep.lr"] == "0.1" and run.data.params["data.uri"] == "s3://bucket/data"
     assert [(m.step, m.value) for m in client.get_metric_history(child, "loss")] == [(1, 1.0), (2, 0.5)]
     logged = Path(client.download_artifacts(parent, "job.yaml", str(tmp_path))).read_text()
-    assert logged == job_yaml(spec)
+    assert logged == dump_job(spec)
 
     tracker.end_all("KILLED")
     assert {client.get_run(r).info.status for r in (parent, child)} == {"KILLED"}

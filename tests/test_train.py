@@ -287,14 +287,12 @@ def _assert_no_credentials_in_ray_logs(ray_cluster, s3_server) -> None:
 
 
 def test_local_paths_become_absolute_and_uris_and_hub_ids_stay(tmp_path, monkeypatch):
-    from orchestrator.jobs import localize_paths
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "teacher").mkdir()
     spec = JobSpec.model_validate(
         {"name": "paths", "teacher": {"source": "teacher"}, "data": {"uri": "data/shards"}, "storage": {"uri": "runs"}}
     )
-    out = localize_paths(spec)
+    out = spec.localized()
     assert out.teacher.source == str(tmp_path / "teacher")
     assert (out.data.uri, out.storage.uri) == (str(tmp_path / "data" / "shards"), str(tmp_path / "runs"))
     remote = spec.model_copy(
@@ -303,7 +301,7 @@ def test_local_paths_become_absolute_and_uris_and_hub_ids_stay(tmp_path, monkeyp
             "data": spec.data.model_copy(update={"uri": "s3://bucket/shards"}),
         }
     )
-    out = localize_paths(remote)
+    out = remote.localized()
     assert (out.teacher.source, out.data.uri) == ("stabilityai/sd-turbo", "s3://bucket/shards")
 
 

@@ -12,6 +12,10 @@ refuses a value that matches one.
 another thread (MLflow's telemetry) sets or deletes a variable raises ``KeyError`` or
 ``RuntimeError`` (it killed sweep trials at start).
 
+Secrets in a job file appear only as references ``${env:NAME}`` (``SECRET_REF``); ``check_secrets``
+refuses a clear value under a secret-looking key (``SECRET_NAME``), and ``resolve_secrets`` replaces
+references with their values where the job runs (the driver and each worker), never on the client.
+
 Imports nothing heavy: the job spec's validation uses it.
 """
 
@@ -20,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 # Names of variables holding credentials: a whole word of the name (TOKENIZERS_PARALLELISM is none).
 CREDENTIAL_ENV = re.compile(
@@ -62,6 +66,10 @@ CLEAR_SECRETS: tuple[tuple[re.Pattern, str, int], ...] = (
     (re.compile(rf"\b(?:{_TOKEN_FORMATS})\b"), "an API token", 0),
 )
 MASK = "***"
+# A reference to a variable of the environment where the job runs: the whole value, ``${env:NAME}``.
+SECRET_REF = re.compile(r"^\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}$")
+# Keys of a job file whose value must be such a reference, never clear text.
+SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY)", re.IGNORECASE)
 _remembered: set[str] = set()
 
 
@@ -80,6 +88,9 @@ def environ() -> dict[str, str]:
         except (KeyError, RuntimeError):
             continue
     raise RuntimeError("the environment kept changing while it was read")
+
+
+_environ = environ  # for the functions below whose ``environ`` argument is a mapping
 
 
 def _decode(value):
@@ -154,3 +165,62 @@ def redact_log_records() -> None:
 
     logging.setLogRecordFactory(factory)
     _factory_installed = True
+
+
+# ---- references ``${env:NAME}``: checked in the job file, resolved where the job runs ----------------
+
+
+class SecretError(RuntimeError):
+    """A ``${env:NAME}`` reference whose variable is not set where it is resolved (names, never values)."""
+
+
+def check_secrets(values: dict[str, str], where: str) -> dict[str, str]:
+    """Values under secret-looking names must be ``${env:NAME}`` references, never clear text."""
+    for key, value in values.items():
+        if SECRET_NAME.search(key) and not SECRET_REF.match(str(value)):
+            raise ValueError(
+                f"{where}.{key}: looks like a secret given in clear; give a reference to a variable set "
+                f"on the workers instead, e.g. ${{env:{key.upper()}}}"
+            )
+    return values
+
+
+def references(values: Mapping[str, str]) -> dict[str, str]:
+    """``{key: NAME}`` for each value of ``values`` that is a ``${env:NAME}`` reference."""
+    return {k: m[1] for k, v in values.items() if (m := SECRET_REF.match(str(v)))}
+
+
+def resolve_secrets(
+    values: Mapping[str, str], where: str = "env", environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """On a worker: ``values`` with each ``${env:NAME}`` replaced by that variable's value.
+
+    Raises ``SecretError`` naming the keys and variables (never a value) when one is not set.
+    Call it where the job runs, never on the client; do not log what it returns.
+    """
+    env = _environ() if environ is None else environ
+    resolved, missing = {}, []
+    for key, value in values.items():
+        ref = SECRET_REF.match(str(value))
+        if ref is None:
+            resolved[key] = str(value)
+        elif ref[1] in env:
+            resolved[key] = env[ref[1]]
+        else:
+            missing.append(f"{where}.{key} -> ${{env:{ref[1]}}}")
+    if missing:
+        raise SecretError(
+            f"not set on this machine: {', '.join(missing)}; set the variable in the workers' environment "
+            "(a Kubernetes Secret, the environment of `ray start`, or your shell for `addctl run`)"
+        )
+    # From here this process holds the values: mask them in every message and log record.
+    remember(resolved[k] for k in references(values))
+    redact_log_records()
+    return resolved
+
+
+def apply_env(values: Mapping[str, str], environ: Mapping[str, str] | None = None) -> list[str]:
+    """On a worker: set a job's ``env`` (references resolved) in this process; returns the names set."""
+    resolved = resolve_secrets(values, "env", environ)
+    os.environ.update(resolved)
+    return sorted(resolved)

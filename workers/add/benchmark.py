@@ -1,7 +1,7 @@
 """Time one ADD iteration against one plain diffusion fine-tuning step of the same student.
 
 Example:
-    python -m workers.add.benchmark --teacher path/to/diffusers/folder --batch-size 8 --iters 20
+    addctl bench step --teacher path/to/diffusers/folder --batch-size 8 --iters 20
 
 Splits the ADD iteration into student, teacher and discriminator time with the step's own
 ``record_function`` labels (torch.profiler), warmed up, median of the timed iterations.
@@ -9,8 +9,6 @@ Splits the ADD iteration into student, teacher and discriminator time with the s
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 
@@ -86,23 +84,3 @@ def run(teacher_path: str, backbone: str, batch_size: int, iters: int, warmup: i
         "plain_finetune_step_s": plain,
         "overhead_x": add / plain,
     }
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", required=True, help="diffusers folder or hub id of the teacher")
-    parser.add_argument("--backbone", default="teacher", choices=["teacher", "dinov2"], help="discriminator F")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per iteration (default 8)")
-    parser.add_argument("--image-size", type=int, default=16, help="pixel resolution of the batch (default 16)")
-    parser.add_argument("--iters", type=int, default=10, help="timed iterations (default 10)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default 3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run(args.teacher, args.backbone, args.batch_size, args.iters, args.warmup, args.image_size)
-    print(json.dumps(result, indent=2))
-
-
-if __name__ == "__main__":
-    main()

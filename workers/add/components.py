@@ -111,7 +111,7 @@ def _text_encoder_package(source: str, local: bool) -> str | None:
     pointer = Path(source) / TEXT_ENCODER_POINTER
     if not local or not pointer.is_file():
         return None
-    from workers.diffusion.text_encoder import package_model_path
+    from workers.add.text_encoders import package_model_path
 
     spec = json.loads(pointer.read_text())
     return str(package_model_path(spec["package"], spec.get("subfolder", "model")))

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ from workers.add.components import load_teacher
 from workers.add.student import Student
 from workers.add.teacher import Teacher
 from workers.add.text_encoders import CLIPPromptEncoder, SDXLPromptEncoder, SentencePromptEncoder
+from workers.data.storage import atomic_write
 
 STUDENT_FILE = "add_student.json"
 
@@ -77,19 +76,14 @@ def export_student(
             "would sample others; use trailing spacing to export"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    info = {"student_timesteps": student.timesteps.tolist(), "lora_rank": student.lora_rank, **(metadata or {})}
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
         _save(unet, scheduler, teacher, tmp)
-        info = {
-            "student_timesteps": student.timesteps.tolist(),
-            "lora_rank": student.lora_rank,
-            **(metadata or {}),
-        }
         (tmp / STUDENT_FILE).write_text(json.dumps(info, indent=2))
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_write(path, write)
     return path
 
 

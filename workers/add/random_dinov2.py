@@ -5,12 +5,11 @@ be downloaded: the same architecture as ``facebook/dinov2-small`` (22M parameter
 untrained, so it measures what the architecture alone gives a Projected-GAN discriminator. With
 internet access, point ``discriminator.dinov2`` at the real weights instead.
 
-    python -m workers.add.random_dinov2 runs/dinov2-small-shaped
+    addctl random-dinov2 runs/dinov2-small-shaped
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -30,16 +29,3 @@ def save_dinov2_shaped(folder: str | Path, shape: str = "small", seed: int = 0) 
     model = Dinov2Model(Dinov2Config(patch_size=14, image_size=518, **SHAPES[shape])).eval()
     model.save_pretrained(folder)
     return Path(folder)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path, help="folder to write")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    print(save_dinov2_shaped(args.out, args.shape, args.seed))
-
-
-if __name__ == "__main__":
-    main()

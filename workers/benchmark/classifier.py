@@ -4,14 +4,12 @@ Its penultimate layer is the feature space of FID and recall, its predictions gi
 (the analogue of CLIP score). It sees only the evaluation; the discriminator never uses it.
 
 Example (a few minutes on 2 CPU cores):
-    python -m workers.benchmark.classifier --out jobs/fashion-mnist/evaluator
+    addctl evaluator train --out jobs/fashion-mnist/evaluator
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from workers.data.fashion_mnist import load_fashion_mnist, pad_image
-from workers.diffusion.train import FASHION_MNIST_IDX
+from workers.data.fashion_mnist import FASHION_MNIST_IDX, load_fashion_mnist, pad_image
+from workers.data.storage import atomic_write
 
 WEIGHTS, INFO = "classifier.safetensors", "classifier.json"
 
@@ -110,9 +108,7 @@ def train(
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file(model.state_dict(), str(tmp))
-    os.replace(tmp, out / WEIGHTS)
+    atomic_write(out / WEIGHTS, lambda tmp: save_file(model.state_dict(), str(tmp)))
     (out / INFO).write_text(json.dumps(info, indent=2))
     return info
 
@@ -122,23 +118,8 @@ def load_classifier(folder: str | Path) -> FashionClassifier:
     path = Path(folder) / WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(
-            f"no evaluator classifier at {path}: train it with python -m workers.benchmark.classifier"
+            f"no evaluator classifier at {path}: train it with addctl evaluator train"
         )
     model = FashionClassifier()
     model.load_state_dict(load_file(str(path)))
     return model.eval().requires_grad_(False)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="folder for classifier.safetensors and .json")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs over the train split (default 4)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--idx-dir", default=FASHION_MNIST_IDX, help="Fashion-MNIST idx files")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(json.dumps(train(args.out, args.epochs, idx_dir=args.idx_dir), indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -15,6 +15,7 @@ from PIL import Image
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_IDX",
     "FASHION_MNIST_NOUNS",
     "caption_for",
     "eval_caption_templates",
@@ -26,6 +27,9 @@ __all__ = [
     "read_idx",
     "train_caption_templates",
 ]
+
+# Where the Debian package dataset-fashion-mnist installs the idx files (`make demo` installs it).
+FASHION_MNIST_IDX = "/usr/share/datasets/fashion-mnist"
 
 # The dataset's own class names; the index is the label.
 FASHION_MNIST_CLASSES: tuple[str, ...] = (

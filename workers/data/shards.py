@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import posixpath
-import uuid
 from collections.abc import Iterable
 
 import numpy as np
@@ -42,7 +41,16 @@ from .fashion_mnist import (
     png_bytes,
     train_caption_templates,
 )
-from .storage import StorageError, StorageOptions, check_reachable, display_uri, redact, resolve, split_uri
+from .storage import (
+    StorageError,
+    StorageOptions,
+    check_reachable,
+    commit_bytes,
+    display_uri,
+    redact,
+    resolve,
+    split_uri,
+)
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -65,22 +73,6 @@ SHARD_SCHEMA = pa.schema(
     [pa.field("image", pa.binary()), pa.field("caption", pa.string()), pa.field("label", pa.int64())]
 )
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def _commit_bytes(fs: pafs.FileSystem, path: str, write) -> None:
-    """Write through ``write(stream)`` to a temporary sibling of ``path``, then move it into place."""
-    parent, name = posixpath.split(path)
-    tmp = posixpath.join(parent, f"_{name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with fs.open_output_stream(tmp) as out:
-            write(out)
-        fs.move(tmp, path)
-    except BaseException:
-        try:
-            fs.delete_file(tmp)
-        except Exception:
-            pass
-        raise
 
 
 class ShardWriter:
@@ -131,7 +123,7 @@ class ShardWriter:
         name = f"{self.prefix}-{len(self.shards):05d}.parquet"
         path = posixpath.join(self._root, name)
         try:
-            _commit_bytes(
+            commit_bytes(
                 self._fs, path, lambda out: pq.write_table(table, out, row_group_size=self.row_group_size)
             )
         except OSError as e:
@@ -156,7 +148,7 @@ class ShardWriter:
         }
         data = json.dumps(manifest, indent=1).encode()
         try:
-            _commit_bytes(self._fs, posixpath.join(self._root, MANIFEST_NAME), lambda out: out.write(data))
+            commit_bytes(self._fs, posixpath.join(self._root, MANIFEST_NAME), lambda out: out.write(data))
         except OSError as e:
             raise StorageError(
                 f"{display_uri(self.uri)}: cannot write {MANIFEST_NAME}: {redact(str(e))}"

@@ -20,24 +20,40 @@ removed), pass through ``redact`` so that no credential value can appear, and ar
 from __future__ import annotations
 
 import os
+import posixpath
 import re
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
+from pydantic import AfterValidator, BeforeValidator
 
 from workers import secrets as _secrets
+from workers.config import known_scheme
 
 __all__ = [
     "SCHEMES",
+    "STORAGE_OPTIONS",
     "StorageError",
     "StorageOptions",
+    "StorageOptionsMap",
+    "StorageUri",
+    "StringMap",
+    "atomic_write",
+    "check_storage_options",
+    "commit_bytes",
     "check_reachable",
     "display_uri",
     "join_uri",
     "redact",
     "resolve",
     "split_uri",
+    "storage_options",
 ]
 
 SCHEMES = ("file", "s3", "s3a", "gs", "gcs")  # what ``resolve`` reaches (a bare path is file://)
@@ -60,6 +76,79 @@ class StorageOptions:
     connect_timeout: float = 5.0  # seconds; small so an unreachable endpoint fails fast
     request_timeout: float = 60.0  # seconds per request
     max_attempts: int = 3  # S3 retry attempts per request
+
+
+# Keys of ``storage.options`` / ``data.storage_options`` in a job file, each with its parser.
+STORAGE_OPTIONS = {
+    "endpoint_url": str,
+    "region": str,
+    "profile": str,
+    "anonymous": lambda v: {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[v.lower()],
+    "connect_timeout": float,
+    "request_timeout": float,
+    "max_attempts": int,
+}
+
+
+def _storage_uri(v: str) -> str:
+    return known_scheme(v, SCHEMES, "storage scheme", "a local path")
+
+
+StorageUri = Annotated[str, AfterValidator(_storage_uri)]  # s3://, gs://, file:// or a local path
+
+
+def scalars_as_strings(values):
+    """``{"max_attempts": 5, "anonymous": true}`` -> ``{"max_attempts": "5", "anonymous": "true"}``
+    (mappings of strings, written in YAML without quotes); anything else is left to validation."""
+    if not isinstance(values, Mapping):
+        return values
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, int | float):
+            value = str(value)
+        out[key] = value
+    return out
+
+
+def check_storage_options(values: dict[str, str], where: str) -> dict[str, str]:
+    """Only ``StorageOptions`` keys, with values of their type (or references); credentials go in ``env``."""
+    _secrets.check_secrets(values, where)
+    for key, value in values.items():
+        if key not in STORAGE_OPTIONS:
+            raise ValueError(
+                f"{where}.{key}: unknown storage option; allowed: {', '.join(STORAGE_OPTIONS)} "
+                "(credentials go in `env:` as ${env:NAME} references, e.g. AWS_SECRET_ACCESS_KEY)"
+            )
+        if not _secrets.SECRET_REF.match(value):
+            try:
+                STORAGE_OPTIONS[key](value)
+            except (KeyError, ValueError):
+                kind = "true or false" if key == "anonymous" else STORAGE_OPTIONS[key].__name__
+                raise ValueError(f"{where}.{key}: must be {kind}, got {value!r}") from None
+    return values
+
+
+def StringMap(check: Callable[[dict[str, str]], dict[str, str]]):  # noqa: N802  (a type, named as one)
+    """``dict[str, str]`` of a job file whose scalars may be written unquoted (``max_attempts: 5``),
+    then checked by ``check``."""
+    return Annotated[dict[str, str], BeforeValidator(scalars_as_strings), AfterValidator(check)]
+
+
+def StorageOptionsMap(where: str):  # noqa: N802  (a type, named as one)
+    """The options of a storage in a job file at ``where`` (``storage.options``, ``data.storage_options``)."""
+    return StringMap(lambda values: check_storage_options(values, where))
+
+
+def storage_options(options: Mapping[str, str], where: str) -> StorageOptions:
+    """A job's ``storage.options`` / ``data.storage_options`` as ``StorageOptions``, references resolved
+    (call it where the job runs)."""
+    unknown = sorted(set(options) - set(STORAGE_OPTIONS))
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown storage option; allowed are {', '.join(STORAGE_OPTIONS)}")
+    values = _secrets.resolve_secrets({k: str(v) for k, v in options.items()}, where)
+    return StorageOptions(**{k: STORAGE_OPTIONS[k](v) for k, v in values.items()})
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -203,3 +292,42 @@ def _hint(e: Exception) -> str:
     if "ACCESS_DENIED" in msg or "InvalidAccessKeyId" in msg or "SignatureDoesNotMatch" in msg:
         return f"{msg} (check the credentials in the environment or profile)"
     return msg
+
+
+# ---- atomic writes: a reader sees the old file or the new one, never half of one -----------------
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Write a local file or folder through ``write(tmp)`` to a hidden temporary sibling, then move it
+    into place (a folder replaces the folder there). A failed write leaves nothing behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        if tmp.is_dir() and path.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def commit_bytes(fs: pafs.FileSystem, path: str, write: Callable[[object], object]) -> None:
+    """``atomic_write`` on any pyarrow filesystem (object storage included): ``write(stream)`` to a
+    temporary sibling named ``_<name>.<random>.tmp`` (readers skip ``_`` names), then move it to ``path``."""
+    parent, name = posixpath.split(path)
+    tmp = posixpath.join(parent, f"_{name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with fs.open_output_stream(tmp) as out:
+            write(out)
+        fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except Exception:  # noqa: BLE001  (the temporary file may not exist)
+            pass
+        raise

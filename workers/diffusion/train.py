@@ -9,19 +9,17 @@ what gets exported. Checkpoints are atomic and every random draw is a pure funct
 The images and captions come from a ``CaptionedImages`` source: ``FashionMnistIdx`` (the idx files,
 each draw pairing an image with a random training template of its label) or ``ShardCaptions``
 (image-caption Parquet shards, each image with the caption it was written with). A job file that
-trains from shards and tracks to MLflow is ``workers/diffusion/job.py``.
+trains from shards and tracks to MLflow is ``orchestrator/teacher_job.py``.
 
 Example (two to three hours on 2 CPU cores; resumable, run it in the background):
-    nohup python -m workers.diffusion.train --out runs/fashion-mnist-teacher --steps 5000 &
-    python -m workers.diffusion.train --out runs/fashion-mnist-teacher --export jobs/fashion-mnist/teacher
+    nohup addctl teacher train-idx --out runs/fashion-mnist-teacher --steps 5000 &
+    addctl teacher export runs/fashion-mnist-teacher jobs/fashion-mnist/teacher
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import os
 import posixpath
 import time
 from collections.abc import Callable
@@ -35,12 +33,15 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from workers.add.schedule import NoiseSchedule
-from workers.add.text_encoders import SentencePromptEncoder
-from workers.data.fashion_mnist import caption_for, load_fashion_mnist, pad_image, train_caption_templates
-from workers.data.storage import StorageOptions, display_uri, resolve
-from workers.diffusion.text_encoder import MINILM_PACKAGE, package_model_path
-
-FASHION_MNIST_IDX = "/usr/share/datasets/fashion-mnist"
+from workers.add.text_encoders import MINILM_PACKAGE, SentencePromptEncoder, package_model_path
+from workers.data.fashion_mnist import (
+    FASHION_MNIST_IDX,
+    caption_for,
+    load_fashion_mnist,
+    pad_image,
+    train_caption_templates,
+)
+from workers.data.storage import StorageOptions, atomic_write, display_uri, resolve
 
 # Cosine schedule, v-prediction: what BENCHMARK.md measured; ᾱ_T ≈ 0 without rescaling.
 SCHEDULER_CONFIG = {
@@ -184,10 +185,8 @@ class ShardCaptions:
         return self.x[idx], drop_captions(self.table[self.caption_idx[idx]], drop, self.null)
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _save_checkpoint(obj, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def train(
@@ -271,7 +270,7 @@ def train(
             elapsed = time.perf_counter() - start
             history.append({"step": step, "loss": float(np.mean(losses)), "s_per_step": elapsed / len(losses)})
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-            _save_atomic(
+            _save_checkpoint(
                 {
                     "model": model.state_dict(),
                     "ema": ema.state_dict(),
@@ -312,42 +311,14 @@ def export(out: Path, folder: Path, weights: str = "ema") -> Path:
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     model = fashion_mnist_unet()
     model.load_state_dict(state[weights])
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp / "unet")
-    DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(tmp / "scheduler")
-    (tmp / "text_encoder.json").write_text(json.dumps({"package": MINILM_PACKAGE, "subfolder": "model"}, indent=2))
     record = {"config": state["config"], "history": state["history"], "step": state["step"], "weights": weights}
-    (tmp / "training.json").write_text(json.dumps(record, indent=1))
-    if folder.exists():
-        import shutil
 
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp / "unet")
+        DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(tmp / "scheduler")
+        text_encoder = {"package": MINILM_PACKAGE, "subfolder": "model"}
+        (tmp / "text_encoder.json").write_text(json.dumps(text_encoder, indent=2))
+        (tmp / "training.json").write_text(json.dumps(record, indent=1))
+
+    atomic_write(folder, write)
     return folder
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoint.pt, history.json)")
-    parser.add_argument("--steps", type=int, default=5000, help="total optimizer steps (default 5000)")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
-    parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--idx-dir", default=FASHION_MNIST_IDX, help="Fashion-MNIST idx files")
-    parser.add_argument("--export", type=Path, default=None, help="write the teacher here instead of training")
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights --export writes")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.export:
-        print(export(args.out, args.export, args.weights))
-        return
-    print(json.dumps(train(args.out, args.steps, args.batch_size, args.lr, seed=args.seed, idx_dir=args.idx_dir)))
-
-
-if __name__ == "__main__":
-    main()

@@ -25,31 +25,11 @@ from workers.add.export import load_student
 from workers.add.student import Student
 from workers.add.teacher import Teacher
 from workers.eval.alignment import PromptScorer
+from workers.eval.config import EvalSpec
 from workers.eval.features import FeatureExtractor
 from workers.eval.frechet import FeatureStats, frechet_distance
 from workers.eval.images import batched, image_grid, student_images, teacher_images
 from workers.eval.speed import ms_per_image
-
-
-@dataclass
-class EvalConfig:
-    """What to sample and time; ``prompts`` are captions (or labels for class-conditioned teachers)."""
-
-    prompts: list
-    images_per_prompt: int = 4  # samples per prompt and sampler for the Fréchet distance and alignment
-    student_steps: int = 1  # the student's sampling steps
-    teacher_steps: int = 50  # the teacher's reference sampler steps
-    teacher_solver: str = "ddim"  # "ddim" or "dpmpp"
-    guidance_scale: float = 5.0  # the teacher's classifier-free guidance scale
-    batch_size: int = 32  # images per sampling call
-    seed: int = 0  # noise of both samplers (the same noise for student and teacher)
-    speed_batch_size: int = 8  # images per timed call
-    speed_warmup: int = 1  # untimed calls before timing
-    speed_repeats: int = 3  # timed calls; the median counts
-
-    def __post_init__(self):
-        if not self.prompts:
-            raise ValueError("the evaluation needs at least one prompt")
 
 
 @dataclass
@@ -98,7 +78,7 @@ class Evaluator:
         self,
         student_path: str | Path,
         teacher_source: str | Path,
-        config: EvalConfig,
+        config: EvalSpec,
         reference: Tensor | None = None,
         **teacher_kwargs,
     ) -> EvalResult:
@@ -108,9 +88,12 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(
-        self, student: Student, parts: Teacher, teacher: Teacher, config: EvalConfig, reference: Tensor | None = None
+        self, student: Student, parts: Teacher, teacher: Teacher, config: EvalSpec, reference: Tensor | None = None
     ) -> EvalResult:
-        """Sample, score and time the student (with the frozen ``parts`` it was exported with) and the teacher."""
+        """Sample, score and time the student (with the frozen ``parts`` it was exported with) and the teacher;
+        ``config.prompts`` are captions (or labels for class-conditioned teachers)."""
+        if not config.prompts:
+            raise ValueError("the evaluation needs at least one prompt")
         prompts = [p for p in config.prompts for _ in range(config.images_per_prompt)]
 
         def sample_student(batch: list) -> Tensor:

@@ -16,24 +16,19 @@ batch. A folder measured for another teacher or protocol (``key.json``) is refus
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from workers.eval.protocol import Row, Sampler
+from workers.data.storage import atomic_write
+from workers.eval.protocol import Row
+from workers.eval.samplers import Sampler
 
 
 class StaleProgress(RuntimeError):
     """The progress folder belongs to another teacher or protocol."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class RowProgress:
@@ -52,7 +47,7 @@ class RowProgress:
                     "remove it or give another folder"
                 )
         else:
-            _atomic_write(key_file, lambda tmp: tmp.write_text(json.dumps(key, indent=1)))
+            atomic_write(key_file, lambda tmp: tmp.write_text(json.dumps(key, indent=1)))
 
     def _row_file(self, sampler: Sampler) -> Path:
         return self.folder / "rows" / f"{sampler.key}.json"
@@ -69,7 +64,7 @@ class RowProgress:
         """Keep a finished row; its batches are no longer needed."""
         path = self._row_file(row.sampler)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(row.to_dict(), indent=1)))
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(row.to_dict(), indent=1)))
         shutil.rmtree(self._batch_dir(row.sampler), ignore_errors=True)
 
     def batches(self, sampler: Sampler) -> tuple[list[Tensor], list[float | None], torch.Tensor | None]:
@@ -97,4 +92,4 @@ class RowProgress:
             "seconds": -1.0 if seconds is None else float(seconds),
             "generator_state": generator_state,
         }
-        _atomic_write(folder / f"{index:06d}.pt", lambda tmp: torch.save(body, tmp))
+        atomic_write(folder / f"{index:06d}.pt", lambda tmp: torch.save(body, tmp))

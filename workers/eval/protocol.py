@@ -30,50 +30,14 @@ from workers.eval.alignment import PromptScorer
 from workers.eval.features import FeatureExtractor
 from workers.eval.frechet import FeatureStats, frechet_distance
 from workers.eval.manifold import precision_recall
+from workers.eval.samplers import Sampler
 from workers.eval.speed import _sync
 
 if TYPE_CHECKING:
+    from workers.eval.config import EvalSpec
     from workers.eval.progress import RowProgress
 
-SOLVER_NAMES = {"ddim": "DDIM", "dpmpp": "DPM-Solver++", "add": "ADD"}
-
 Generate = Callable[[list, torch.Generator], Tensor]  # (prompts, generator) -> images (N, C, H, W) in [0, 1]
-
-
-@dataclass(frozen=True)
-class Sampler:
-    """One row's sampler: who samples (``teacher`` / ``student``), how (``solver``), in how many steps."""
-
-    model: str  # "teacher" or "student"
-    solver: str  # "ddim" / "dpmpp" for the teacher, "add" for the student
-    steps: int
-    guidance_scale: float = 1.0  # the teacher's CFG scale (the student takes none)
-
-    @property
-    def nfe(self) -> int:
-        """Network evaluations per image: two per step with classifier-free guidance."""
-        return self.steps * (2 if self.guidance_scale > 1 else 1)
-
-    @property
-    def key(self) -> str:
-        return f"{self.model}-{self.solver}-{self.steps}"
-
-    @property
-    def family(self) -> str:
-        """The table's sampler column, e.g. "teacher DDIM + CFG" or "ADD student"."""
-        if self.model == "student":
-            return "ADD student"
-        return f"teacher {SOLVER_NAMES[self.solver]}" + (" + CFG" if self.guidance_scale > 1 else "")
-
-    @classmethod
-    def parse(cls, text: str, guidance_scale: float = 1.0) -> Sampler:
-        """``"ddim:50"``, ``"dpmpp:8"`` (teacher) or ``"student:4"``."""
-        solver, _, steps = text.partition(":")
-        if solver not in ("ddim", "dpmpp", "student") or not steps.isdigit() or int(steps) < 1:
-            raise ValueError(f"sampler {text!r}: expected ddim:STEPS, dpmpp:STEPS or student:STEPS")
-        if solver == "student":
-            return cls("student", "add", int(steps))
-        return cls("teacher", solver, int(steps), guidance_scale)
 
 
 @dataclass
@@ -106,54 +70,42 @@ class Row:
         return cls(sampler=Sampler(**d["sampler"]), **{k: v for k, v in d.items() if k in names})
 
 
-@dataclass
-class ProtocolConfig:
-    """How every row is measured (the same for teacher and student rows, so they compare)."""
-
-    prompts: list  # cycled to num_images: num_images / len(prompts) images each
-    num_images: int = 10_000
-    batch_size: int = 256  # images per timed call (and per generation call unless generation_batch_size)
-    seed: int = 0  # the same initial noise for every sampler
-    k: int = 3  # neighbourhood of precision / recall
-    speed_repeats: int = 3  # timed calls; the median counts (after one warm-up call)
-    generation_batch_size: int | None = None  # images per generation call when not batch_size (a CPU's
-    # fastest batch): the timing then takes its own calls at batch_size
-
-    @property
-    def generation_size(self) -> int:
-        return self.generation_batch_size or self.batch_size
-
-    def __post_init__(self):
-        if not self.prompts:
-            raise ValueError("the benchmark needs at least one prompt")
-        if self.num_images < 2 * self.k + 2:
-            raise ValueError(f"num_images={self.num_images} is too few for FID and k={self.k} recall")
-        if self.speed_repeats < 3:
-            raise ValueError(f"speed is the median of at least 3 repeats, got {self.speed_repeats}")
-
-    def all_prompts(self) -> list:
-        return [self.prompts[i % len(self.prompts)] for i in range(self.num_images)]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 class Protocol:
     """Measures rows against fixed reference features; ``features`` and ``scorer`` are injected
-    (the Fashion-MNIST classifier; Inception and CLIP for SD-class jobs)."""
+    (the Fashion-MNIST classifier; Inception and CLIP for SD-class jobs).
+
+    How every row is measured (the same for teacher and student rows, so they compare) is the job's
+    ``eval`` section: ``eval.table``'s ``num_images``, ``batch_size``, ``generation_batch_size`` and
+    ``k``, and ``eval``'s ``prompts`` (cycled to ``num_images``), ``seed`` (the same initial noise for
+    every sampler) and ``speed_repeats``.
+    """
 
     def __init__(
         self,
-        config: ProtocolConfig,
+        config: EvalSpec,
         features: FeatureExtractor,
         scorer: PromptScorer | None,
         reference: Tensor,
         feature_batch_size: int = 500,
     ):
-        self.config, self.features, self.scorer = config, features, scorer
+        if not config.prompts:
+            raise ValueError("the benchmark needs at least one prompt")
+        if config.table is None:
+            raise ValueError("the benchmark protocol is the eval.table section, and the job has none")
+        self.config, self.table, self.features, self.scorer = config, config.table, features, scorer
         self.feature_batch_size = feature_batch_size
         self.reference_features = self._features(reference)
         self.reference_stats = FeatureStats.of(self.reference_features)
+
+    @property
+    def generation_size(self) -> int:
+        """Images per generation call: ``generation_batch_size`` (a CPU's fastest), else ``batch_size``."""
+        return self.table.generation_batch_size or self.table.batch_size
+
+    def all_prompts(self) -> list:
+        """The prompts cycled to ``num_images``: each gets the same share."""
+        prompts = self.config.prompts
+        return [prompts[i % len(prompts)] for i in range(self.table.num_images)]
 
     def _features(self, images: Tensor) -> Tensor:
         return torch.cat([self.features(chunk) for chunk in images.split(self.feature_batch_size)]).float()
@@ -163,14 +115,14 @@ class Protocol:
         feats = self._features(images)
         out = {"fid": frechet_distance(FeatureStats.of(feats), self.reference_stats)}
         out["alignment"] = float(self.scorer(images, prompts).float().mean()) if self.scorer else float("nan")
-        return out | precision_recall(self.reference_features, feats, self.config.k)
+        return out | precision_recall(self.reference_features, feats, self.table.k)
 
     def generate(
         self, sampler: Sampler, generate: Generate, progress: RowProgress | None = None
     ) -> tuple[Tensor, list[float]]:
         """All ``num_images`` images of one sampler, and the seconds each full batch took; with
         ``progress``, finished batches are kept and a resumed call starts after the last of them."""
-        prompts, size = self.config.all_prompts(), self.config.generation_size
+        prompts, size = self.all_prompts(), self.generation_size
         generator = torch.Generator().manual_seed(self.config.seed)
         images, seconds, state = progress.batches(sampler) if progress else ([], [], None)
         if state is not None:
@@ -192,10 +144,10 @@ class Protocol:
         """ms/image at ``batch_size``: the generation's own full batches after the first (warm-up) when
         they were of ``batch_size`` and there are at least ``speed_repeats`` of them, else that many
         extra timed calls after a warm-up."""
-        size, repeats = self.config.batch_size, self.config.speed_repeats
-        timed = list(seconds[1:]) if self.config.generation_size == size else []
+        size, repeats = self.table.batch_size, self.config.speed_repeats
+        timed = list(seconds[1:]) if self.generation_size == size else []
         if len(timed) < repeats:
-            prompts = (self.config.all_prompts() * size)[:size]
+            prompts = (self.all_prompts() * size)[:size]
             generator = torch.Generator().manual_seed(self.config.seed)
             timed = []
             with torch.inference_mode():
@@ -214,7 +166,7 @@ class Protocol:
         if progress and (row := progress.row(sampler)) is not None:
             return row
         images, seconds = self.generate(sampler, generate, progress)
-        metrics = self.score(images, self.config.all_prompts())
+        metrics = self.score(images, self.all_prompts())
         ms, timing = self.speed(generate, seconds)
         row = Row(sampler, len(images), ms_per_image=ms, timing=timing, **metrics)
         if progress:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,12 +24,15 @@ from workers.add.components import load_teacher
 from workers.add.export import load_student
 from workers.add.student import Student
 from workers.add.teacher import Teacher
+from workers.data.storage import atomic_write
 from workers.eval.alignment import PromptScorer
+from workers.eval.config import EvalSpec
 from workers.eval.features import FeatureExtractor
 from workers.eval.images import student_images, teacher_images
 from workers.eval.progress import RowProgress
-from workers.eval.protocol import Generate, Protocol, ProtocolConfig, Row, Sampler, with_speedups
+from workers.eval.protocol import Generate, Protocol, Row, with_speedups
 from workers.eval.report import fid_vs_nfe, sample_grid, table_markdown
+from workers.eval.samplers import Sampler
 
 SHORT_NAMES = {"ddim": "DDIM", "dpmpp": "DPM++", "add": "ADD"}  # column titles of samples.png
 
@@ -53,35 +55,21 @@ def teacher_fingerprint(source: str | Path) -> str | None:
     return digest.hexdigest()
 
 
-@dataclass
-class TableConfig:
-    """What the table holds and how it is measured."""
-
-    protocol: ProtocolConfig
-    teacher_samplers: Sequence[str]  # "ddim:50", "dpmpp:8", ...
-    guidance_scale: float = 3.0  # the teacher's CFG scale in every teacher row
-    student_steps: Sequence[int] = (1, 2, 4)
-    reference: str = "ddim:50"  # the sampler every speed-up is relative to
-    gated_student_steps: int = 1  # the student row the promotion gates read
-    gated_teacher: str = "ddim:50"  # the teacher row the promotion gates read
-    teacher_rows: str | None = None  # shipped teacher rows (JSON); None: measure them here
-    grid_prompts: Sequence = ()  # rows of samples.png (default: the first 10 prompts)
-    alignment_name: str = "alignment"
-    measure: dict = field(default_factory=dict)  # names of features / scorer / reference: part of the protocol key
-
-    def samplers(self) -> list[Sampler]:
-        return [Sampler.parse(s, self.guidance_scale) for s in self.teacher_samplers]
-
-    def protocol_key(self) -> dict:
-        """What must match for shipped teacher rows to compare with rows measured now."""
-        p = self.protocol
-        return {
-            "prompts": list(map(str, p.prompts)),
-            "num_images": p.num_images,
-            "seed": p.seed,
-            "k": p.k,
-            "guidance_scale": self.guidance_scale,
-        } | self.measure
+def protocol_key(config: EvalSpec) -> dict:
+    """What must match for shipped teacher rows to compare with rows measured now: the protocol and
+    the names of the feature network, the scorer and the reference images."""
+    t = config.table
+    return {
+        "prompts": list(map(str, config.prompts)),
+        "num_images": t.num_images,
+        "seed": config.seed,
+        "k": t.k,
+        "guidance_scale": config.guidance_scale,
+        "features": config.features,
+        "scorer": config.scorer,
+        "reference": t.reference_uri,
+        "reference_images": t.reference_images,
+    }
 
 
 @dataclass
@@ -100,28 +88,22 @@ class TableResult:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name, value in self.artifacts.items():
-            tmp = folder / f".{name}.tmp"
             if isinstance(value, Image.Image):
-                value.save(tmp, format="PNG")
+                atomic_write(folder / name, lambda tmp, image=value: image.save(tmp, format="PNG"))
             else:
-                tmp.write_text(value)
-            os.replace(tmp, folder / name)
+                atomic_write(folder / name, lambda tmp, text=value: tmp.write_text(text))
         return folder
 
 
 def save_teacher_rows(path: str | Path, rows: Sequence[Row], fingerprint: str | None, key: dict) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     body = {"teacher_fingerprint": fingerprint, "protocol": key, "rows": [r.to_dict() for r in rows]}
-    tmp.write_text(json.dumps(body, indent=1))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(body, indent=1)))
 
 
 def load_teacher_rows(path: str | Path, fingerprint: str | None, key: dict) -> list[Row]:
     """The shipped rows, or ``StaleTeacherRows`` naming what differs and how to measure them again."""
     path = Path(path)
-    redo = f"measure them again: python -m orchestrator.teacher_rows JOB.yaml (writes {path})"
+    redo = f"measure them again: addctl teacher rows JOB.yaml (writes {path})"
     if not path.is_file():
         raise StaleTeacherRows(f"no teacher rows at {path}; {redo}")
     body = json.loads(path.read_text())
@@ -136,15 +118,20 @@ def load_teacher_rows(path: str | Path, fingerprint: str | None, key: dict) -> l
 
 class TableEvaluator:
     """Evaluates an exported student into the benchmark table; injected ``features``, ``scorer``
-    and real ``reference`` images (N, C, H, W) in [0, 1]."""
+    and real ``reference`` images (N, C, H, W) in [0, 1].
+
+    ``config`` is the job's ``eval`` section with its ``table`` (``eval.table.reference_uri`` filled
+    in: it names the reference images in the protocol key). The gates read the student row at
+    ``eval.student_steps`` and the teacher row ``eval.teacher_solver:eval.teacher_steps``; every
+    teacher row samples with ``eval.guidance_scale``."""
 
     needs_reference = False  # the reference images are given here, not read by the controller
 
     def __init__(
-        self, config: TableConfig, features: FeatureExtractor, scorer: PromptScorer | None, reference: Tensor
+        self, config: EvalSpec, features: FeatureExtractor, scorer: PromptScorer | None, reference: Tensor
     ):
-        self.config, self.features, self.scorer = config, features, scorer
-        self.protocol = Protocol(config.protocol, features, scorer, reference)
+        self.config, self.table, self.features, self.scorer = config, config.table, features, scorer
+        self.protocol = Protocol(config, features, scorer, reference)
         self._reference_speed: dict[str, tuple[float, dict]] = {}  # per teacher: timed once per evaluator
         self._measured_rows: dict[str, list[Row]] = {}
 
@@ -170,18 +157,22 @@ class TableEvaluator:
         """Every teacher row, measured with the full protocol (speed-ups against this set's reference);
         with ``progress``, a killed measurement resumes where it stopped."""
         rows = [
-            self.protocol.measure(s, self.teacher_generator(teacher, s), progress) for s in self.config.samplers()
+            self.protocol.measure(s, self.teacher_generator(teacher, s), progress) for s in self.samplers()
         ]
         return self.teacher_speedups(rows)
 
+    def samplers(self) -> list[Sampler]:
+        """The teacher rows' samplers, all with the eval section's guidance scale."""
+        return [Sampler.parse(s, self.config.guidance_scale) for s in self.table.teacher_samplers]
+
     def teacher_speedups(self, rows: Sequence[Row]) -> list[Row]:
         """Fill each teacher row's speed-up against the reference row among them."""
-        return with_speedups(rows, self._row(rows, self.config.reference, "teacher").ms_per_image)
+        return with_speedups(rows, self._row(rows, self.table.reference_sampler, "teacher").ms_per_image)
 
     def student_rows(self, student: Student, parts: Teacher) -> list[Row]:
         return [
             self.protocol.measure(Sampler("student", "add", n), self.student_generator(student, parts, n))
-            for n in self.config.student_steps
+            for n in self.table.student_steps
         ]
 
     def _row(self, rows: Sequence[Row], text: str, model: str) -> Row:
@@ -201,15 +192,15 @@ class TableEvaluator:
 
     @torch.no_grad()
     def evaluate(self, student: Student, parts: Teacher, teacher: Teacher, teacher_source) -> TableResult:
-        cfg = self.config
+        cfg, t = self.config, self.table
         key = str(teacher_source)  # what a sweep's evaluator measures once per teacher
-        if cfg.teacher_rows:
-            teacher_rows = load_teacher_rows(cfg.teacher_rows, teacher_fingerprint(teacher_source), cfg.protocol_key())
+        if t.teacher_rows:
+            teacher_rows = load_teacher_rows(t.teacher_rows, teacher_fingerprint(teacher_source), protocol_key(cfg))
         else:  # measured here, once per evaluator and teacher (a sweep evaluates many students)
             if key not in self._measured_rows:
                 self._measured_rows[key] = self.teacher_rows(teacher)
             teacher_rows = copy.deepcopy(self._measured_rows[key])
-        reference = Sampler.parse(cfg.reference, cfg.guidance_scale)
+        reference = Sampler.parse(t.reference_sampler, cfg.guidance_scale)
         if key not in self._reference_speed:  # a sweep evaluating every trial times its teacher once
             self._reference_speed[key] = self.protocol.speed(self.teacher_generator(teacher, reference))
         ref_ms, ref_timing = self._reference_speed[key]
@@ -220,8 +211,8 @@ class TableEvaluator:
             row.speedup = ref_ms / row.ms_per_image
         rows = teacher_rows + student_rows
 
-        gated_student = self._row(rows, str(cfg.gated_student_steps), "student")
-        gated_teacher = self._row(rows, cfg.gated_teacher, "teacher")
+        gated_student = self._row(rows, str(cfg.student_steps), "student")
+        gated_teacher = self._row(rows, f"{cfg.teacher_solver}:{cfg.teacher_steps}", "teacher")
         metrics = {
             "student_fid": gated_student.fid,
             "teacher_fid": gated_teacher.fid,
@@ -234,13 +225,13 @@ class TableEvaluator:
             "student_ms_per_image": gated_student.ms_per_image,
             "teacher_ms_per_image": ref_ms,
             "speedup": ref_ms / gated_student.ms_per_image,
-            "num_images": float(cfg.protocol.num_images),
+            "num_images": float(t.num_images),
         }
         for row in rows:
             for name in ("fid", "alignment", "recall", "ms_per_image"):
                 metrics[f"table/{row.sampler.key}/{name}"] = float(getattr(row, name))
 
-        prompts = list(cfg.grid_prompts) or list(cfg.protocol.prompts)[:10]
+        prompts = list(t.grid_prompts) or list(cfg.prompts)[:10]
         columns = {}
         for row in rows:
             s = row.sampler
@@ -249,13 +240,13 @@ class TableEvaluator:
                 else self.student_generator(student, parts, s.steps)
             )  # fmt: skip
             columns[f"{SHORT_NAMES[s.solver]} {s.steps}"] = generate(
-                prompts, torch.Generator().manual_seed(cfg.protocol.seed)
+                prompts, torch.Generator().manual_seed(cfg.seed)
             )
-        markdown = table_markdown(rows, cfg.alignment_name)
+        markdown = table_markdown(rows, t.alignment_name)
         body = {
-            "protocol": cfg.protocol_key() | {"batch_size": cfg.protocol.batch_size},
-            "reference": cfg.reference,
-            "teacher_rows": cfg.teacher_rows,
+            "protocol": protocol_key(cfg) | {"batch_size": t.batch_size},
+            "reference": t.reference_sampler,
+            "teacher_rows": t.teacher_rows,
             "metrics": metrics,
             "rows": [r.to_dict() for r in rows],
         }

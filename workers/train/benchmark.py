@@ -1,7 +1,7 @@
 """Throughput of distributed ADD training on Ray, measured end to end from an S3 server on loopback.
 
 Example (about 5 minutes on 2 CPU cores):
-    python -m workers.train.benchmark --out results/train-benchmark.json
+    addctl bench train --out results/train-benchmark.json
 
 What it measures, on Fashion-MNIST shards written to a moto S3 server it starts on 127.0.0.1:
 
@@ -21,7 +21,6 @@ Fashion-MNIST teacher architecture (``workers.diffusion.train.fashion_mnist_unet
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -31,10 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from orchestrator.spec import JobSpec
+from workers.data.fashion_mnist import FASHION_MNIST_IDX
+from workers.train.config import TrainJob
 from workers.train.loop import TrainCallback
 
-FASHION_MNIST_IDX = "/usr/share/datasets/fashion-mnist"
 BUCKET = "bench"
 INGEST_BATCH = 256
 
@@ -77,7 +76,7 @@ def random_teacher(folder: Path) -> str:
     """The Fashion-MNIST teacher's architecture with random weights, in the folder layout it ships in."""
     from diffusers import DDPMScheduler
 
-    from workers.diffusion.text_encoder import MINILM_PACKAGE
+    from workers.add.text_encoders import MINILM_PACKAGE
     from workers.diffusion.train import SCHEDULER_CONFIG, fashion_mnist_unet
 
     fashion_mnist_unet().save_pretrained(folder / "unet")
@@ -86,8 +85,8 @@ def random_teacher(folder: Path) -> str:
     return str(folder)
 
 
-def job_spec(teacher: str, data_uri: str, workers: int, batch_size: int, steps: int, log_every: int) -> JobSpec:
-    return JobSpec.model_validate(
+def job_spec(teacher: str, data_uri: str, workers: int, batch_size: int, steps: int, log_every: int) -> TrainJob:
+    return TrainJob.model_validate(
         {
             "name": f"benchmark-w{workers}",
             "teacher": {"source": teacher},
@@ -130,14 +129,14 @@ def _stream_rate(ds) -> dict:
     }
 
 
-def measure_ingest(spec: JobSpec) -> dict:
+def measure_ingest(spec: TrainJob) -> dict:
     """One pass of the trainer's pipeline over the set, read on the driver: decode only, then decode
     and caption embedding (MiniLM in an actor, which caches each distinct caption)."""
     import functools
 
     from workers.data.ingest import build_dataset, embed_captions
+    from workers.data.storage import storage_options
     from workers.train.models import caption_encoder
-    from workers.train.trainer import storage_options
 
     d = spec.data
 
@@ -158,7 +157,7 @@ def measure_ingest(spec: JobSpec) -> dict:
     }
 
 
-def measure_training(spec: JobSpec, storage: str, work: Path) -> dict:
+def measure_training(spec: TrainJob, storage: str, work: Path) -> dict:
     """A run of ``spec``; throughput and data wait from its reports after the first interval."""
     from workers.train.trainer import build_trainer, run_training
 
@@ -184,7 +183,20 @@ def measure_training(spec: JobSpec, storage: str, work: Path) -> dict:
     }
 
 
-def run(args) -> dict:
+def run(
+    *,
+    images: int = 16384,
+    rows_per_shard: int = 1024,
+    steps: int = 30,
+    log_every: int = 10,
+    batch_size: int = 32,
+    cpus: int = 8,
+    teacher: str | None = None,
+    idx_dir: str = FASHION_MNIST_IDX,
+) -> dict:
+    """The whole benchmark: ``images`` Fashion-MNIST images written to a loopback S3 server in shards of
+    ``rows_per_shard``, then ingest and training (``steps`` of ``batch_size``, a report every
+    ``log_every``) on a Ray of ``cpus`` logical CPUs; ``teacher`` default: random weights."""
     import ray
 
     from workers.data.shards import prepare_fashion_mnist
@@ -196,13 +208,13 @@ def run(args) -> dict:
 
         boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"]).create_bucket(Bucket=BUCKET)
         data_uri = f"s3://{BUCKET}/fashion-mnist"
-        prepare_fashion_mnist(args.idx_dir, data_uri, limit=args.images, rows_per_shard=args.rows_per_shard)
+        prepare_fashion_mnist(idx_dir, data_uri, limit=images, rows_per_shard=rows_per_shard)
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
-            teacher = args.teacher or random_teacher(work / "teacher")
-            ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level=logging.WARNING)
+            source = teacher or random_teacher(work / "teacher")
+            ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
             ray.data.DataContext.get_current().enable_progress_bars = False
-            specs = {w: job_spec(teacher, data_uri, w, args.batch_size, args.steps, args.log_every) for w in (1, 2)}
+            specs = {w: job_spec(source, data_uri, w, batch_size, steps, log_every) for w in (1, 2)}
             ingest = measure_ingest(specs[1])
             training = {w: measure_training(specs[w], f"s3://{BUCKET}/runs", work) for w in (1, 2)}
             ray.shutdown()
@@ -210,9 +222,9 @@ def run(args) -> dict:
         server.stop()
     one, two = training[1], training[2]
     return {
-        "teacher": args.teacher or "fashion_mnist_unet (random weights)",
+        "teacher": teacher or "fashion_mnist_unet (random weights)",
         "cpu_cores": os.cpu_count(),
-        "ray_logical_cpus": args.cpus,
+        "ray_logical_cpus": cpus,
         "load_average_1m_before_and_after": [load_before[0], os.getloadavg()[0]],  # other users of the cores
         "ingest": ingest,
         "training": {"1_worker": one, "2_workers": two},
@@ -222,27 +234,3 @@ def run(args) -> dict:
         "memory_per_rank_2_vs_1_workers": max(two["student_state_bytes_per_rank"])
         / max(one["student_state_bytes_per_rank"]),
     }
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=16384, help="Fashion-MNIST images written to S3 (16384)")
-    parser.add_argument("--rows-per-shard", type=int, default=1024, help="rows per Parquet shard (default 1024)")
-    parser.add_argument("--steps", type=int, default=30, help="training steps per run (default 30)")
-    parser.add_argument("--log-every", type=int, default=10, help="steps per report; the first is warm-up (10)")
-    parser.add_argument("--batch-size", type=int, default=32, help="global batch (default 32)")
-    parser.add_argument("--cpus", type=int, default=8, help="logical CPUs given to Ray (default 8)")
-    parser.add_argument("--teacher", default=None, help="teacher folder (default: random Fashion-MNIST teacher)")
-    parser.add_argument("--idx-dir", default=FASHION_MNIST_IDX, help="Fashion-MNIST idx files")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here too")
-    args = parser.parse_args(argv)
-    result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-
-
-if __name__ == "__main__":
-    main()

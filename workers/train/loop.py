@@ -49,10 +49,11 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from orchestrator.spec import JobSpec, resolve_secrets
 from workers.add.balance import head_keys
 from workers.add.step import discriminator_loss, student_loss, student_sample
+from workers.secrets import resolve_secrets
 from workers.train.checkpoint import TrainState, apply_model_state, load_checkpoint, model_state, save_checkpoint
+from workers.train.config import TrainJob
 from workers.train.ema import EMA
 from workers.train.export import consolidated_state, export_step, remove_export, write_export
 from workers.train.fsdp import ReplicaSync, distributed, full_norm, local_fractions, shard_unet, state_bytes
@@ -112,7 +113,7 @@ class FaultInjection:
 
 @dataclass
 class LoopOptions:
-    """What the driver passes to the loop besides the JobSpec (it travels pickled)."""
+    """What the driver passes to the loop besides the TrainJob (it travels pickled)."""
 
     callbacks: list[TrainCallback] = field(default_factory=list)
     export_path: str | None = None  # consolidated student export: a path on export_filesystem
@@ -198,7 +199,7 @@ def _apply_env(env: dict[str, str]) -> None:
 class ADDLoop:
     """Everything one worker holds: the sharded models, optimizers, EMA, data position."""
 
-    def __init__(self, spec: JobSpec, options: LoopOptions):
+    def __init__(self, spec: TrainJob, options: LoopOptions):
         self.spec, self.options = spec, options
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
@@ -520,6 +521,6 @@ class ADDLoop:
 
 
 def train_loop_per_worker(config: dict) -> dict:
-    """Ray Train entry point. ``config``: ``{"spec": JobSpec as a dict, "options": LoopOptions}``."""
-    spec = JobSpec.model_validate(config["spec"])
+    """Ray Train entry point. ``config``: ``{"spec": TrainJob as a dict, "options": LoopOptions}``."""
+    spec = TrainJob.model_validate(config["spec"])
     return ADDLoop(spec, config.get("options") or LoopOptions()).run()

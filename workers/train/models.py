@@ -1,4 +1,4 @@
-"""The ADD models, objective and optimizers of a job, built from its JobSpec on one worker.
+"""The ADD models, objective and optimizers of a job, built from its TrainJob on one worker.
 
 Every rank builds the same thing from the same seed, so the replicated parts (the heads φ) start
 identical and the sharded ones (θ, ψ) hold the same full weights before FSDP splits them.
@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
-from orchestrator.spec import JobSpec
 from workers.add.balance import Balance
 from workers.add.components import load_teacher
 from workers.add.conditioning import Conditioning
@@ -20,11 +19,12 @@ from workers.add.step import ADDBatch, ADDModels, ADDObjective
 from workers.add.student import Student, student_timesteps
 from workers.add.teacher import Teacher
 from workers.add.text_encoders import LabelPromptEncoder
+from workers.train.config import TrainJob
 
 EMBEDDING_PREFIX = "text_embedding_"  # columns added by workers.data.ingest.embed_captions
 
 
-def build_objective(spec: JobSpec) -> ADDObjective:
+def build_objective(spec: TrainJob) -> ADDObjective:
     """ADDObjective from the job's loss section (clipping is the loop's: ``train.max_grad_norm``)."""
     loss = spec.loss
     return ADDObjective(
@@ -38,7 +38,7 @@ def build_objective(spec: JobSpec) -> ADDObjective:
     )
 
 
-def _student(spec: JobSpec, teacher: Teacher, network: torch.nn.Module | None = None) -> Student:
+def _student(spec: TrainJob, teacher: Teacher, network: torch.nn.Module | None = None) -> Student:
     s = spec.student
     T = teacher.schedule.num_train_timesteps
     timesteps = s.timesteps if s.timesteps is not None else student_timesteps(s.steps, T)
@@ -52,7 +52,7 @@ def _student(spec: JobSpec, teacher: Teacher, network: torch.nn.Module | None = 
     )
 
 
-def build_models(spec: JobSpec, device: torch.device, dinov2: torch.nn.Module | None = None) -> ADDModels:
+def build_models(spec: TrainJob, device: torch.device, dinov2: torch.nn.Module | None = None) -> ADDModels:
     """ψ loaded from ``teacher.source``, θ copied from it, D on the chosen backbone; all on ``device``.
 
     ``dinov2``: an already built DINOv2 model (tests pass a tiny one) instead of ``discriminator.dinov2``.
@@ -86,7 +86,7 @@ def build_models(spec: JobSpec, device: torch.device, dinov2: torch.nn.Module | 
     return ADDModels(student, teacher, D)
 
 
-def build_optimizers(spec: JobSpec, models: ADDModels) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+def build_optimizers(spec: TrainJob, models: ADDModels) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """AdamW for θ and for φ (call after FSDP sharding: the optimizer must hold the DTensors)."""
     t = spec.train
     kwargs = {"betas": tuple(t.adam_betas), "weight_decay": t.weight_decay}
@@ -95,7 +95,7 @@ def build_optimizers(spec: JobSpec, models: ADDModels) -> tuple[torch.optim.Opti
     return opt_g, opt_d
 
 
-def set_hyperparameters(spec: JobSpec, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer) -> None:
+def set_hyperparameters(spec: TrainJob, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer) -> None:
     """The job spec wins over hyperparameters restored with an optimizer's state."""
     t = spec.train
     for optimizer, lr in ((opt_g, t.lr_student), (opt_d, t.lr_discriminator)):
@@ -139,7 +139,7 @@ def make_batch(teacher: Teacher, rows: dict[str, np.ndarray], device: torch.devi
     return ADDBatch.from_pixels(teacher, pixels, cond)
 
 
-def export_copy(spec: JobSpec, teacher: Teacher, full_state: dict[str, torch.Tensor]) -> Student:
+def export_copy(spec: TrainJob, teacher: Teacher, full_state: dict[str, torch.Tensor]) -> Student:
     """An unsharded student holding ``full_state`` (a consolidated state dict), for export."""
     config = dict(teacher.unet.config)
     unet_class = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}.get(

@@ -2,7 +2,7 @@
 
 Example (a Ray cluster is running, or ``ray.init(num_cpus=...)`` was called)::
 
-    spec = JobSpec.model_validate(yaml.safe_load(open("jobs/fmnist.yaml")))
+    spec = TrainJob.model_validate(yaml.safe_load(open("jobs/fmnist.yaml")))  # or a JobSpec
     result = run_training(build_trainer(spec))        # resumes if spec.name already has checkpoints
     result.return_value["export_uri"]                 # the exported diffusers folder of the student
 
@@ -45,10 +45,17 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, Result, RunCo
 from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
 
-from orchestrator.jobs import localize_paths
-from orchestrator.spec import STORAGE_OPTIONS, JobSpec, resolve_secrets
 from workers.data.shards import read_manifest
-from workers.data.storage import StorageOptions, check_reachable, display_uri, join_uri, resolve, split_uri
+from workers.data.storage import (
+    StorageOptions,
+    check_reachable,
+    display_uri,
+    join_uri,
+    resolve,
+    split_uri,
+    storage_options,
+)
+from workers.train.config import TrainJob
 from workers.train.loop import FaultInjection, LoopOptions, ModuleRecipe, TrainCallback, train_loop_per_worker
 from workers.train.models import caption_encoder
 
@@ -75,15 +82,6 @@ class DataError(RuntimeError):
     """The training data failed (an unreadable shard, too many bad records); the message names the shard."""
 
 
-def storage_options(options: dict[str, str], where: str) -> StorageOptions:
-    """A spec's ``storage.options`` / ``data.storage_options`` as ``StorageOptions``, references resolved."""
-    unknown = sorted(set(options) - set(STORAGE_OPTIONS))
-    if unknown:
-        raise ValueError(f"{where}.{unknown[0]}: unknown storage option; allowed are {', '.join(STORAGE_OPTIONS)}")
-    values = resolve_secrets({k: str(v) for k, v in options.items()}, where)
-    return StorageOptions(**{k: STORAGE_OPTIONS[k](v) for k, v in values.items()})
-
-
 def run_storage(uri: str, options: StorageOptions) -> tuple[pafs.FileSystem, str]:
     """Filesystem and scheme-less path of the runs' storage, checked (and created when local)."""
     check_reachable(uri, options, must_exist=False)
@@ -93,11 +91,11 @@ def run_storage(uri: str, options: StorageOptions) -> tuple[pafs.FileSystem, str
     return fs, path
 
 
-def micro_batch_size(spec: JobSpec) -> int:
+def micro_batch_size(spec: TrainJob) -> int:
     return spec.train.batch_size // (spec.resources.num_workers * spec.train.grad_accum)
 
 
-def build_train_dataset(spec: JobSpec, ledger: str | None = None) -> ray.data.Dataset:
+def build_train_dataset(spec: TrainJob, ledger: str | None = None) -> ray.data.Dataset:
     """The job's Ray Data stream, enough epochs for ``train.steps`` chained in a (seed, epoch) order.
 
     Blocks hold one micro-batch each, so Ray Train's deterministic split (``preserve_order``)
@@ -134,7 +132,7 @@ def build_train_dataset(spec: JobSpec, ledger: str | None = None) -> ray.data.Da
     return ds
 
 
-def _check_cpus(spec: JobSpec) -> None:
+def _check_cpus(spec: TrainJob) -> None:
     """Refuse a layout that leaves Ray Data no CPU: it would hang rather than fail."""
     if not ray.is_initialized():
         return
@@ -152,7 +150,7 @@ def _check_cpus(spec: JobSpec) -> None:
 
 
 def build_trainer(
-    spec: JobSpec,
+    spec: TrainJob,
     *,
     storage_path: str | None = None,
     run_name: str | None = None,
@@ -170,7 +168,7 @@ def build_trainer(
     of the workers; ``run_callbacks`` (Ray Train ``UserCallback``s, e.g. Tune's
     ``TuneReportCallback``) on the controller. ``stop_at_step`` checkpoints and stops early (resume
     with a new trainer of the same name); ``fault`` and ``dinov2`` are for tests."""
-    spec = localize_paths(spec)  # the workers' working directory is not the driver's
+    spec = spec.localized()  # the workers' working directory is not the driver's
     uri = storage_path or spec.storage.uri
     name = run_name or spec.name
     options = storage_options(spec.storage.options, "storage.options")
@@ -193,7 +191,7 @@ def build_trainer(
     ledger = f"add-ledger-{name}-{uuid.uuid4().hex[:8]}" if datasets is None else None
     return TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "options": loop_options, "ledger": ledger},
+        train_loop_config={"spec": spec.training_dump(), "options": loop_options, "ledger": ledger},
         scaling_config=ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=resources
         ),

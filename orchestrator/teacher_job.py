@@ -12,14 +12,14 @@ whole curve.
 Example (``jobs/fashion-mnist-teacher.yaml``)::
 
     addctl prepare-data fashion-mnist runs/data/fashion-mnist-train
-    addctl train-teacher jobs/fashion-mnist-teacher.yaml               # run again: resumes
-    python -m workers.diffusion.job jobs/fashion-mnist-teacher.yaml    # the same, without addctl
+    addctl teacher train jobs/fashion-mnist-teacher.yaml               # run again: resumes
+
+The training itself is ``workers.diffusion.train``; this module is the job around it (the
+orchestrator's side: the job file, the checks before anything runs, the MLflow run).
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import json
 import os
 import threading
@@ -29,21 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from orchestrator.errors import JobSpecError, Problem, problems_from_validation
-from orchestrator.spec import (
-    STORAGE_OPTIONS,
-    URI_PASSWORD,
-    Section,
-    ShardsSpec,
-    parse_yaml,
-    read_job_text,
-    resolve_secrets,
-    set_path,
-)
-from workers.data.storage import StorageError, StorageOptions, display_uri, split_uri
+from orchestrator.spec import URI_PASSWORD, apply_overrides, job_yaml, parse_yaml, read_job_text
+from workers.config import Section
+from workers.data.config import ShardsSpec
+from workers.data.storage import StorageError, StorageOptions, display_uri, split_uri, storage_options
 
 __all__ = ["TeacherJobResult", "TeacherJobSpec", "load_teacher_job", "run_teacher_job", "validate_teacher_job"]
 
@@ -105,25 +97,6 @@ class TeacherJobSpec(Section):
 # ---- reading a job file ---------------------------------------------------------------------------
 
 
-def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
-    """``data`` with each ``KEY=VALUE`` set (VALUE parsed as YAML); a wrong KEY is caught by validation."""
-    data = copy.deepcopy(data)
-    problems = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            problems.append(Problem(f"--set {item}", "expected KEY=VALUE, e.g. --set train.steps=100"))
-            continue
-        try:
-            set_path(data, key, yaml.safe_load(raw) if raw.strip() else "")
-        except yaml.YAMLError as err:
-            problems.append(Problem(key, f"--set value {raw!r} is not valid YAML: {getattr(err, 'problem', err)}"))
-    if problems:
-        raise JobSpecError(problems, "--set")
-    return data
-
-
 def validate_teacher_job(data: dict, source: str | None = None) -> TeacherJobSpec:
     """A parsed teacher job file as a ``TeacherJobSpec``; raises ``JobSpecError`` naming every bad field."""
     try:
@@ -136,7 +109,7 @@ def load_teacher_job(path: str | os.PathLike, overrides: Sequence[str] = ()) -> 
     """Read, override (``--set KEY=VALUE``) and validate a teacher job file; raises ``JobSpecError``."""
     source = str(path)
     text = read_job_text(path)  # bounded, UTF-8: the same refusals as an ADD job file
-    return validate_teacher_job(apply_overrides(parse_yaml(text, source), overrides), source)
+    return validate_teacher_job(apply_overrides(parse_yaml(text, source), overrides, TeacherJobSpec), source)
 
 
 # ---- running it -----------------------------------------------------------------------------------
@@ -149,12 +122,6 @@ class TeacherJobResult:
     step: int  # steps trained in all, this invocation and those it resumed
     loss: float | None  # mean loss over the last checkpoint interval
     export: str  # the exported teacher folder
-
-
-def storage_options(spec: TeacherJobSpec) -> StorageOptions:
-    """``data.storage_options`` as ``StorageOptions``, ``${env:NAME}`` references resolved here."""
-    values = resolve_secrets(spec.data.storage_options, "data.storage_options")
-    return StorageOptions(**{k: STORAGE_OPTIONS[k](v) for k, v in values.items()})
 
 
 def check_shards(spec: TeacherJobSpec, options: StorageOptions) -> list[str]:
@@ -178,7 +145,7 @@ def check_resumable(spec: TeacherJobSpec) -> list[dict]:
     if not (out / "checkpoint.pt").exists():
         return []
     config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
-    trained_on = config.get("data")  # absent: a run of ``python -m workers.diffusion.train`` on the idx files
+    trained_on = config.get("data")  # absent: a run of ``addctl teacher train-idx`` on the idx files
     if trained_on is None or split_uri(trained_on) != split_uri(spec.data.uri):
         problem = Problem(
             "output.run",
@@ -190,21 +157,6 @@ def check_resumable(spec: TeacherJobSpec) -> list[dict]:
     return json.loads(history.read_text()) if history.exists() else []
 
 
-def _experiment_id(client, uri: str, name: str) -> str:
-    from orchestrator.embedded import ensure_experiment
-
-    ensure_experiment(uri, name)  # a SQLite store keeps its artifacts beside the database
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        try:
-            return client.create_experiment(name)
-        except Exception:  # noqa: BLE001  (created meanwhile by another job)
-            experiment = client.get_experiment_by_name(name)
-    if experiment.lifecycle_stage == "deleted":
-        client.restore_experiment(experiment.experiment_id)
-    return experiment.experiment_id
-
-
 def run_teacher_job(spec: TeacherJobSpec, tracking_uri: str | None = None) -> TeacherJobResult:
     """Train (or resume) the teacher, export it, and track the run in MLflow: params, the loss at each
     checkpoint, the resolved job, the exported folder. ``tracking_uri`` overrides ``tracking.uri``."""
@@ -213,11 +165,19 @@ def run_teacher_job(spec: TeacherJobSpec, tracking_uri: str | None = None) -> Te
     from mlflow.tracking import MlflowClient
 
     from orchestrator.embedded import tracking_uri as resolve_tracking_uri
-    from orchestrator.tracking import JobStopped, Redactor, code_version, flatten, numeric_metrics, stop_on_signals
+    from orchestrator.tracking import (
+        JobStopped,
+        Redactor,
+        code_version,
+        experiment_id,
+        flatten,
+        numeric_metrics,
+        stop_on_signals,
+    )
     from workers.diffusion.train import ShardCaptions, export, minilm_encoder, train
 
     # 1. Everything that can be wrong with the input fails before a run is tracked.
-    options = storage_options(spec)
+    options = storage_options(spec.data.storage_options, "data.storage_options")
     check_shards(spec, options)
     resumed = check_resumable(spec)
     torch.set_num_threads(spec.train.threads)
@@ -228,8 +188,8 @@ def run_teacher_job(spec: TeacherJobSpec, tracking_uri: str | None = None) -> Te
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     dump = spec.model_dump(mode="json")
     redact = Redactor.for_spec(dump)
-    experiment_id = _experiment_id(client, uri, spec.tracking.experiment)
-    run_id = client.create_run(experiment_id, run_name=spec.tracking.run_name or spec.name).info.run_id
+    experiment = experiment_id(client, uri, spec.tracking.experiment)
+    run_id = client.create_run(experiment, run_name=spec.tracking.run_name or spec.name).info.run_id
     tags = {"job.name": spec.name, "job.kind": "teacher", "output.run": str(out.resolve()), **code_version()}
     if resumed:
         tags["resumed_from_step"] = resumed[-1]["step"]
@@ -257,7 +217,7 @@ def run_teacher_job(spec: TeacherJobSpec, tracking_uri: str | None = None) -> Te
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
                 client.log_batch(run_id, params=params[i : i + 100])
             client.log_batch(run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
-            client.log_text(run_id, redact(yaml.safe_dump(dump, sort_keys=False, allow_unicode=True)), "job.yaml")
+            client.log_text(run_id, redact(job_yaml(dump)), "job.yaml")
             log_history(resumed)
 
             # 3. Train from the shards, logging each checkpoint's loss as it is saved.
@@ -291,33 +251,3 @@ def run_teacher_job(spec: TeacherJobSpec, tracking_uri: str | None = None) -> Te
         if not stopped.is_set():
             client.set_terminated(run_id, status=status)
     return TeacherJobResult(run_id, uri, int(final["step"]), final.get("loss"), str(folder))
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("job", help="the teacher job file (YAML)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field, e.g. --set train.steps=100 (repeatable)",
-    )
-    parser.add_argument(
-        "--tracking-uri", default=None, help="MLflow (default: tracking.uri, MLFLOW_TRACKING_URI, ./runs)"
-    )
-    args = parser.parse_args(argv)
-    from orchestrator.tracking import JobStopped
-
-    try:
-        result = run_teacher_job(load_teacher_job(args.job, args.overrides), args.tracking_uri)
-    except (JobSpecError, FileNotFoundError) as err:  # the job file, the run folder, no shards
-        parser.exit(2, f"{err}\n")
-    except JobStopped as stopped:  # the MLflow run is KILLED; the last checkpoint stays
-        parser.exit(128 + stopped.signum, f"{stopped}; run it again to resume from the last checkpoint\n")
-    print(json.dumps(vars(result), indent=2))
-
-
-if __name__ == "__main__":
-    main()
