@@ -77,6 +77,7 @@ STORAGE_OPTIONS = {
     "connect_timeout": float,
     "request_timeout": float,
     "max_attempts": int,
+    "retry_s": float,
 }
 
 
@@ -269,7 +270,7 @@ class ShardsSpec(Section):
     uri: StorageUri = Field(description="shards: s3://bucket/prefix, file:///path, gs://..., or a local path")
     storage_options: dict[str, str] = Field(
         default_factory=dict,
-        description="endpoint_url, region, profile, anonymous, timeouts, max_attempts; values may be ${env:NAME}",
+        description="endpoint_url, region, profile, anonymous, timeouts, max_attempts, retry_s; may be ${env:NAME}",
     )
 
     @field_validator("storage_options", mode="before")

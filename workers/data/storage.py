@@ -60,6 +60,7 @@ class StorageOptions:
     connect_timeout: float = 5.0  # seconds; small so an unreachable endpoint fails fast
     request_timeout: float = 60.0  # seconds per request
     max_attempts: int = 3  # S3 retry attempts per request
+    retry_s: float = 60.0  # seconds a copy keeps retrying through connection errors (``transfer.retrying``)
 
 
 def split_uri(uri: str) -> tuple[str, str]:

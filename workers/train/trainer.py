@@ -14,7 +14,10 @@ starts: an unreachable endpoint or a wrong bucket is a ``StorageError`` naming t
 a credential.
 
 Failures: ``FailureConfig(max_failures=resources.max_failures)``: a worker that dies (or raises)
-is replaced and the run continues from the last checkpoint. A non-finite loss is not retried
+is replaced and the run continues from the last checkpoint. Checkpoint copies retry through a
+restarting storage server for ``storage.options.retry_s`` (``workers.data.transfer``); storage down
+for longer fails the attempt, and once the retries are spent ``run_training`` raises the
+``StorageError`` naming the storage URI. A non-finite loss is not retried
 (see ``loop.py``): the run ends, ``run_training`` raises ``NonFiniteLossError`` with the step and
 the values, and ``error.checkpoint`` is the last good checkpoint.
 
@@ -48,7 +51,15 @@ from torch import nn
 from orchestrator.jobs import localize_paths
 from orchestrator.spec import STORAGE_OPTIONS, JobSpec, resolve_secrets
 from workers.data.shards import read_manifest
-from workers.data.storage import StorageOptions, check_reachable, display_uri, join_uri, resolve, split_uri
+from workers.data.storage import (
+    StorageError,
+    StorageOptions,
+    check_reachable,
+    display_uri,
+    join_uri,
+    resolve,
+    split_uri,
+)
 from workers.train.loop import FaultInjection, LoopOptions, ModuleRecipe, TrainCallback, train_loop_per_worker
 from workers.train.models import caption_encoder
 
@@ -187,6 +198,8 @@ def build_trainer(
         fault=fault,
         threads=max(1, int(r.cpus_per_worker)),
         dinov2=ModuleRecipe.of(dinov2) if dinov2 is not None else None,
+        storage_uri=display_uri(join_uri(uri, name)),
+        storage_options=options,
     )
     resources = {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})
     # this run's own ledger of bad records and data failures (a sweep's trials share a Ray job)
@@ -232,6 +245,15 @@ def raise_for_status(result: Result) -> Result:
     return result
 
 
+def _storage_failure(err: Exception) -> StorageError | None:
+    """The ``StorageError`` a training worker failed with (a copy that outlasted its retries), if any."""
+    for failure in (getattr(err, "worker_failures", None) or {}).values():
+        failure = getattr(failure, "_base_exc", failure)  # Ray Train's wrapper keeps the worker's exception
+        if isinstance(failure, StorageError):
+            return failure
+    return None
+
+
 def run_training(trainer: TorchTrainer) -> Result:
     """``trainer.fit()``, then ``raise_for_status``. ``return_value`` is the loop's summary: status
     ("completed" or "stopped"), step, restored_from_step, export_uri, and ``data``: the ledger's report
@@ -242,9 +264,11 @@ def run_training(trainer: TorchTrainer) -> Result:
     try:
         try:
             result = trainer.fit()
-        except Exception:
+        except Exception as err:
             if ledger and (failure := data_report(ledger)["fatal"]):
                 raise DataError(failure) from None  # the data layer's message, not Ray's wrapper
+            if storage := _storage_failure(err):
+                raise StorageError(str(storage)) from None  # naming the storage, not cut short by Ray
             raise
         report = data_report(ledger) if ledger else None
     finally:
