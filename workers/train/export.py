@@ -66,12 +66,8 @@ def consolidated_state(student: nn.Module, ema: EMA | None, rank: int) -> dict[s
     return full
 
 
-def write_export(
-    student, teacher, fs: pafs.FileSystem, path: str, metadata: dict, uri: str | None = None, options=None
-) -> None:
-    """``export_student`` into ``path`` on ``fs``, complete or absent; on object storage each file's copy
-    is retried through a restarting server (``workers.data.transfer``; ``uri`` names it in errors,
-    ``options`` is its ``StorageOptions``)."""
+def write_export(student, teacher, fs: pafs.FileSystem, path: str, metadata: dict) -> None:
+    """``export_student`` into ``path`` on ``fs``, complete or absent."""
     from workers.add.export import STUDENT_FILE, export_student
     from workers.data.transfer import upload_folder
 
@@ -81,4 +77,4 @@ def write_export(
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "student"
         export_student(student, teacher, local, metadata=metadata)
-        upload_folder(local, fs, path, uri or path, options, last=STUDENT_FILE)
+        upload_folder(local, fs, path, last=STUDENT_FILE)

@@ -52,7 +52,6 @@ from tqdm.auto import tqdm
 from orchestrator.spec import JobSpec, resolve_secrets
 from workers.add.balance import head_keys
 from workers.add.step import discriminator_loss, student_loss, student_sample
-from workers.data.storage import StorageOptions
 from workers.data.transfer import download_folder, upload_folder
 from workers.train.checkpoint import TrainState, apply_model_state, load_checkpoint, model_state, save_checkpoint
 from workers.train.ema import EMA
@@ -124,8 +123,6 @@ class LoopOptions:
     fault: FaultInjection | None = None
     threads: int = 1  # torch threads per worker
     dinov2: ModuleRecipe | None = None  # a built DINOv2 instead of discriminator.dinov2 (tests)
-    storage_uri: str | None = None  # the runs' storage as shown to people (no credentials)
-    storage_options: StorageOptions | None = None  # how long checkpoint copies retry (retry_s)
 
 
 @dataclass
@@ -274,33 +271,27 @@ class ADDLoop:
             shutil.rmtree(folder, ignore_errors=True)
 
     def _upload(self, checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
-        """This rank's checkpoint files into the run's folder ``name``, each copy retried through a
-        restarting server (``workers.data.transfer``); Ray Train registers the folder once every rank's
-        upload returned, so a folder a failed upload left partial is never read."""
+        """This rank's checkpoint files into the run's folder ``name``, one file at a time (on object
+        storage each write retries through a restarting server: ``workers.data.transfer``). Ray Train
+        registers the folder once every rank's upload returned: a partial one is never read."""
         storage = ray.train.get_context().get_storage()
         fs, path = storage.storage_filesystem, storage.build_checkpoint_path_from_name(name)
         with checkpoint.as_directory() as local:
-            upload_folder(local, fs, path, self._checkpoint_uri(name), self.options.storage_options)
+            upload_folder(local, fs, path)
         return ray.train.Checkpoint(path=path, filesystem=fs)
 
     @contextmanager
     def _fetched(self, checkpoint: ray.train.Checkpoint):
-        """A local folder holding ``checkpoint``: on object storage a copy, retried like the uploads."""
+        """A local folder holding ``checkpoint``: on object storage a copy (retried like the uploads)."""
         if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
             yield checkpoint.path
             return
         folder = Path(tempfile.mkdtemp(prefix=f"add-restore-{self.rank}-"))
         try:
-            uri = self._checkpoint_uri(os.path.basename(checkpoint.path))
-            download_folder(checkpoint.filesystem, checkpoint.path, folder, uri, self.options.storage_options)
+            download_folder(checkpoint.filesystem, checkpoint.path, folder)
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-
-    def _checkpoint_uri(self, name: str) -> str:
-        """Where checkpoint ``name`` is, as messages show it."""
-        base = self.options.storage_uri or ray.train.get_context().get_storage().experiment_fs_path
-        return f"{base.rstrip('/')}/{name}"
 
     # ---- one step -------------------------------------------------------------------------------
 
@@ -547,9 +538,7 @@ class ADDLoop:
             remove_export(fs, path)
             student = export_copy(self.spec, self.models.teacher, full)
             metadata = {"job": self.spec.name, "step": self.state.step, "ema": self.ema is not None}
-            write_export(
-                student, self.models.teacher, fs, path, metadata, self.options.export_uri, self.options.storage_options
-            )
+            write_export(student, self.models.teacher, fs, path, metadata)
         if distributed():
             dist.barrier()
         return self.options.export_uri

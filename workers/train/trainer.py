@@ -14,10 +14,11 @@ starts: an unreachable endpoint or a wrong bucket is a ``StorageError`` naming t
 a credential.
 
 Failures: ``FailureConfig(max_failures=resources.max_failures)``: a worker that dies (or raises)
-is replaced and the run continues from the last checkpoint. Checkpoint copies retry through a
-restarting storage server for ``storage.options.retry_s`` (``workers.data.transfer``); storage down
-for longer fails the attempt, and once the retries are spent ``run_training`` raises the
-``StorageError`` naming the storage URI. A non-finite loss is not retried
+is replaced and the run continues from the last checkpoint. On object storage every write of the
+run (checkpoints, Ray Train's registry of them, the export) retries through a restarting server for
+``storage.options.retry_s`` seconds (``workers.data.transfer``); storage down for longer fails the
+attempt, and once the attempts are spent ``run_training`` raises the ``StorageError`` naming the
+storage URI. A non-finite loss is not retried
 (see ``loop.py``): the run ends, ``run_training`` raises ``NonFiniteLossError`` with the step and
 the values, and ``error.checkpoint`` is the last good checkpoint.
 
@@ -60,6 +61,7 @@ from workers.data.storage import (
     resolve,
     split_uri,
 )
+from workers.data.transfer import retrying_filesystem
 from workers.train.loop import FaultInjection, LoopOptions, ModuleRecipe, TrainCallback, train_loop_per_worker
 from workers.train.models import caption_encoder
 
@@ -188,6 +190,8 @@ def build_trainer(
     fs, path = run_storage(uri, options)
     _check_cpus(spec)
     local = isinstance(fs, pafs.LocalFileSystem)
+    if not local:  # Ray Train's controller and the workers write checkpoints through it
+        fs = retrying_filesystem(fs, display_uri(uri), options)
     r = spec.resources
     loop_options = LoopOptions(
         callbacks=list(callbacks),
@@ -198,8 +202,6 @@ def build_trainer(
         fault=fault,
         threads=max(1, int(r.cpus_per_worker)),
         dinov2=ModuleRecipe.of(dinov2) if dinov2 is not None else None,
-        storage_uri=display_uri(join_uri(uri, name)),
-        storage_options=options,
     )
     resources = {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})
     # this run's own ledger of bad records and data failures (a sweep's trials share a Ray job)
@@ -246,8 +248,10 @@ def raise_for_status(result: Result) -> Result:
 
 
 def _storage_failure(err: Exception) -> StorageError | None:
-    """The ``StorageError`` a training worker failed with (a copy that outlasted its retries), if any."""
-    for failure in (getattr(err, "worker_failures", None) or {}).values():
+    """The ``StorageError`` a training worker or Ray Train's controller failed with (storage down for
+    longer than its retries), if any."""
+    failures = [*(getattr(err, "worker_failures", None) or {}).values(), getattr(err, "controller_failure", None)]
+    for failure in failures:
         failure = getattr(failure, "_base_exc", failure)  # Ray Train's wrapper keeps the worker's exception
         if isinstance(failure, StorageError):
             return failure
