@@ -176,13 +176,15 @@ def build_trainer(
     stop_at_step: int | None = None,
     fault: FaultInjection | None = None,
     dinov2: nn.Module | None = None,
+    placement_strategy: str = "PACK",
 ) -> TorchTrainer:
     """A TorchTrainer for ``spec``; ``storage_path`` (a local folder or s3://bucket/prefix) and
     ``run_name`` default to ``storage.uri`` and ``name``. ``datasets`` replaces the job's Ray Data
     stream (``{"train": ds}`` with the ``workers.data.ingest`` columns). ``callbacks`` run on rank 0
     of the workers; ``run_callbacks`` (Ray Train ``UserCallback``s, e.g. Tune's
     ``TuneReportCallback``) on the controller. ``stop_at_step`` checkpoints and stops early (resume
-    with a new trainer of the same name); ``fault`` and ``dinov2`` are for tests."""
+    with a new trainer of the same name); ``fault`` and ``dinov2`` are for tests. ``placement_strategy``:
+    how Ray places the workers (PACK: on as few nodes as fit; SPREAD: over the nodes)."""
     spec = localize_paths(spec)  # the workers' working directory is not the driver's
     uri = storage_path or spec.storage.uri
     name = run_name or spec.name
@@ -210,7 +212,10 @@ def build_trainer(
         train_loop,
         train_loop_config={"spec": spec.model_dump(mode="json"), "options": loop_options, "ledger": ledger},
         scaling_config=ScalingConfig(
-            num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=resources
+            num_workers=r.num_workers,
+            use_gpu=r.gpus_per_worker > 0,
+            resources_per_worker=resources,
+            placement_strategy=placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
