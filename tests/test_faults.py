@@ -214,11 +214,12 @@ def gate(after_step: int, reached: Path, go: Path):
     return Gate()
 
 
-def _wait_for(condition, what: str) -> None:
+def _wait_for(condition, what: str, ended: threading.Event) -> None:
+    """Return once ``condition()`` holds; raise when the run ``ended`` first or after ``WAIT_S``."""
     deadline = time.monotonic() + WAIT_S
     while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up waiting {WAIT_S} s for {what}")
+        if ended.is_set() or time.monotonic() > deadline:
+            raise TimeoutError(f"{'the run ended' if ended.is_set() else f'gave up after {WAIT_S} s'} before {what}")
         time.sleep(0.2)
 
 
@@ -234,19 +235,23 @@ def _steps_in_mlflow(client, run_id: str, key: str = "loss/distill") -> list[int
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def _in_background(fn) -> threading.Thread:
-    """Run ``fn`` in a thread; its exception, if any, is kept on the thread as ``error``."""
+class Injector(threading.Thread):
+    """Runs ``fault(ended)`` beside a run; ``ended`` is set when the run is over. Its error is kept."""
 
-    def target():
+    def __init__(self, fault):
+        super().__init__(daemon=True)
+        self.fault, self.ended, self.error = fault, threading.Event(), None
+        self.start()
+
+    def run(self) -> None:
         try:
-            fn()
-        except BaseException as err:  # noqa: BLE001  (reported by the test)
-            thread.error = err
+            self.fault(self.ended)
+        except BaseException as err:  # noqa: BLE001  (the test reports it)
+            self.error = err
 
-    thread = threading.Thread(target=target, daemon=True)
-    thread.error = None
-    thread.start()
-    return thread
+    def finish(self) -> None:
+        self.ended.set()
+        self.join(WAIT_S)
 
 
 # ---- the S3 server killed mid-run -----------------------------------------------------------------
@@ -280,10 +285,10 @@ def test_the_s3_server_killed_mid_run_and_restarted_the_run_waits_and_finishes(
     reached, go = tmp_path / "reached", tmp_path / "go"
     restarted_at = []
 
-    def fault():  # after step 3 (checkpoint 2 registered): S3 down for 8 s, across step 4's checkpoint
+    def fault(ended):  # after step 3 (checkpoint 2 registered): S3 down for 8 s, across step 4's checkpoint
         try:
-            _wait_for(lambda: reached.exists(), "step 3")
-            _wait_for(lambda: "checkpoint_00000002" in "".join(_registered(durable_s3, "s3")), "checkpoint 2")
+            _wait_for(lambda: reached.exists(), "step 3", ended)
+            _wait_for(lambda: "checkpoint_00000002" in "".join(_registered(durable_s3, "s3")), "checkpoint 2", ended)
             durable_s3.kill()
         finally:
             go.touch()
@@ -291,13 +296,13 @@ def test_the_s3_server_killed_mid_run_and_restarted_the_run_waits_and_finishes(
         restarted_at.append(time.time())
         durable_s3.start()
 
-    injector = _in_background(fault)
+    injector = Injector(fault)
     spec = make_spec(assets, steps=STEPS, checkpoint_every=2)
     try:
         result = fit(spec, "s3://ckpt/runs", "s3", extra_callbacks=[tracking, gate(3, reached, go)])
     finally:
         go.touch()
-        injector.join(WAIT_S)
+        injector.finish()
     assert injector.error is None and restarted_at, injector.error
     summary = result.return_value
     # the writes waited for the server: no attempt failed, nothing was replayed
@@ -316,15 +321,15 @@ def test_the_s3_server_down_for_good_fails_the_run_naming_the_storage(head, asse
     durable_s3.create_bucket("ckpt")
     reached, go = tmp_path / "reached", tmp_path / "go"
 
-    def fault():
+    def fault(ended):
         try:
-            _wait_for(lambda: reached.exists(), "step 3")
-            _wait_for(lambda: "checkpoint_00000002" in "".join(_registered(durable_s3, "down")), "checkpoint 2")
+            _wait_for(lambda: reached.exists(), "step 3", ended)
+            _wait_for(lambda: "checkpoint_00000002" in "".join(_registered(durable_s3, "down")), "checkpoint 2", ended)
             durable_s3.kill()
         finally:
             go.touch()
 
-    injector = _in_background(fault)
+    injector = Injector(fault)
     spec = make_spec(assets, steps=STEPS, checkpoint_every=2)
     spec.storage.options = {"retry_s": "2"}
     spec.resources.max_failures = 0
@@ -333,7 +338,7 @@ def test_the_s3_server_down_for_good_fails_the_run_naming_the_storage(head, asse
             fit(spec, "s3://ckpt/runs", "down", extra_callbacks=[gate(3, reached, go)])
     finally:
         go.touch()
-        injector.join(WAIT_S)
+        injector.finish()
     assert injector.error is None, injector.error
     assert durable_s3.secret_key not in str(err.value) and durable_s3.access_key not in str(err.value)
     durable_s3.start()  # what the registry holds, after the restart: only whole checkpoints, none after the fault
@@ -356,22 +361,23 @@ def test_a_second_nodes_raylet_killed_mid_run_the_run_resumes_on_the_head_and_fi
     reached, go = tmp_path / "reached", tmp_path / "go"
     snapshot = storage / "node" / "checkpoint_manager_snapshot.json"
 
-    def fault():  # after step 4 (checkpoint 3 registered): the second node's raylet SIGKILLed
+    def fault(ended):  # after step 4 (checkpoint 3 registered): the second node's raylet SIGKILLed
         try:
-            _wait_for(lambda: reached.exists(), "step 4")
-            _wait_for(lambda: snapshot.exists() and "checkpoint_00000003" in snapshot.read_text(), "checkpoint 3")
+            _wait_for(lambda: reached.exists(), "step 4", ended)
+            registered = lambda: snapshot.exists() and "checkpoint_00000003" in snapshot.read_text()
+            _wait_for(registered, "checkpoint 3", ended)
             second_node.kill_raylet()
         finally:
             go.touch()
 
-    injector = _in_background(fault)
+    injector = Injector(fault)
     spec = make_spec(assets, steps=STEPS, checkpoint_every=3)
     try:
         result = fit(spec, str(storage), "node", log, extra_callbacks=[tracking, gate(4, reached, go)],
                      placement_strategy="SPREAD")  # fmt: skip
     finally:
         go.touch()
-        injector.join(WAIT_S)
+        injector.finish()
     assert injector.error is None, injector.error
     assert not next(n for n in ray.nodes() if n["NodeID"] == second_node.node_id)["Alive"]
     summary = result.return_value

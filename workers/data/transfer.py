@@ -192,6 +192,8 @@ def upload_folder(local: str | os.PathLike, fs: pafs.FileSystem, path: str, last
     if last is not None:
         files = [f for f in files if f != last] + [last]
     fs.create_dir(path)
+    for folder in sorted({Path(name).parent.as_posix() for name in files} - {"."}):
+        fs.create_dir(f"{path}/{folder}")
     for name in files:
         _copy(str(local / name), pafs.LocalFileSystem(), f"{path}/{name}", fs)
 
