@@ -16,11 +16,14 @@ a credential.
 Failures: ``FailureConfig(max_failures=resources.max_failures)``: a worker that dies (or raises)
 is replaced and the run continues from the last checkpoint. On object storage every write of the
 run (checkpoints, Ray Train's registry of them, the export) retries through a restarting server for
-``storage.options.retry_s`` seconds (``workers.data.transfer``); storage down for longer fails the
-attempt, and once the attempts are spent ``run_training`` raises the ``StorageError`` naming the
-storage URI. A non-finite loss is not retried
-(see ``loop.py``): the run ends, ``run_training`` raises ``NonFiniteLossError`` with the step and
-the values, and ``error.checkpoint`` is the last good checkpoint.
+``storage.options.retry_s`` seconds (``workers.data.transfer``). Storage down for longer fails the
+attempt (the run, when it is Ray Train's controller that cannot write: it retries no controller
+error), and once the attempts are spent ``run_training`` raises the ``StorageError`` naming the
+storage URI.
+
+A non-finite loss is not retried (see ``loop.py``): the run ends, ``run_training`` raises
+``NonFiniteLossError`` with the step and the values, and ``error.checkpoint`` is the last good
+checkpoint.
 
 Data failures are not retried either (a retry cannot mend the data; one used to finish on the
 other shards and succeed): the data layer records the failure in the run's own ``RecordLedger``
