@@ -270,7 +270,7 @@ class ShardsSpec(Section):
     uri: StorageUri = Field(description="shards: s3://bucket/prefix, file:///path, gs://..., or a local path")
     storage_options: dict[str, str] = Field(
         default_factory=dict,
-        description="endpoint_url, region, profile, anonymous, timeouts, max_attempts, retry_s; may be ${env:NAME}",
+        description="endpoint_url, region, profile, anonymous, timeouts, max_attempts; values may be ${env:NAME}",
     )
 
     @field_validator("storage_options", mode="before")
