@@ -76,6 +76,7 @@ class StorageOptions:
     connect_timeout: float = 5.0  # seconds; small so an unreachable endpoint fails fast
     request_timeout: float = 60.0  # seconds per request
     max_attempts: int = 3  # S3 retry attempts per request
+    retry_s: float = 60.0  # seconds a copy keeps retrying through connection errors (``transfer.retrying``)
 
 
 # Keys of ``storage.options`` / ``data.storage_options`` in a job file, each with its parser.
@@ -87,6 +88,7 @@ STORAGE_OPTIONS = {
     "connect_timeout": float,
     "request_timeout": float,
     "max_attempts": int,
+    "retry_s": float,
 }
 
 

@@ -9,8 +9,8 @@ Layout of one checkpoint folder (Ray Train merges every rank's files into it)::
     rng/rank_<rank>.pt       each rank's torch / numpy / python RNG states
 
 Save: every rank calls ``save_checkpoint`` (a collective) into its own temporary folder and
-reports it with ``ray.train.report(checkpoint=..., checkpoint_dir_name=...)``. Load: inside
-``checkpoint.as_directory()``, ``dcp.load`` reads into the state dicts of the current models,
+reports it with ``ray.train.report(checkpoint=..., checkpoint_dir_name=...)``. Load: from a local
+copy of the checkpoint folder, ``dcp.load`` reads into the state dicts of the current models,
 resharding when the number of workers changed. Only checkpoints Ray registered are ever read
 (``ray.train.get_checkpoint()``): a folder left half-uploaded by a dying worker is never looked at.
 

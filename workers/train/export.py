@@ -3,8 +3,8 @@
 Every rank takes part in gathering the sharded student (and its EMA) into one full state dict on
 rank 0 (``consolidated_state``, a collective); rank 0 alone builds an unsharded copy and writes it
 (``write_export``): on a local filesystem with ``export_student``'s atomic rename, on object storage
-by uploading the folder with ``add_student.json`` last, the file ``load_student`` looks for, so a
-reader never sees a partial export.
+by uploading the folder with ``add_student.json`` last (``workers.data.transfer.upload_folder``), the
+file ``load_student`` looks for, so a reader never sees a partial export.
 """
 
 from __future__ import annotations
@@ -69,15 +69,12 @@ def consolidated_state(student: nn.Module, ema: EMA | None, rank: int) -> dict[s
 def write_export(student, teacher, fs: pafs.FileSystem, path: str, metadata: dict) -> None:
     """``export_student`` into ``path`` on ``fs``, complete or absent."""
     from workers.add.export import STUDENT_FILE, export_student
+    from workers.data.transfer import upload_folder
 
     if isinstance(fs, pafs.LocalFileSystem):
         export_student(student, teacher, path, metadata=metadata)
         return
-    local_fs = pafs.LocalFileSystem()
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "student"
         export_student(student, teacher, local, metadata=metadata)
-        marker = Path(tmp) / STUDENT_FILE
-        (local / STUDENT_FILE).rename(marker)
-        pafs.copy_files(str(local), path, source_filesystem=local_fs, destination_filesystem=fs)
-        pafs.copy_files(str(marker), f"{path}/{STUDENT_FILE}", source_filesystem=local_fs, destination_filesystem=fs)
+        upload_folder(local, fs, path, last=STUDENT_FILE)

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from workers.add.balance import head_keys
 from workers.add.step import discriminator_loss, student_loss, student_sample
+from workers.data.transfer import download_folder, upload_folder
 from workers.secrets import resolve_secrets
 from workers.train.checkpoint import TrainState, apply_model_state, load_checkpoint, model_state, save_checkpoint
 from workers.train.config import TrainJob
@@ -247,7 +248,7 @@ class ADDLoop:
         if checkpoint is None:
             return 0
         state = self._model_state()
-        with checkpoint.as_directory() as folder:
+        with self._fetched(checkpoint) as folder:
             saved = load_checkpoint(folder, state, self.rank, self.world)
         apply_model_state(state, self.models.student, self.opt_g, self.heads, self.opt_d)
         if self.ema is not None and "ema" not in state:  # EMA switched on at this resume: start it here
@@ -265,7 +266,31 @@ class ADDLoop:
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                 checkpoint_dir_name=f"checkpoint_{self.state.step:08d}_{self.token}",
+                checkpoint_upload_fn=self._upload,
             )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _upload(self, checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+        """This rank's checkpoint files into the run's folder ``name``, one file at a time (on object
+        storage each write retries through a restarting server: ``workers.data.transfer``). Ray Train
+        registers the folder once every rank's upload returned: a partial one is never read."""
+        storage = ray.train.get_context().get_storage()
+        fs, path = storage.storage_filesystem, storage.build_checkpoint_path_from_name(name)
+        with checkpoint.as_directory() as local:
+            upload_folder(local, fs, path)
+        return ray.train.Checkpoint(path=path, filesystem=fs)
+
+    @contextmanager
+    def _fetched(self, checkpoint: ray.train.Checkpoint):
+        """A local folder holding ``checkpoint``: on object storage a copy (retried like the uploads)."""
+        if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+            yield checkpoint.path
+            return
+        folder = Path(tempfile.mkdtemp(prefix=f"add-restore-{self.rank}-"))
+        try:
+            download_folder(checkpoint.filesystem, checkpoint.path, folder)
+            yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

@@ -14,9 +14,16 @@ starts: an unreachable endpoint or a wrong bucket is a ``StorageError`` naming t
 a credential.
 
 Failures: ``FailureConfig(max_failures=resources.max_failures)``: a worker that dies (or raises)
-is replaced and the run continues from the last checkpoint. A non-finite loss is not retried
-(see ``loop.py``): the run ends, ``run_training`` raises ``NonFiniteLossError`` with the step and
-the values, and ``error.checkpoint`` is the last good checkpoint.
+is replaced and the run continues from the last checkpoint. On object storage every write of the
+run (checkpoints, Ray Train's registry of them, the export) retries through a restarting server for
+``storage.options.retry_s`` seconds (``workers.data.transfer``). Storage down for longer fails the
+attempt (the run, when it is Ray Train's controller that cannot write: it retries no controller
+error), and once the attempts are spent ``run_training`` raises the ``StorageError`` naming the
+storage URI.
+
+A non-finite loss is not retried (see ``loop.py``): the run ends, ``run_training`` raises
+``NonFiniteLossError`` with the step and the values, and ``error.checkpoint`` is the last good
+checkpoint.
 
 Data failures are not retried either (a retry cannot mend the data; one used to finish on the
 other shards and succeed): the data layer records the failure in the run's own ``RecordLedger``
@@ -47,6 +54,7 @@ from torch import nn
 
 from workers.data.shards import read_manifest
 from workers.data.storage import (
+    StorageError,
     StorageOptions,
     check_reachable,
     display_uri,
@@ -55,6 +63,7 @@ from workers.data.storage import (
     split_uri,
     storage_options,
 )
+from workers.data.transfer import retrying_filesystem
 from workers.train.config import TrainJob
 from workers.train.loop import FaultInjection, LoopOptions, ModuleRecipe, TrainCallback, train_loop_per_worker
 from workers.train.models import caption_encoder
@@ -161,13 +170,15 @@ def build_trainer(
     stop_at_step: int | None = None,
     fault: FaultInjection | None = None,
     dinov2: nn.Module | None = None,
+    placement_strategy: str = "PACK",
 ) -> TorchTrainer:
     """A TorchTrainer for ``spec``; ``storage_path`` (a local folder or s3://bucket/prefix) and
     ``run_name`` default to ``storage.uri`` and ``name``. ``datasets`` replaces the job's Ray Data
     stream (``{"train": ds}`` with the ``workers.data.ingest`` columns). ``callbacks`` run on rank 0
     of the workers; ``run_callbacks`` (Ray Train ``UserCallback``s, e.g. Tune's
     ``TuneReportCallback``) on the controller. ``stop_at_step`` checkpoints and stops early (resume
-    with a new trainer of the same name); ``fault`` and ``dinov2`` are for tests."""
+    with a new trainer of the same name); ``fault`` and ``dinov2`` are for tests. ``placement_strategy``:
+    how Ray places the workers (PACK: on as few nodes as fit; SPREAD: over the nodes)."""
     spec = spec.localized()  # the workers' working directory is not the driver's
     uri = storage_path or spec.storage.uri
     name = run_name or spec.name
@@ -175,6 +186,8 @@ def build_trainer(
     fs, path = run_storage(uri, options)
     _check_cpus(spec)
     local = isinstance(fs, pafs.LocalFileSystem)
+    if not local:  # Ray Train's controller and the workers write checkpoints through it
+        fs = retrying_filesystem(fs, display_uri(uri), options)
     r = spec.resources
     loop_options = LoopOptions(
         callbacks=list(callbacks),
@@ -193,7 +206,10 @@ def build_trainer(
         train_loop,
         train_loop_config={"spec": spec.training_dump(), "options": loop_options, "ledger": ledger},
         scaling_config=ScalingConfig(
-            num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=resources
+            num_workers=r.num_workers,
+            use_gpu=r.gpus_per_worker > 0,
+            resources_per_worker=resources,
+            placement_strategy=placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
@@ -230,6 +246,17 @@ def raise_for_status(result: Result) -> Result:
     return result
 
 
+def _storage_failure(err: Exception) -> StorageError | None:
+    """The ``StorageError`` a training worker or Ray Train's controller failed with (storage down for
+    longer than its retries), if any."""
+    failures = [*(getattr(err, "worker_failures", None) or {}).values(), getattr(err, "controller_failure", None)]
+    for failure in failures:
+        failure = getattr(failure, "_base_exc", failure)  # Ray Train's wrapper keeps the worker's exception
+        if isinstance(failure, StorageError):
+            return failure
+    return None
+
+
 def run_training(trainer: TorchTrainer) -> Result:
     """``trainer.fit()``, then ``raise_for_status``. ``return_value`` is the loop's summary: status
     ("completed" or "stopped"), step, restored_from_step, export_uri, and ``data``: the ledger's report
@@ -240,9 +267,11 @@ def run_training(trainer: TorchTrainer) -> Result:
     try:
         try:
             result = trainer.fit()
-        except Exception:
+        except Exception as err:
             if ledger and (failure := data_report(ledger)["fatal"]):
                 raise DataError(failure) from None  # the data layer's message, not Ray's wrapper
+            if storage := _storage_failure(err):
+                raise StorageError(str(storage)) from None  # naming the storage, not cut short by Ray
             raise
         report = data_report(ledger) if ledger else None
     finally:
