@@ -30,11 +30,13 @@ LOSSES = (("loss/student", "L_G"), ("loss/distill", "L_distill"), ("loss/D", "L_
 
 def log_path(storage_uri: str, name: str, home: Path) -> Path:
     """The run's log file: ``<storage>/<name>/run.log`` beside its checkpoints when storage is a local
-    folder, else ``<home>/logs/<name>.log`` (object storage holds no appendable file)."""
+    folder, else ``<home>/logs/<name>.log`` (object storage holds no appendable file); relative to the
+    working directory when it is inside it."""
     from workers.data.storage import split_uri
 
     scheme, path = split_uri(storage_uri)
-    return Path(path, name, LOG_NAME) if scheme == "file" else home / "logs" / f"{name}.log"
+    log = Path(path, name, LOG_NAME) if scheme == "file" else Path(home, "logs", f"{name}.log").absolute()
+    return log.relative_to(Path.cwd()) if log.is_relative_to(Path.cwd()) else log
 
 
 class Console:
@@ -132,6 +134,7 @@ class TrainingProgress:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.live = hasattr(stream, "isatty") and stream.isatty()
 
     def on_phase(self, phase: str, parent_run_id: str) -> None:
         """The controller's phase hook: ``training`` starts the bars, ``evaluating`` ends them."""
@@ -177,7 +180,7 @@ class TrainingProgress:
                 step = int(data.metrics.get("step", 0))
                 if step > bar.n:
                     bar.update(step - bar.n)
-                losses = [f"{short} {data.metrics[key]:.3g}" for key, short in LOSSES if key in data.metrics]
+                losses = [f"{short} {data.metrics[key]:.3f}" for key, short in LOSSES if key in data.metrics]
                 if losses:
                     bar.set_postfix_str(", ".join(losses), refresh=False)
                 if "train.status" in data.tags or run.info.status != "RUNNING":
@@ -186,8 +189,8 @@ class TrainingProgress:
                         bar.set_postfix_str(f"{bar.postfix}, {status}" if bar.postfix else status, refresh=False)
                     bar.close()
                     self.done.add(run_id)
-                else:
-                    bar.refresh()
+                elif self.live:
+                    bar.refresh()  # the elapsed time, on a terminal (a file would get a line every poll)
 
     def stop(self) -> None:
         if self._thread is None:
