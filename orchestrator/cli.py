@@ -153,7 +153,7 @@ def validate(job, overrides, show):
 
 @main.command()
 @click.option(
-    "--format", "fmt", type=click.Choice(["json", "markdown"]), default="json", help="JSON Schema or the README table"
+    "--format", "fmt", type=click.Choice(["json", "markdown"]), default="json", help="JSON Schema or Markdown"
 )
 def schema(fmt):
     """Print the job file's JSON Schema (for editors) or its Markdown reference.
@@ -161,7 +161,7 @@ def schema(fmt):
     \b
     Examples:
       addctl schema > job.schema.json     # e.g. "# yaml-language-server: $schema=job.schema.json"
-      addctl schema --format markdown     # the README's "Job file reference"
+      addctl schema --format markdown     # docs/job-reference.md
     """
     from orchestrator.reference import job_schema, reference_markdown
 
@@ -210,9 +210,6 @@ def run(job, overrides, address, tracking_uri, storage_path, run_name, num_cpus,
     from orchestrator.controller import run_job
     from orchestrator.tracking import JobStopped
 
-    embedded.ensure_experiment(uri, spec.tracking.experiment)
-    os.environ["MLFLOW_TRACKING_URI"] = uri  # MLflow's fluent calls (model logging) go where the runs go
-    os.environ.pop("MLFLOW_REGISTRY_URI", None)
     r = spec.resources
     trials = (spec.sweep.max_concurrent_trials or 1) if spec.sweep else 1
     needed = math.ceil(trials * (r.num_workers * r.cpus_per_worker + r.data_cpus + 1))
@@ -223,6 +220,9 @@ def run(job, overrides, address, tracking_uri, storage_path, run_name, num_cpus,
             f"job {spec.name}: the log of Ray, its workers and the libraries is {log}"
             + ("" if verbose else " (-v shows it here)")
         )
+        embedded.ensure_experiment(uri, spec.tracking.experiment)
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # MLflow's fluent calls (model logging) go where the runs go
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
         import ray
 
         ours = not ray.is_initialized()

@@ -275,9 +275,10 @@ def test_run_prints_a_short_console_and_names_the_log_that_holds_the_rest(tmp_pa
         path.write_text(yaml.safe_dump(tiny_job(tmp_path, uri, name)))
         command = [sys.executable, "-m", "orchestrator.cli", "run", str(path), "--num-cpus", "4", *flags]
         done = subprocess.run(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=900)  # fmt: skip
-        assert done.returncode == 0, done.stdout[-4000:]
-        lines = done.stdout.splitlines()
+                              timeout=900)  # fmt: skip
+        output = done.stdout.decode()
+        assert done.returncode == 0, output[-4000:]
+        lines = [line.split("\r")[-1] for line in output.split("\n")]  # lines as `wc -l` counts them, as shown
         log = tmp_path / "runs" / name / "run.log"
         assert f"log: {log.relative_to(tmp_path)}" in lines and log.is_file()
         return lines, log
