@@ -1,5 +1,5 @@
 # Two entry points: `make demo` runs the main job on the embedded default, `make test` the suite.
-# Both create the virtual environment on first use.
+# Both create the virtual environment and install the Fashion-MNIST idx files on first use.
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,24 +19,31 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The Fashion-MNIST idx files (train and test splits): the main job's data and what its tests read.
+# A Debian package, installed as root or through sudo.
+FASHION_IDX := /usr/share/datasets/fashion-mnist
+FASHION_FILES := $(FASHION_IDX)/train-images-idx3-ubyte.gz $(FASHION_IDX)/t10k-images-idx3-ubyte.gz
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+$(FASHION_FILES) &:
+	@echo "installing the Fashion-MNIST idx files (Debian package dataset-fashion-mnist)"
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-test: lint
+# every test runs: nothing is skipped for missing data
+test: lint $(FASHION_FILES)
 	$(PY) -m pytest -q
 
 # The main job (jobs/fashion-mnist.yaml): Fashion-MNIST shards into a local object-storage folder,
 # the shipped teacher distilled with ADD on a local Ray, evaluated with the benchmark protocol,
 # registered in MLflow (./runs/mlflow.db) as `candidate`; the table in results/fashion-mnist/.
-FASHION_IDX := /usr/share/datasets/fashion-mnist
+# The console shows a bar per phase and the table; Ray's and the workers' output is in runs/fashion-mnist/run.log.
 DATA := runs/data
 
-$(FASHION_IDX)/train-images-idx3-ubyte.gz:
-	@echo "installing the Fashion-MNIST idx files (Debian package dataset-fashion-mnist)"
-	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
-	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq dataset-fashion-mnist
-
-$(DATA)/fashion-mnist-%/_manifest.json: $(STAMP) $(FASHION_IDX)/train-images-idx3-ubyte.gz
+$(DATA)/fashion-mnist-%/_manifest.json: $(STAMP) $(FASHION_FILES)
 	$(VENV)/bin/addctl prepare-data fashion-mnist $(DATA)/fashion-mnist-$* --split $*
 
 demo: $(STAMP) $(DATA)/fashion-mnist-train/_manifest.json $(DATA)/fashion-mnist-test/_manifest.json

@@ -153,7 +153,7 @@ def validate(job, overrides, show):
 
 @main.command()
 @click.option(
-    "--format", "fmt", type=click.Choice(["json", "markdown"]), default="json", help="JSON Schema or the README table"
+    "--format", "fmt", type=click.Choice(["json", "markdown"]), default="json", help="JSON Schema or Markdown"
 )
 def schema(fmt):
     """Print the job file's JSON Schema (for editors) or its Markdown reference.
@@ -161,7 +161,7 @@ def schema(fmt):
     \b
     Examples:
       addctl schema > job.schema.json     # e.g. "# yaml-language-server: $schema=job.schema.json"
-      addctl schema --format markdown     # the README's "Job file reference"
+      addctl schema --format markdown     # docs/job-reference.md
     """
     from orchestrator.reference import job_schema, reference_markdown
 
@@ -169,7 +169,7 @@ def schema(fmt):
 
 
 @main.command()
-@click.option("--file", "path", type=click.Path(dir_okay=False, path_type=Path), default=Path("README.md"),
+@click.option("--file", "path", type=click.Path(dir_okay=False, path_type=Path), default=Path("docs/job-reference.md"),
               help="the file whose job-reference section (between its markers) is regenerated")
 @click.option("--check", is_flag=True, help="only check that the section is current (exit 1 if not)")
 def docs(path, check):
@@ -207,19 +207,26 @@ def docs(path, check):
 @click.option("--storage", "storage_path", default=None, help="checkpoints and exports (default: storage.uri)")
 @click.option("--run-name", default=None, help="name of the MLflow parent run (default: the job's name)")
 @click.option("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: max(8, cores))")
-def run(job, overrides, address, tracking_uri, storage_path, run_name, num_cpus):
+@click.option("-v", "--verbose", is_flag=True, help="show the run's log here too (Ray, workers, libraries)")
+def run(job, overrides, address, tracking_uri, storage_path, run_name, num_cpus, verbose):
     """Run a job in the foreground: train (or sweep), evaluate, register the student as `candidate`.
 
     On the embedded default (a local Ray, MLflow in ./runs/mlflow.db, checkpoints in ./runs)
     unless the job or the flags point elsewhere. Ctrl-C (or SIGTERM) ends the MLflow runs as KILLED.
 
+    The console shows a progress bar per phase (training with its losses, each evaluated sampler
+    row), the results table and where the runs are; what Ray, its workers and the libraries print
+    goes to the run's log file (runs/<job name>/run.log on the embedded default), named first.
+
     \b
     Examples:
       addctl run jobs/demo.yaml
       addctl run jobs/demo.yaml --set train.steps=50 --set loss.lambda_adv=0
+      addctl run jobs/demo.yaml -v                                # the log on the console as well
       addctl run jobs/sd15-laion.yaml --address auto --tracking-uri http://mlflow:5000
     """
     from orchestrator import embedded
+    from orchestrator.console import Console, TrainingProgress, log_path
     from workers.secrets import SecretError, apply_env
 
     spec = _load(job, overrides)
@@ -231,32 +238,79 @@ def run(job, overrides, address, tracking_uri, storage_path, run_name, num_cpus)
     from orchestrator.controller import run_job
     from orchestrator.tracking import JobStopped, ensure_experiment
 
-    ensure_experiment(uri, spec.tracking.experiment)
-    os.environ["MLFLOW_TRACKING_URI"] = uri  # MLflow's fluent calls (model logging) go where the runs go
-    os.environ.pop("MLFLOW_REGISTRY_URI", None)
     r = spec.resources
     trials = (spec.sweep.max_concurrent_trials or 1) if spec.sweep else 1
     needed = math.ceil(trials * (r.num_workers * r.cpus_per_worker + r.data_cpus + 1))
     cpus = num_cpus or max(8, os.cpu_count() or 1, needed)  # logical CPUs: more than cores is fine, fewer hangs
-    click.echo(f"job {spec.name}: {embedded.init_ray(address, cpus)}; MLflow at {_redact(uri)}", err=True)
-    try:
-        result = run_job(spec, tracking_uri=uri, storage_path=storage_path, run_name=run_name)
-    except JobStopped as stopped:
-        click.echo(f"job {spec.name} {stopped}", err=True)
-        sys.exit(128 + stopped.signum)
-    except KeyboardInterrupt:
-        click.echo(f"job {spec.name} interrupted", err=True)
-        sys.exit(130)
-    except Exception as err:  # noqa: BLE001  (the controller has recorded it on the runs)
-        raise Failed(f"job {spec.name} failed: {_redact(f'{type(err).__name__}: {err}')}") from None
-    click.echo(_redact(json.dumps({k: v for k, v in vars(result).items()}, indent=2, default=str)))
+    log = log_path(storage_path or spec.storage.uri, spec.name, embedded.home())
+    with Console(log, verbose) as console:
+        console.say(
+            f"job {spec.name}: the log of Ray, its workers and the libraries is {log}"
+            + ("" if verbose else " (-v shows it here)")
+        )
+        ensure_experiment(uri, spec.tracking.experiment)
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # MLflow's fluent calls (model logging) go where the runs go
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
+        import ray
+
+        ours = not ray.is_initialized()
+        console.say(f"Ray: {embedded.init_ray(address, cpus)}; MLflow: {_redact(uri)}")
+        progress = TrainingProgress(uri, console.err)
+        try:
+            result = run_job(
+                spec, tracking_uri=uri, storage_path=storage_path, run_name=run_name, on_phase=progress.on_phase
+            )
+        except JobStopped as stopped:
+            console.say(f"job {spec.name} {stopped}")
+            sys.exit(128 + stopped.signum)
+        except KeyboardInterrupt:
+            console.say(f"job {spec.name} interrupted")
+            sys.exit(130)
+        except Exception as err:  # noqa: BLE001  (the controller has recorded it on the runs)
+            raise Failed(f"job {spec.name} failed: {_redact(f'{type(err).__name__}: {err}')} (log: {log})") from None
+        finally:
+            progress.stop()
+            if ours:
+                ray.shutdown()  # here, so that what Ray prints as it stops goes to the log
+        _report(console, spec, uri, result, log, verbose)
+
+
+def _report(console, spec, uri: str, result, log: Path, verbose: bool) -> None:
+    """The end of ``addctl run``: the table, what was registered, where the runs are, what to look at."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.console import where
+
+    summary = _redact(json.dumps({k: v for k, v in vars(result).items()}, indent=2, default=str))
+    console.log(summary + "\n")
+    if verbose:
+        console.say(summary, err=False)
     table = spec.eval.table
     if table is not None and table.results_dir and Path(table.results_dir, "table.md").is_file():
-        click.echo(f"\n{Path(table.results_dir, 'table.md').read_text()}(also in {table.results_dir}/)")
+        console.say(f"\n{Path(table.results_dir, 'table.md').read_text()}(also in {table.results_dir}/)", err=False)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        experiment = client.get_run(result.parent_run_id).info.experiment_id
+        best = client.get_run(result.best_run_id).data.tags if result.best_run_id else {}
+    except Exception:  # noqa: BLE001  (a stub result, or a store gone meanwhile)
+        experiment, best = None, {}
+    if result.trials:
+        console.say(f"sweep: {result.trials} trials, {len(result.failed_trials)} failed; best run {result.best_run_id}")
+    if result.model_version:
+        console.say(
+            f"registered {result.model_name} version {result.model_version} as candidate: "
+            f"addctl models show {result.model_name}"
+        )
+    if best.get("eval.error"):
+        console.say(f"evaluation failed: {_redact(best['eval.error'])}", fg="yellow", bold=True)
+    if lost := (result.data or {}).get("lost_rows_by_shard"):
+        console.say(f"data: rows lost in {len(lost)} shard(s): {lost}", fg="yellow")
+    console.say(f"runs: {_redact(where(uri, experiment, result.parent_run_id))}")
+    console.say(f"log: {log}")
     if result.balance:
-        click.echo(f"balance at the last report, {result.balance}", err=True)
+        console.say(f"balance at the last report, {result.balance}")
     for warning in result.warnings:
-        click.secho(f"WARNING: {warning}", fg="yellow", bold=True, err=True)
+        console.say(f"WARNING: {warning}", fg="yellow", bold=True)
 
 
 @main.command()

@@ -153,6 +153,7 @@ def run_job(
     run_name: str | None = None,
     trainer_kwargs: dict | None = None,
     build_trainer: Callable | None = None,
+    on_phase: Callable[[str, str], None] | None = None,
 ) -> JobResult:
     """Train (one run, or a sweep), evaluate the best student, log it as a model and register it as ``candidate``.
 
@@ -160,7 +161,9 @@ def run_job(
     (``EvalSpec``), ``evaluator`` (``Evaluator``; default from the spec's ``eval`` section),
     ``promotion_gates`` (stored on the version for ``promote``), ``reference`` (real images for the
     Fréchet distance, (N, C, H, W) in [0, 1]; default: read from ``data.uri``). ``trainer_kwargs``
-    pass through to ``build_trainer`` (tests: ``dinov2``, ``datasets``).
+    pass through to ``build_trainer`` (tests: ``dinov2``, ``datasets``). ``on_phase(phase, parent_run_id)``
+    is called with ``training`` once the parent run exists and ``evaluating`` when training ended
+    (``addctl run``'s progress bars).
     """
     import ray
 
@@ -178,6 +181,8 @@ def run_job(
         tracker.start_parent(run_name, tags=_ray_tags())
         result = JobResult(parent_run_id=tracker.parent_run_id)
         status = "FAILED"
+        phase = on_phase or (lambda name, run_id: None)
+        phase("training", tracker.parent_run_id)
         try:
             started = time.monotonic()
             sweep = sweep if sweep is not None else spec.sweep
@@ -185,12 +190,14 @@ def run_job(
             if sweep is not None:
                 best, trials = _train_sweep(spec, sweep, tracker, storage_path, trainer_kwargs, build_trainer, result)
                 tracker.set_tags(tracker.parent_run_id, {"timing.train_s": f"{time.monotonic() - started:.1f}"})
+                phase("evaluating", tracker.parent_run_id)
                 if sweep.evaluate_all:
                     evaluator = evaluator or default_evaluator(spec)  # built once: its reference is read once
                     best, evaluated = _evaluate_trials(spec, sweep, tracker, trials, evaluation, evaluator, reference)
             else:
                 best = _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer, result.data)
                 tracker.set_tags(tracker.parent_run_id, {"timing.train_s": f"{time.monotonic() - started:.1f}"})
+                phase("evaluating", tracker.parent_run_id)
             result.best_run_id, result.export_uri = best
             tags = tracker.client.get_run(result.best_run_id).data.tags
             result.warnings = tags["train.warning"].split(" | ") if tags.get("train.warning") else []

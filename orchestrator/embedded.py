@@ -33,15 +33,24 @@ def tracking_uri(explicit: str | None = None, job_uri: str | None = None) -> str
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
-    """Connect to the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray; returns which."""
+    """Connect to the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray with its
+    dashboard on 127.0.0.1; returns which, with the dashboard's URL."""
     import ray
 
     if ray.is_initialized():
         return "already connected"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
-        return f"Ray at {address}"
+        context = ray.init(address=address, log_to_driver=True)
+        return f"Ray at {address}{_dashboard(context)}"
     cpus = num_cpus or max(8, os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
-    return f"a local Ray ({cpus} logical CPUs)"
+    # the dashboard also serves the state API Ray Train's placement-group cleaner asks (without it, it warns)
+    context = ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    return f"a local Ray ({cpus} logical CPUs){_dashboard(context)}"
+
+
+def _dashboard(context) -> str:
+    url = getattr(context, "dashboard_url", None)
+    if not url:
+        return ""
+    return f", dashboard {url if '://' in url else 'http://' + url}"

@@ -268,7 +268,8 @@ class JobsClient:
                 "env_vars": env,
                 "excludes": ["__pycache__", "*.pyc"],
             }
-            entrypoint = shlex.join(["python", "-m", "orchestrator.cli", "run", "job.yaml", *run_args])
+            # --verbose: the job's log (``addctl logs``) is where a submitted job's Ray and worker output belongs
+            entrypoint = shlex.join(["python", "-m", "orchestrator.cli", "run", "job.yaml", "--verbose", *run_args])
             client = self.client
             return self._call(
                 lambda: client.submit_job(

@@ -1,7 +1,7 @@
-"""The job file's JSON Schema and the Markdown reference generated from it (the README's "Job file
-reference"; ``tests/test_spec.py`` checks that the README holds exactly what this prints).
+"""The job file's JSON Schema and the Markdown reference generated from it (``docs/job-reference.md``;
+``tests/test_spec.py`` checks that it holds exactly what this prints).
 
-Regenerate the README section with ``addctl docs`` (replaces the text between the markers);
+Regenerate it with ``addctl docs`` (replaces the text between the markers of docs/job-reference.md);
 ``addctl schema --format markdown`` prints it.
 """
 

@@ -3,7 +3,7 @@
 Unknown keys are errors; every error names the field's path, what was wrong and what is allowed
 (``orchestrator/errors.py`` maps pydantic's errors onto paths). ``load_job(path, overrides)`` reads
 a file, applies ``--set key=value`` overrides and validates; ``JobSpec.model_json_schema()`` is what
-``addctl schema`` prints and what the README's job-file reference is generated from.
+``addctl schema`` prints and what docs/job-reference.md is generated from.
 
 Secrets appear only as references ``${env:NAME}``, and only where they are resolved: in ``env``,
 ``storage.options`` and ``data.storage_options``. A reference is resolved where the job runs (the

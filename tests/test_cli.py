@@ -4,6 +4,7 @@ job, no MLflow run), validate / schema output, data preparation."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -226,9 +227,9 @@ def test_run_ends_with_the_balance_and_a_warning_a_person_cannot_miss(runner, tm
 
 
 def test_docs_checks_and_regenerates_the_job_file_reference(runner, tmp_path):
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "job-reference.md"
     assert runner.invoke(main, ["docs", "--check", "--file", str(readme)]).exit_code == 0
-    stale = tmp_path / "README.md"
+    stale = tmp_path / "job-reference.md"
     stale.write_text(readme.read_text().replace("| `steps` |", "| `stepz` |", 1))
     assert runner.invoke(main, ["docs", "--check", "--file", str(stale)]).exit_code == 1
     written = runner.invoke(main, ["docs", "--file", str(stale)])
@@ -258,3 +259,84 @@ def test_bench_step_times_one_add_iteration(runner, tmp_path):
 def test_teacher_rows_of_a_job_without_a_table_is_bad_input(runner):
     result = runner.invoke(main, ["teacher", "rows", str(ROOT / "jobs" / "demo.yaml")])
     assert result.exit_code == 2 and "no eval.table section" in result.output
+
+
+# ---- the console of `addctl run` ------------------------------------------------------------------
+
+
+def test_training_progress_follows_the_child_runs_reports(tmp_path):
+    """The training bar reads MLflow: a bar per child run, at its last reported step with its losses,
+    closed when the run tags ``train.status``; another job's runs are not drawn."""
+    import io
+
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.console import TrainingProgress
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("progress")
+    parent = client.create_run(experiment).info.run_id
+    other = client.create_run(experiment).info.run_id
+    child = client.create_run(experiment, tags={"mlflow.parentRunId": parent}, run_name="train").info.run_id
+    client.create_run(experiment, tags={"mlflow.parentRunId": other})
+    client.log_param(child, "train.steps", "20")
+    stream = io.StringIO()
+    progress = TrainingProgress(uri, stream, interval_s=60)
+    progress.on_phase("training", parent)
+    progress.poll()
+    (bar,) = progress.bars.values()
+    assert bar.total == 20 and bar.n == 0 and "starting" in bar.postfix
+    for key, value in {"step": 10, "loss/student": 0.25, "loss/distill": 0.0125, "loss/D": 7.9}.items():
+        client.log_metric(child, key, value, step=10)
+    progress.poll()
+    assert bar.n == 10 and bar.postfix == "L_G 0.250, L_distill 0.013, L_D 7.900"
+    client.log_metric(child, "step", 20, step=20)
+    client.set_tag(child, "train.status", "completed")
+    progress.on_phase("evaluating", parent)
+    assert progress.done == {child} and bar.n == 20 and progress._thread is None
+    assert "ADD steps: 100%" in stream.getvalue() and "20/20" in stream.getvalue()
+
+
+@pytest.mark.slow
+def test_run_prints_a_short_console_and_names_the_log_that_holds_the_rest(tmp_path):
+    """`addctl run` on a tiny job (a local Ray with its dashboard, MLflow in SQLite): a few lines (the
+    bars, the result, where the runs and the log are); what Ray and its workers print (Ray Train's
+    report of each step's metrics) is in the log it names. With -v it is on the console as well."""
+    from tests.mlflow_server import tiny_job
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env |= {"PYTHONPATH": str(ROOT), "ADD_HOME": str(tmp_path / "home")}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def run(name: str, *flags: str) -> tuple[list[str], Path]:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(tiny_job(tmp_path, uri, name)))
+        command = [sys.executable, "-m", "orchestrator.cli", "run", str(path), "--num-cpus", "4", *flags]
+        done = subprocess.run(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=900)  # fmt: skip
+        output = done.stdout.decode()
+        assert done.returncode == 0, output[-4000:]
+        lines = [line.split("\r")[-1] for line in output.split("\n")]  # lines as `wc -l` counts them, as shown
+        log = tmp_path / "runs" / name / "run.log"
+        assert f"log: {log.relative_to(tmp_path)}" in lines and log.is_file()
+        return lines, log
+
+    lines, log = run("tiny-console")
+    console = "\n".join(lines)
+    assert len(lines) <= 20, console
+    assert "ADD steps: 100%" in console and "4/4" in console and "L_G " in console  # the training bar
+    assert "evaluating student-add-1: 100%" in console
+    assert any(line.startswith("registered tiny-console version 1 as candidate") for line in lines)
+    assert any(line.startswith(f"runs: mlflow ui --backend-store-uri {uri}") for line in lines)
+    assert "dashboard http://127.0.0.1:" in console
+    detail = log.read_text()
+    for chatter in ("Started a local Ray instance", "Reporting training result 4", "RayTrainWorker"):
+        assert chatter in detail and chatter not in console, chatter
+    assert '"model_name": "tiny-console"' in detail  # the whole result, as -v prints it
+
+    lines, log = run("tiny-console-verbose", "-v")
+    console = "\n".join(lines)
+    assert "Started a local Ray instance" in console and "Reporting training result 4" in console
+    assert '"model_name": "tiny-console-verbose"' in console
+    assert "Reporting training result 4" in log.read_text()

@@ -167,9 +167,9 @@ def test_schema_describes_every_field_in_one_line_and_forbids_unknown_keys():
     json.dumps(schema)  # serialisable as is
 
 
-def test_readme_reference_is_generated_from_the_schema():
-    section = readme_section((ROOT / "README.md").read_text())
-    assert section is not None, "README.md lacks the job-reference markers"
+def test_job_reference_is_generated_from_the_schema():
+    section = readme_section((ROOT / "docs" / "job-reference.md").read_text())
+    assert section is not None, "docs/job-reference.md lacks the job-reference markers"
     assert section == reference_markdown(), "run: addctl docs"
 
 

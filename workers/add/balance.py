@@ -11,7 +11,7 @@ term *at x̂θ* (cheap: no pass through θ) and starts θ's backward from their 
     student's output rather than its last layer), so ‖λ_adv·g_adv‖ = ρ·‖g_distill‖ whatever the
     resolution, the number of heads or the scale of the heads' logits.
 
-Normalisation (one choice, documented in the README): L_distill is c(t) times the *mean* squared error
+Normalisation (one choice, documented in docs/method-choices.md): L_distill is c(t) times the *mean* squared error
 per element and L_G the sum over heads of each head's mean over its positions; both gradients at x̂θ
 then shrink alike as the image grows, so λ and ρ mean the same at 32 px and at 128 px.
 

@@ -33,7 +33,7 @@ class Discriminator(nn.Module):
     setting, text + image); F must then have ``image_embedding``. With ``text_rms`` the pooled text
     is rescaled to unit RMS per sample (ours): a unit-norm sentence embedding has components of
     about 1/√dim, which started every projection logit near zero and slowed the heads' learning
-    (README, the Fashion-MNIST results); rescaled, the text weighs like F's extra condition.
+    (docs/benchmark.md, the Fashion-MNIST results); rescaled, the text weighs like F's extra condition.
     """
 
     def __init__(

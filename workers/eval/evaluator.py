@@ -105,9 +105,10 @@ class Evaluator:
             )
 
         generator = torch.Generator().manual_seed(config.seed)
-        student_x = batched(sample_student, prompts, config.batch_size)
+        rows = f"student-add-{config.student_steps}", f"teacher-{config.teacher_solver}-{config.teacher_steps}"
+        student_x = batched(sample_student, prompts, config.batch_size, f"evaluating {rows[0]}")
         generator = torch.Generator().manual_seed(config.seed)  # the same noise for the teacher
-        teacher_x = batched(sample_teacher, prompts, config.batch_size)
+        teacher_x = batched(sample_teacher, prompts, config.batch_size, f"evaluating {rows[1]}")
         samples = Samples(prompts, student_x, teacher_x, reference)
 
         metrics = {"num_images": float(len(prompts))}

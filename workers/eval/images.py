@@ -77,9 +77,17 @@ def teacher_images(
     return to_pixels(teacher, x0)
 
 
-def batched(fn, prompts: list, batch_size: int) -> Tensor:
-    """``fn(prompts[i:i + batch_size])`` over all prompts, concatenated."""
-    return torch.cat([fn(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)])
+def batched(fn, prompts: list, batch_size: int, desc: str | None = None) -> Tensor:
+    """``fn(prompts[i:i + batch_size])`` over all prompts, concatenated; with ``desc``, a progress bar
+    of that name on the console (``workers.console``)."""
+    starts = range(0, len(prompts), batch_size)
+    if desc is not None:
+        from tqdm.auto import tqdm
+
+        from workers.console import progress_stream
+
+        starts = tqdm(starts, desc=desc, file=progress_stream(), dynamic_ncols=True)
+    return torch.cat([fn(prompts[i : i + batch_size]) for i in starts])
 
 
 def to_uint8(images: Tensor) -> np.ndarray:

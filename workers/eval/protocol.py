@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from workers.console import progress_stream
 from workers.eval.alignment import PromptScorer
 from workers.eval.features import FeatureExtractor
 from workers.eval.frechet import FeatureStats, frechet_distance
@@ -129,7 +130,8 @@ class Protocol:
             generator.set_state(state)
         done = len(images)
         starts = range(done * size, len(prompts), size)
-        for index, i in enumerate(tqdm(starts, desc=f"{sampler.key}", leave=False), start=done):
+        bar = tqdm(starts, desc=f"evaluating {sampler.key}", file=progress_stream(), dynamic_ncols=True)
+        for index, i in enumerate(bar, start=done):
             batch = prompts[i : i + size]
             _sync()
             start = time.perf_counter()
@@ -140,24 +142,27 @@ class Protocol:
                 progress.save_batch(sampler, index, images[-1], seconds[-1], generator.get_state())
         return torch.cat(images), [s for s in seconds if s is not None]
 
-    def speed(self, generate: Generate, seconds: Sequence[float] = ()) -> tuple[float, dict]:
+    def speed(self, generate: Generate, seconds: Sequence[float] = (), label: str = "") -> tuple[float, dict]:
         """ms/image at ``batch_size``: the generation's own full batches after the first (warm-up) when
         they were of ``batch_size`` and there are at least ``speed_repeats`` of them, else that many
-        extra timed calls after a warm-up."""
+        extra timed calls after a warm-up (a progress bar named ``label`` when given)."""
         size, repeats = self.table.batch_size, self.config.speed_repeats
         timed = list(seconds[1:]) if self.generation_size == size else []
         if len(timed) < repeats:
             prompts = (self.all_prompts() * size)[:size]
             generator = torch.Generator().manual_seed(self.config.seed)
             timed = []
-            with torch.inference_mode():
+            bar = tqdm(total=repeats + 1, desc=f"timing {label}", file=progress_stream(), disable=not label)
+            with torch.inference_mode(), bar:
                 generate(prompts, generator)  # warm-up
+                bar.update()
                 for _ in range(repeats):
                     _sync()
                     start = time.perf_counter()
                     generate(prompts, generator)
                     _sync()
                     timed.append(time.perf_counter() - start)
+                    bar.update()
         ms = 1000 * statistics.median(timed) / size
         return ms, {"batch_size": size, "repeats": len(timed), "threads": torch.get_num_threads()}
 

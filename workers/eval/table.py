@@ -202,7 +202,8 @@ class TableEvaluator:
             teacher_rows = copy.deepcopy(self._measured_rows[key])
         reference = Sampler.parse(t.reference_sampler, cfg.guidance_scale)
         if key not in self._reference_speed:  # a sweep evaluating every trial times its teacher once
-            self._reference_speed[key] = self.protocol.speed(self.teacher_generator(teacher, reference))
+            generate = self.teacher_generator(teacher, reference)
+            self._reference_speed[key] = self.protocol.speed(generate, label=reference.key)
         ref_ms, ref_timing = self._reference_speed[key]
         student_rows = with_speedups(self.student_rows(student, parts), ref_ms)
         for row in teacher_rows:  # speed-ups against this process's reference timing
