@@ -35,7 +35,7 @@ from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoReque
 from moto.s3.models import s3_backends
 from werkzeug.serving import run_simple
 
-from tests.s3_server import S3Server, _free_port
+from tests.s3_server import S3Server, _free_port, point_aws_at
 
 _WRITES = ("PUT", "POST", "DELETE")
 
@@ -131,21 +131,7 @@ class DurableS3(S3Server):
 def durable_s3_fixture(monkeypatch, tmp_path) -> DurableS3:
     """A durable S3 server, started, with the AWS environment pointing at it; killed at the end."""
     server = DurableS3(host="127.0.0.1", port=_free_port(), folder=tmp_path)
-    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    env = {
-        "AWS_ACCESS_KEY_ID": server.access_key,
-        "AWS_SECRET_ACCESS_KEY": server.secret_key,
-        "AWS_REGION": server.region,
-        "AWS_DEFAULT_REGION": server.region,
-        "AWS_ENDPOINT_URL": server.endpoint_url,
-        "AWS_ENDPOINT_URL_S3": server.endpoint_url,
-        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    point_aws_at(server, monkeypatch, tmp_path)
     server.start()
     try:
         yield server

@@ -86,19 +86,25 @@ def s3_server(moto_server: S3Server, monkeypatch, tmp_path) -> S3Server:
     """An empty S3 server, with the AWS environment (endpoint, region, credentials) pointing at it."""
     reset = urllib.request.Request(f"{moto_server.endpoint_url}/moto-api/reset", method="POST")
     urllib.request.urlopen(reset, timeout=10).close()
+    point_aws_at(moto_server, monkeypatch, tmp_path)
+    return moto_server
+
+
+def point_aws_at(server, monkeypatch, tmp_path) -> None:
+    """The AWS environment (endpoint, region, credentials) of this process pointing at ``server`` alone:
+    no profile, no config file, no instance metadata."""
     for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     env = {
-        "AWS_ACCESS_KEY_ID": moto_server.access_key,
-        "AWS_SECRET_ACCESS_KEY": moto_server.secret_key,
-        "AWS_REGION": moto_server.region,
-        "AWS_DEFAULT_REGION": moto_server.region,
-        "AWS_ENDPOINT_URL": moto_server.endpoint_url,
-        "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url,
+        "AWS_ACCESS_KEY_ID": server.access_key,
+        "AWS_SECRET_ACCESS_KEY": server.secret_key,
+        "AWS_REGION": server.region,
+        "AWS_DEFAULT_REGION": server.region,
+        "AWS_ENDPOINT_URL": server.endpoint_url,
+        "AWS_ENDPOINT_URL_S3": server.endpoint_url,
         "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
         "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
         "AWS_EC2_METADATA_DISABLED": "true",
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    return moto_server
