@@ -58,6 +58,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .shards import read_manifest
 from .storage import StorageError, StorageOptions, check_reachable, display_uri, join_uri, redact, resolve
@@ -176,8 +177,10 @@ def record_ledger(name: str = DEFAULT_LEDGER):
         return ray.get_actor(name)
     except ValueError:
         pass
-    # A (non-detached) named actor dies when its creating handle goes: this process keeps it.
-    handle = RecordLedger.options(name=name, get_if_exists=True).remote()
+    # A (non-detached) named actor dies when its creating handle goes: this process keeps it. It lives
+    # on this process's node, so losing another node (a training worker's) does not lose the counts.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    handle = RecordLedger.options(name=name, get_if_exists=True, scheduling_strategy=here).remote()
     _LEDGER_HANDLES[name] = handle
     return handle
 
