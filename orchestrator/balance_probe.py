@@ -4,9 +4,9 @@ steps, to compare settings of the two losses' balance cheaply before spending a 
 Every ``train.log_every`` steps it prints the heads' hinge loss against its chance value, their mean
 real/fake AUC, λ_adv and the two gradients' ratio and cosine at x̂θ and at θ; at the end it scores the
 student's 1- and 4-step samples of the job's eval prompts with the job's eval features and scorer
-(FID, precision / recall, alignment) against ``eval.table.reference_uri``. It uses the same step
-functions as the training loop (``student_loss``, ``StudentGradients.backward``, ``discriminator_loss``,
-``student_sample``) with the job's optimizers, EMA and heads' updates; batches are drawn at random
+(FID, precision / recall, alignment) against ``eval.table.reference_uri``. It runs the update the
+training loop runs (``student_step``, ``discriminator_step``, ``student_sample`` of ``workers.add.step``)
+with the job's optimizers, clipping, EMA and heads' updates; batches are drawn at random
 from the first ``pool`` rows of ``data.uri`` rather than streamed, so its figures compare settings
 with each other, not with a full run's table.
 """
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from orchestrator.spec import JobSpec
-from workers.add.step import discriminator_loss, student_loss, student_sample
+from workers.add.step import discriminator_step, student_sample, student_step
 from workers.data.ingest import decode_image, list_shards
 from workers.data.storage import resolve
 from workers.eval.frechet import FeatureStats, frechet_distance
@@ -31,7 +31,6 @@ from workers.eval.images import student_images
 from workers.eval.manifold import precision_recall
 from workers.eval.reference import reference_images
 from workers.train.ema import EMA
-from workers.train.loop import frozen
 from workers.train.models import build_models, build_objective, build_optimizers, make_batch
 
 SHOWN = (
@@ -79,8 +78,6 @@ def probe(
     opt_g, opt_d = build_optimizers(spec, models)
     ema = EMA(models.student, t.ema_decay) if t.ema_decay else None
     data, rng = data or _rows(spec, pool), np.random.default_rng(t.seed)
-    theta, heads = models.student.trainable_parameters(), models.discriminator.trainable_parameters()
-    clip = t.max_grad_norm or float("inf")
 
     def batch():
         idx = rng.choice(len(data["image"]), t.batch_size, replace=False)
@@ -89,30 +86,18 @@ def probe(
             models.teacher, {"pixels": pixels, "caption": np.array([data["caption"][i] for i in idx])}, device
         )
 
-    def update_heads(loss):
-        opt_d.zero_grad(set_to_none=True)
-        loss.backward(inputs=heads)
-        torch.nn.utils.clip_grad_norm_(heads, clip)
-        opt_d.step()
-
     reports, interval, started = [], [], time.time()
     for step in range(steps):
         for update in range(1, t.discriminator_steps):  # the extra heads' updates, as the loop runs them
             b, g = batch(), torch.Generator().manual_seed(10**6 + 10 * step + update)
-            update_heads(discriminator_loss(models, objective, b, student_sample(models, b, g), step, g)[0])
+            discriminator_step(models, objective, b, student_sample(models, b, g), opt_d, step, g)
         b, g = batch(), torch.Generator().manual_seed(step)
         measure = (step + 1) % t.log_every == 0
-        with frozen(heads):  # L_G reaches θ only, as in the loop
-            grads, metrics, fake = student_loss(models, objective, b, g)
-        opt_g.zero_grad(set_to_none=True)
-        metrics |= grads.backward(split=theta if measure else None)
-        torch.nn.utils.clip_grad_norm_(theta, clip)
-        opt_g.step()
-        loss_d, metrics_d = discriminator_loss(models, objective, b, fake, step, g)
-        update_heads(loss_d)
+        metrics, fake = student_step(models, objective, b, opt_g, g, measure)
+        metrics |= discriminator_step(models, objective, b, fake, opt_d, step, g)
         if ema is not None:
             ema.update(models.student)
-        interval.append(metrics | metrics_d)
+        interval.append(metrics)
         if measure:
             report = {k: float(np.mean([m[k] for m in interval if k in m])) for k in SHOWN} | {"step": step + 1}
             reports.append(report)

@@ -141,3 +141,23 @@ def test_teacher_reference_samplers_run_with_guidance(tmp_path):
         sample_teacher(teacher, cond, (2, 4, 8, 8), steps=2, solver="euler")
     with pytest.raises(ValueError, match="samples in 1..4 steps"):
         sample_student(Student(teacher), cond, (2, 4, 8, 8), steps=5)
+
+
+def test_teacher_and_student_samplers_share_one_contract(tmp_path):
+    """sample_*(model, cond, shape, steps, generator, *, options): the same positional prefix, the rest
+    by keyword only, and the same generator gives the same sample when passed either way."""
+    import inspect
+
+    prefixes = []
+    for sampler in (sample_student, sample_teacher):
+        params = list(inspect.signature(sampler).parameters.values())
+        positional = [p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[len(positional) :]), sampler.__name__
+        prefixes.append(positional[1:])
+    assert prefixes[0] == prefixes[1] == ["cond", "shape", "steps", "generator"]
+    teacher = load_teacher(str(save_tiny_sd(tmp_path / "teacher")))
+    cond, shape = teacher.encode_prompts(PROMPTS), (2, 4, 8, 8)
+    for sampler, model in ((sample_teacher, teacher), (sample_student, Student(teacher))):
+        a = sampler(model, cond, shape, 2, torch.Generator().manual_seed(3))
+        b = sampler(model, cond=cond, shape=shape, steps=2, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(a, b)

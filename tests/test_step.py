@@ -12,7 +12,10 @@ from workers.add.step import (
     ADDBatch,
     ADDModels,
     ADDObjective,
+    Update,
+    discriminator_backward,
     discriminator_step,
+    student_backward,
     student_loss,
     student_sample,
     student_step,
@@ -190,6 +193,39 @@ def test_non_finite_loss_fails_with_the_values(sd_teacher):
     batch.x0[0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite student loss"):
         student_step(models, ADDObjective(), batch, opt_g)
+
+
+def test_both_updates_clip_to_the_objectives_max_grad_norm(sd_teacher):
+    """``ADDObjective.max_grad_norm`` clips θ and φ alike (the loop builds it from train.max_grad_norm)."""
+    models, _, _ = make(sd_teacher, "teacher")
+    theta, heads = models.student.trainable_parameters(), models.discriminator.trainable_parameters()
+    opt_g, opt_d = torch.optim.SGD(theta, lr=1.0), torch.optim.SGD(heads, lr=1.0)  # the step is the gradient
+    objective, batch = ADDObjective(max_grad_norm=1e-4), batch_for(sd_teacher)
+    before = [p.detach().clone() for p in theta + heads]
+    metrics, fake = student_step(models, objective, batch, opt_g, torch.Generator().manual_seed(0))
+    metrics |= discriminator_step(models, objective, batch, fake, opt_d, 0, torch.Generator().manual_seed(0))
+    moved = [p.detach() - b for p, b in zip(theta + heads, before, strict=True)]
+    for name, part in (("student", moved[: len(theta)]), ("discriminator", moved[len(theta) :])):
+        assert metrics[f"grad_norm/{name}"] > 1e-4  # measured before clipping
+        assert torch.linalg.vector_norm(torch.stack([m.norm() for m in part])) == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_micro_batches_accumulate_into_one_update_and_the_heads_stay_out_of_the_students(sd_teacher):
+    """What the training loop runs per micro-batch: each backward scaled by 1/micro_batches, the heads
+    frozen during the student's, nothing stepped until ``step()``."""
+    models, opt_g, opt_d = make(sd_teacher, "teacher")
+    theta = Update(models.student.trainable_parameters(), opt_g, micro_batches=2)
+    heads = Update(models.discriminator.trainable_parameters(), opt_d, micro_batches=2)
+    theta.zero_grad()
+    heads.zero_grad()
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        _, fake = student_backward(models, ADDObjective(), batch_for(sd_teacher), theta, g)
+        assert (i == 0) == (not has_grad(heads.params))  # the first student backward left the heads alone
+        discriminator_backward(models, ADDObjective(), batch_for(sd_teacher), fake, heads, 0, g)
+    assert has_grad(theta.params) and has_grad(heads.params)
+    assert all(p.requires_grad for p in heads.params)  # unfrozen again
+    assert float(theta.clip()) > 0 and float(heads.clip()) > 0
 
 
 def test_unknown_distill_space_is_named():

@@ -1,5 +1,7 @@
 """Samplers: the student's few-step ancestral sampler and the teacher's reference samplers.
 
+One contract (as k-diffusion's samplers share one signature): ``sample_*(model, cond, shape, steps,
+generator, *, options)``, positional up to the generator, each sampler's own settings by keyword only.
 All return x0 in the model's space (latents for latent models); decode with ``teacher.codec``.
 """
 
@@ -49,6 +51,7 @@ def sample_student(
     shape: tuple[int, ...],
     steps: int = 1,
     generator: torch.Generator | None = None,
+    *,
     noise: list[Tensor] | None = None,
 ) -> Tensor:
     """Start from pure noise at τ1; predict x0, re-noise it with fresh noise to the next student
@@ -86,9 +89,10 @@ def sample_teacher(
     cond: Conditioning | None,
     shape: tuple[int, ...],
     steps: int = 50,
+    generator: torch.Generator | None = None,
+    *,
     solver: str = "ddim",
     guidance_scale: float = 1.0,
-    generator: torch.Generator | None = None,
     timestep_spacing: str = "trailing",
     progress: bool = False,
 ) -> Tensor:

@@ -1,6 +1,12 @@
 """One ADD iteration: ``student_step()`` then ``discriminator_step()``; ``student_sample()`` gives the
 fake of any extra heads' update a loop runs before it.
 
+There is one update path. ``student_backward()`` (steps 2–7) and ``discriminator_backward()`` (step 8)
+accumulate one micro-batch's gradient into an ``Update``, which clips to ``max_grad_norm`` and steps the
+optimizer. The two ``*_step`` functions are that for one batch in one process; the Ray Train loop
+(``workers.train.loop``) calls the same two per micro-batch and wraps what is distributed around them:
+the all-reduce of the gradients, the full norm of a sharded gradient, finiteness agreed across ranks.
+
 Numbered comments follow "One training iteration" in ADD_METHOD.md. Sections are labelled with
 ``torch.profiler.record_function`` ("add/student", "add/teacher", "add/discriminator") so a
 profiler splits the step's time at no cost when none is running.
@@ -9,6 +15,8 @@ profiler splits the step's time at no cost when none is running.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -87,11 +95,43 @@ def _real_for_discriminator(models: ADDModels, batch: ADDBatch) -> Tensor:
     return batch.pixels if models.discriminator.input_space == "pixel" else batch.x0
 
 
-def _clip_and_step(params: list[nn.Parameter], optimizer, max_grad_norm: float | None) -> float:
-    """Clip ``params``' gradients, step; returns the gradient norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf)
-    optimizer.step()
-    return float(norm)
+@dataclass
+class Update:
+    """One optimizer step of ``params``, their gradient accumulated over ``micro_batches`` backward
+    passes (each scaled by 1/micro_batches); the one place where ``max_grad_norm`` clips.
+
+    A caller zeroes it, runs ``student_backward`` or ``discriminator_backward`` once per micro-batch,
+    then ``clip()`` and ``step()``; a distributed loop reduces the gradients across ranks before
+    ``clip()`` and checks finiteness on every rank between the two.
+    """
+
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    max_grad_norm: float | None = None  # None: no clipping (the norm is still measured)
+    micro_batches: int = 1
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def clip(self) -> Tensor:
+        """Clip the accumulated gradient to ``max_grad_norm``; its total norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or math.inf)
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+
+@contextmanager
+def frozen(params: list[nn.Parameter]) -> Iterator[None]:
+    """No gradient accumulates into ``params`` inside (the heads during the student's loss)."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
 
 
 def _student_prediction(student: Student, batch: ADDBatch, generator: torch.Generator | None) -> Tensor:
@@ -142,8 +182,7 @@ def student_loss(
     """Steps 2–6: L_G and λ·L_distill, their gradients at x̂θ weighted by the balance, the metrics, and
     sg(x̂θ) in D's space. Nothing is backpropagated into θ yet: ``StudentGradients.backward`` does it.
 
-    ``student_step`` is this plus the update; a distributed loop calls it to accumulate gradients
-    over micro-batches and to agree across ranks on finiteness before anyone steps.
+    ``student_backward`` is this plus θ's backward; ``student_step`` that plus the optimizer step.
     """
     student, teacher, D = models.student, models.teacher, models.discriminator
     x0, cond = batch.x0, batch.cond
@@ -210,6 +249,30 @@ def _grad_at(loss: Tensor, x: Tensor, needed: bool) -> Tensor:
     return torch.autograd.grad(loss, x, retain_graph=True)[0]
 
 
+def student_backward(
+    models: ADDModels,
+    objective: ADDObjective,
+    batch: ADDBatch,
+    update: Update,
+    generator: torch.Generator | None = None,
+    measure: bool = False,
+    autocast: AbstractContextManager | None = None,
+) -> tuple[dict[str, float], Tensor]:
+    """Steps 2–7 on one (micro-)batch: θ's gradient of L_G + λ·L_distill accumulates into ``update``;
+    returns metrics and sg(x̂θ) in D's input space. ``autocast`` wraps the forward passes only.
+
+    ``measure``: also split θ's gradient into its two terms (``balance/*_theta``; one more backward).
+    """
+    # 2–6 with the heads frozen: L_G reaches θ through F and the heads, and leaves no gradient in them
+    with frozen(models.discriminator.trainable_parameters()), autocast or nullcontext():
+        grads, metrics, fake = student_loss(models, objective, batch, generator)
+    with record_function("add/student"):
+        # 7. θ's backward only: ψ, F and the heads get no gradient from this loss
+        split = update.params if measure else None
+        metrics |= grads.backward(scale=1 / update.micro_batches, split=split)
+    return metrics, fake
+
+
 def student_step(
     models: ADDModels,
     objective: ADDObjective,
@@ -222,18 +285,16 @@ def student_step(
 
     ``measure``: also split θ's gradient into its two terms (``balance/*_theta``; one more backward).
     """
-    grads, metrics, fake = student_loss(models, objective, batch, generator)
-    with record_function("add/student"):
-        if not math.isfinite(metrics["loss/student"]):
-            raise FloatingPointError(
-                f"non-finite student loss: L_G={metrics['loss/G_adv']:.4g} "
-                f"L_distill={metrics['loss/distill']:.4g}"
-            )
-        # 7. update θ only: ψ, F and the heads get no gradient from this loss
-        params = models.student.trainable_parameters()
-        optimizer.zero_grad(set_to_none=True)
-        metrics |= grads.backward(split=params if measure else None)
-        metrics["grad_norm/student"] = _clip_and_step(params, optimizer, objective.max_grad_norm)
+    update = Update(models.student.trainable_parameters(), optimizer, objective.max_grad_norm)
+    update.zero_grad()
+    metrics, fake = student_backward(models, objective, batch, update, generator, measure)
+    if not math.isfinite(metrics["loss/student"]):
+        raise FloatingPointError(
+            f"non-finite student loss: L_G={metrics['loss/G_adv']:.4g} L_distill={metrics['loss/distill']:.4g}"
+        )
+    with record_function("add/student"):  # 7. θ's update: clip, step
+        metrics["grad_norm/student"] = float(update.clip())
+        update.step()
     return metrics, fake
 
 
@@ -273,6 +334,25 @@ def discriminator_loss(
     }
 
 
+def discriminator_backward(
+    models: ADDModels,
+    objective: ADDObjective,
+    batch: ADDBatch,
+    fake: Tensor,
+    update: Update,
+    step: int,
+    generator: torch.Generator | None = None,
+    autocast: AbstractContextManager | None = None,
+) -> dict[str, float]:
+    """Step 8 on one (micro-)batch: the heads' gradient of the hinge loss (+ γ·R1 on lazy steps)
+    accumulates into ``update``; θ, ψ and F get none. ``autocast`` wraps the forward passes only."""
+    with autocast or nullcontext():
+        loss, metrics = discriminator_loss(models, objective, batch, fake, step, generator)
+    with record_function("add/discriminator"):
+        (loss / update.micro_batches).backward(inputs=update.params)
+    return metrics
+
+
 def discriminator_step(
     models: ADDModels,
     objective: ADDObjective,
@@ -283,15 +363,14 @@ def discriminator_step(
     generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """8. Update the heads φ on the hinge loss, plus γ·R1 at each head's input on lazy steps."""
-    loss, metrics = discriminator_loss(models, objective, batch, fake, step, generator)
-    with record_function("add/discriminator"):
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite discriminator loss: real={metrics['loss/D_real']:.4g} "
-                f"fake={metrics['loss/D_fake']:.4g}"
-            )
-        params = models.discriminator.trainable_parameters()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward(inputs=params)
-        metrics["grad_norm/discriminator"] = _clip_and_step(params, optimizer, objective.max_grad_norm)
+    update = Update(models.discriminator.trainable_parameters(), optimizer, objective.max_grad_norm)
+    update.zero_grad()
+    metrics = discriminator_backward(models, objective, batch, fake, update, step, generator)
+    if not math.isfinite(metrics["loss/D"]):
+        raise FloatingPointError(
+            f"non-finite discriminator loss: real={metrics['loss/D_real']:.4g} fake={metrics['loss/D_fake']:.4g}"
+        )
+    with record_function("add/discriminator"):  # 8. the heads' update: clip, step
+        metrics["grad_norm/discriminator"] = float(update.clip())
+        update.step()
     return metrics

@@ -209,7 +209,7 @@ def run_toy(
     results["student 4-step"] = distance(sample_student(student, None, shape, 4, _gen(seed)))
     for n in (1, 4, 50):
         results[f"teacher DDIM {n}-step"] = distance(
-            sample_teacher(teacher, None, shape, n, "ddim", 1.0, _gen(seed))
+            sample_teacher(teacher, None, shape, n, _gen(seed))
         )
     results["data vs fresh data"] = distance(mixture.sample(n_eval, torch.Generator().manual_seed(seed + 2)))
     return {"sliced_w1": results, "history": history, "student": student, "teacher": teacher, "data": data}
@@ -229,8 +229,8 @@ def plot(run: dict, path: Path, seed: int) -> None:
     shape = (1000, 2)
     panels = {
         "data": run["data"][:1000],
-        "teacher, 1 step": sample_teacher(run["teacher"], None, shape, 1, "ddim", 1.0, _gen(seed)),
-        "teacher, 50 steps": sample_teacher(run["teacher"], None, shape, 50, "ddim", 1.0, _gen(seed)),
+        "teacher, 1 step": sample_teacher(run["teacher"], None, shape, 1, _gen(seed)),
+        "teacher, 50 steps": sample_teacher(run["teacher"], None, shape, 50, _gen(seed)),
         "ADD student, 1 step": sample_student(run["student"], None, shape, 1, _gen(seed)),
     }
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), sharex=True, sharey=True)

@@ -5,14 +5,15 @@ One optimizer step, on every rank in lockstep::
     train.discriminator_steps − 1 extra updates of the heads first (ours; 1 by default, the paper's):
         each on fresh micro-batches and fresh student samples sg(x̂θ), no gradient to θ
     for each of train.grad_accum micro-batches (rows from this rank's share of the Ray Data stream):
-        L = student_loss(...)        heads frozen, so L_G reaches θ only (through F and the heads)
-        (L / grad_accum).backward()  FSDP reduce-scatters θ's gradient, averaged over ranks
-        L_D = discriminator_loss(...)
-        (L_D / grad_accum).backward()
-    all-reduce the heads' gradients (they are replicated), clip both to train.max_grad_norm
+        student_backward(...)        steps 2–7, heads frozen; FSDP reduce-scatters θ's gradient
+        discriminator_backward(...)  step 8, on the same micro-batch and its sg(x̂θ)
+    all-reduce the heads' gradients (they are replicated), clip both (Update.clip: train.max_grad_norm)
     all-gather every rank's losses: the mean is what gets reported, and a non-finite value on any
         rank stops every rank here, before any optimizer step
-    AdamW steps for θ and φ, then the EMA of θ
+    AdamW steps for θ and φ (Update.step), then the EMA of θ
+
+The update itself is ``workers.add.step``'s, the one ``student_step`` / ``discriminator_step`` run:
+this loop adds only what is distributed (accumulation, the all-reduce, finiteness across ranks).
 
 Randomness is a pure function of (seed, step, micro-batch index in the global batch, update), where
 the index of micro-batch i on rank r is r·grad_accum + i and the update is 0 for the joint one and
@@ -28,7 +29,6 @@ then raises ``NonFiniteLossError`` on the driver. The last good checkpoint stays
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import signal
@@ -50,7 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workers.add.balance import head_keys
-from workers.add.step import discriminator_loss, student_loss, student_sample
+from workers.add.step import Update, discriminator_backward, student_backward, student_sample
 from workers.data.transfer import download_folder, upload_folder
 from workers.secrets import resolve_secrets
 from workers.train.checkpoint import TrainState, apply_model_state, load_checkpoint, model_state, save_checkpoint
@@ -158,19 +158,6 @@ def step_seed(seed: int, step: int, index: int, update: int = 0) -> int:
     for the extra heads' updates, which one (``update`` ≥ 1)."""
     entropy = [seed, step, index] + ([update] if update else [])
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-@contextmanager
-def frozen(params: list[nn.Parameter]):
-    """No gradient accumulates into ``params`` inside (the heads during the student's loss)."""
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
 
 
 def _gather(values: list[float], device: torch.device) -> list[list[float]]:
@@ -310,26 +297,36 @@ class ADDLoop:
         """bf16 autocast where the job asks for it (train.mixed_precision), else nothing."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
+    def _updates(self) -> tuple[Update, Update]:
+        """This step's updates of θ and of the heads, over this rank's micro-batches (rebuilt each step:
+        a restore may replace the parameters)."""
+        theta = self.models.student.trainable_parameters()
+        max_norm = self.objective.max_grad_norm
+        return (
+            Update(theta, self.opt_g, max_norm, self.accum),
+            Update(self.head_sync.params, self.opt_d, max_norm, self.accum),
+        )
+
     def discriminator_update(self, stream: BatchStream, update: int) -> float:
         """One extra update of the heads (``update`` ≥ 1) on fresh real micro-batches and fresh student
         samples; θ gets no gradient. Returns the data wait."""
         step, models, objective = self.state.step, self.models, self.objective
-        self.opt_d.zero_grad(set_to_none=True)
+        heads = self._updates()[1]
+        heads.zero_grad()
+        autocast = self._autocast()
         wait, local = 0.0, np.zeros(len(DISCRIMINATOR_KEYS))
         for i in range(self.accum):
             batch, generator, waited = self._micro_batch(stream, step, i, update)
             wait += waited
-            with self._autocast():
+            with autocast:
                 fake = student_sample(models, batch, generator)
-                loss_d, metrics = discriminator_loss(models, objective, batch, fake, step, generator)
-            (loss_d / self.accum).backward()
+            metrics = discriminator_backward(models, objective, batch, fake, heads, step, generator, autocast)
             local += np.array([metrics[k] for k in DISCRIMINATOR_KEYS]) / self.accum
         self.head_sync.all_reduce_grads()
-        max_norm = self.spec.train.max_grad_norm or math.inf
-        norm_d = full_norm(torch.nn.utils.clip_grad_norm_(self.head_sync.params, max_norm))
+        norm_d = full_norm(heads.clip())
         per_rank = _gather(local.tolist(), self.device)
         self._check_finite(step + 1, DISCRIMINATOR_KEYS, per_rank, {"grad_norm/discriminator": norm_d})
-        self.opt_d.step()
+        heads.step()
         return wait
 
     def train_step(self, stream: BatchStream) -> tuple[dict[str, float], float, float]:
@@ -338,41 +335,37 @@ class ADDLoop:
         step, models, objective = self.state.step, self.models, self.objective
         for update in range(1, self.spec.train.discriminator_steps):
             wait += self.discriminator_update(stream, update)
-        self.opt_g.zero_grad(set_to_none=True)
-        self.opt_d.zero_grad(set_to_none=True)
+        theta, heads = self._updates()
+        theta.zero_grad()
+        heads.zero_grad()
         autocast = self._autocast()
         keys = self.step_keys
         local = np.zeros(len(keys))
         # before each report, θ's gradient of the first micro-batch is split into its two terms
         measure = (step + 1) % self.spec.train.log_every == 0
-        theta = {}
+        split = {}
         for i in range(self.accum):
             batch, generator, waited = self._micro_batch(stream, step, i)
             wait += waited
-            with frozen(self.head_sync.params), autocast:
-                grads, metrics, fake = student_loss(models, objective, batch, generator)
-            split = models.student.trainable_parameters() if measure and i == 0 else None
-            theta |= grads.backward(scale=1 / self.accum, split=split)
-            with autocast:
-                loss_d, metrics_d = discriminator_loss(models, objective, batch, fake, step, generator)
-            (loss_d / self.accum).backward()
-            metrics |= metrics_d
+            metrics, fake = student_backward(models, objective, batch, theta, generator, measure and i == 0, autocast)
+            if measure and i == 0:
+                split = {k: metrics[k] for k in THETA_KEYS if k in metrics}
+            metrics |= discriminator_backward(models, objective, batch, fake, heads, step, generator, autocast)
             local += np.array([metrics[k] for k in keys]) / self.accum
         if measure:  # the split ran on every rank (its norms are global under FSDP): rank 0's are reported
-            keys, local = keys + THETA_KEYS, np.concatenate([local, [theta.get(k, 0.0) for k in THETA_KEYS]])
+            keys, local = keys + THETA_KEYS, np.concatenate([local, [split.get(k, 0.0) for k in THETA_KEYS]])
         self.head_sync.all_reduce_grads()
         if self.student_sync is not None:
             self.student_sync.all_reduce_grads()
-        max_norm = self.spec.train.max_grad_norm or math.inf
-        norm_g = full_norm(torch.nn.utils.clip_grad_norm_(models.student.trainable_parameters(), max_norm))
-        norm_d = full_norm(torch.nn.utils.clip_grad_norm_(self.head_sync.params, max_norm))
+        norm_g = full_norm(theta.clip())
+        norm_d = full_norm(heads.clip())
 
         per_rank = _gather(local.tolist(), self.device)
         norms = {"grad_norm/student": norm_g, "grad_norm/discriminator": norm_d}
         values = {k: float(np.mean([row[j] for row in per_rank])) for j, k in enumerate(keys)} | norms
         self._check_finite(step + 1, keys, per_rank, norms)
-        self.opt_g.step()
-        self.opt_d.step()
+        theta.step()
+        heads.step()
         if self.ema is not None:
             self.ema.update(models.student)
         return values, wait, time.perf_counter() - start

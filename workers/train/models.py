@@ -25,7 +25,7 @@ EMBEDDING_PREFIX = "text_embedding_"  # columns added by workers.data.ingest.emb
 
 
 def build_objective(spec: TrainJob) -> ADDObjective:
-    """ADDObjective from the job's loss section (clipping is the loop's: ``train.max_grad_norm``)."""
+    """ADDObjective from the job's loss section, with ``train.max_grad_norm`` (the one clip, ``Update``'s)."""
     loss = spec.loss
     return ADDObjective(
         distill=DistillationLoss(loss.weighting, w=loss.sds_w),
