@@ -275,6 +275,16 @@ def _assert_registered_checkpoints_are_whole(server, run: str) -> list[str]:
     return registered
 
 
+def _kill_after_checkpoint_2(durable_s3, run: str, reached, go, ended) -> None:
+    """Once the run paused after step 3 and checkpoint 2 is registered, kill S3; then let the run go on."""
+    try:
+        _wait_for(lambda: reached.exists(), "step 3", ended)
+        _wait_for(lambda: "checkpoint_00000002" in "".join(_registered(durable_s3, run)), "checkpoint 2", ended)
+        durable_s3.kill()
+    finally:
+        go.touch()
+
+
 def test_the_s3_server_killed_mid_run_and_restarted_the_run_waits_and_finishes(
     head, assets, durable_s3, mlflow_server, tmp_path
 ):
@@ -286,12 +296,7 @@ def test_the_s3_server_killed_mid_run_and_restarted_the_run_waits_and_finishes(
     restarted_at = []
 
     def fault(ended):  # after step 3 (checkpoint 2 registered): S3 down for 8 s, across step 4's checkpoint
-        try:
-            _wait_for(lambda: reached.exists(), "step 3", ended)
-            _wait_for(lambda: "checkpoint_00000002" in "".join(_registered(durable_s3, "s3")), "checkpoint 2", ended)
-            durable_s3.kill()
-        finally:
-            go.touch()
+        _kill_after_checkpoint_2(durable_s3, "s3", reached, go, ended)
         time.sleep(8)
         restarted_at.append(time.time())
         durable_s3.start()
@@ -322,12 +327,7 @@ def test_the_s3_server_down_for_good_fails_the_run_naming_the_storage(head, asse
     reached, go = tmp_path / "reached", tmp_path / "go"
 
     def fault(ended):
-        try:
-            _wait_for(lambda: reached.exists(), "step 3", ended)
-            _wait_for(lambda: "checkpoint_00000002" in "".join(_registered(durable_s3, "down")), "checkpoint 2", ended)
-            durable_s3.kill()
-        finally:
-            go.touch()
+        _kill_after_checkpoint_2(durable_s3, "down", reached, go, ended)
 
     injector = Injector(fault)
     spec = make_spec(assets, steps=STEPS, checkpoint_every=2)
