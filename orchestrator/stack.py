@@ -24,6 +24,7 @@ any of its descendants left), never by name: other Ray clusters on the machine a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -87,9 +88,17 @@ class Service:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports: all held open at once while picked, so none is handed out twice
+    (one at a time, the kernel may give back the port it just freed, and Ray refuses two components on one)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind((LOOPBACK, 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def default_token_path() -> Path:
@@ -140,7 +149,7 @@ def start_ray_head(
 ) -> Service:
     """``ray start --head --block`` on loopback at free ports, token auth on; returns at once (see ``wait_healthy``)."""
     folder = Path(folder).resolve()
-    ports = {name: free_port() for name in RAY_PORTS}
+    ports = dict(zip(RAY_PORTS, free_ports(len(RAY_PORTS)), strict=True))
     token_path = ensure_token(Path(token_path or default_token_path()))
     temp_dir = folder / "ray"
     if len(str(temp_dir)) > MAX_SOCKET_DIR:
@@ -344,6 +353,7 @@ def up(
     ``pass_env``: variables of this environment the Ray head (and so its jobs) gets as they are.
     """
     from workers.secrets import environ
+
     folder = Path(folder).resolve()
     state = load_state(folder)
     if state and any(alive(s.pid) for s in services(state)):

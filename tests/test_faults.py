@@ -134,7 +134,7 @@ class SecondNode:
     def __init__(self, head: Head, log: Path):
         import ray
 
-        ports = [f"--{name}={stack.free_port()}" for name in NODE_PORTS]
+        ports = [f"--{name}={port}" for name, port in zip(NODE_PORTS, stack.free_ports(len(NODE_PORTS)), strict=True)]
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", f"--address={head.gcs}", "--block",
                "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", '--resources={"second_node": 1}',
                f"--object-store-memory={100 * 1024 * 1024}", "--disable-usage-stats", *ports]  # fmt: skip
