@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from workers.add.conditioning import Conditioning
 from workers.add.denoiser import Denoiser
-from workers.add.schedule import NoiseSchedule
+from workers.add.schedule import NoiseSchedule, schedule_from_scheduler_config
 from workers.add.teacher import Teacher
 
 # Attention and feed-forward projections of diffusers UNets: where LoRA adapters go by default.
@@ -57,8 +57,9 @@ class Student(nn.Module):
 
     Full fine-tuning by default; with ``lora_rank`` only peft LoRA adapters train. Its schedule is
     its own: the teacher's betas rescaled to zero terminal SNR, so τ1 = T − 1 starts from pure
-    noise. ``network`` replaces the copy of the teacher's network where the teacher has none to
-    copy (the toy problem's closed-form teacher); ``prediction_type`` defaults to the teacher's.
+    noise (a flow-matching teacher's schedule is pure noise there already). ``network`` replaces the
+    copy of the teacher's network where the teacher has none to copy (the toy problem's closed-form
+    teacher); ``prediction_type`` defaults to the teacher's.
     """
 
     def __init__(
@@ -73,8 +74,11 @@ class Student(nn.Module):
         lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
     ):
         super().__init__()
-        schedule = NoiseSchedule.from_scheduler_config(
-            teacher.scheduler_config, zero_terminal_snr=zero_terminal_snr, prediction_type=prediction_type
+        schedule = schedule_from_scheduler_config(
+            teacher.scheduler_config,
+            zero_terminal_snr=zero_terminal_snr,
+            prediction_type=prediction_type,
+            image_seq_len=teacher.image_seq_len,
         )
         T = schedule.num_train_timesteps
         timesteps = (

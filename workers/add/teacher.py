@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from workers.add.conditioning import Conditioning
 from workers.add.denoiser import Denoiser
 from workers.add.frozen import FrozenModule
-from workers.add.schedule import NoiseSchedule
+from workers.add.schedule import NoiseSchedule, schedule_from_scheduler_config
 
 
 class Teacher(FrozenModule):
@@ -16,7 +16,8 @@ class Teacher(FrozenModule):
 
     Holds what it needs to read prompts (``prompt_encoder``, may be ``None`` for unconditional
     models) and latents (``codec``, ``None`` for pixel-space models), and the scheduler config it
-    was trained with, from which the student derives its own schedule.
+    was trained with, from which the student derives its own schedule (DDPM or flow matching,
+    ``schedule_from_scheduler_config``).
     """
 
     def __init__(
@@ -25,10 +26,13 @@ class Teacher(FrozenModule):
         scheduler_config: dict,
         prompt_encoder: nn.Module | None = None,
         codec: nn.Module | None = None,
+        image_seq_len: int | None = None,
     ):
         super().__init__()
         self.scheduler_config = dict(scheduler_config)
-        self.denoiser = Denoiser(unet, NoiseSchedule.from_scheduler_config(self.scheduler_config))
+        self.image_seq_len = image_seq_len  # a resolution-shifted flow schedule (FLUX) needs the token count
+        schedule = schedule_from_scheduler_config(self.scheduler_config, image_seq_len=image_seq_len)
+        self.denoiser = Denoiser(unet, schedule)
         self.prompt_encoder = prompt_encoder
         self.codec = codec
         self.freeze()
