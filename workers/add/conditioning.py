@@ -12,17 +12,24 @@ from torch import Tensor
 class Conditioning:
     """Encoded captions for one batch; every field is batch-first or ``None``.
 
-    - ``prompt_embeds``: (B, L, D) token embeddings for cross-attention (SD, SDXL).
+    - ``prompt_embeds``: (B, L, D) token embeddings for cross- or joint attention (SD, SDXL; SD3's
+      CLIP-L + CLIP-G + T5 sequence; FLUX's T5 tokens; Sana's Gemma tokens).
     - ``pooled``: (B, P) one vector per caption. The discriminator's projection conditioning
-      uses it; SDXL also feeds it to the UNet as ``text_embeds``.
+      uses it; SDXL also feeds it to the UNet as ``text_embeds``, SD3 and FLUX to the transformer as
+      ``pooled_projections``.
     - ``time_ids``: (B, 6) SDXL micro-conditioning (original size, crop, target size).
     - ``class_labels``: (B,) integer labels or (B, E) embeddings for class-conditioned UNets.
+    - ``prompt_mask``: (B, L) 1 for real tokens, 0 for padding (Sana masks its cross-attention).
+    - ``guidance``: (B,) the guidance scale a guidance-distilled transformer (FLUX.1-dev) takes as an
+      input embedding in place of classifier-free guidance.
     """
 
     prompt_embeds: Tensor | None = None
     pooled: Tensor | None = None
     time_ids: Tensor | None = None
     class_labels: Tensor | None = None
+    prompt_mask: Tensor | None = None
+    guidance: Tensor | None = None
 
     def _tensors(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from transformers import Dinov2Model
 
 from workers.add.conditioning import Conditioning
+from workers.add.families import family_of
 from workers.add.frozen import FrozenModule
 from workers.add.teacher import Teacher
 
@@ -134,32 +135,20 @@ class DinoV2Features(FeatureNetwork):
         return self.model(pixel_values=self.pixel_values(x)).pooler_output
 
 
-def default_teacher_taps(unet: nn.Module) -> list[str]:
-    """Module names of each down block and the mid block of a diffusers UNet."""
-    if not hasattr(unet, "down_blocks"):
-        raise ValueError(f"{type(unet).__name__} is not a diffusers UNet: name the teacher taps explicitly")
-    taps = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))]
-    return taps + (["mid_block"] if getattr(unet, "mid_block", None) is not None else [])
+def default_teacher_taps(net: nn.Module) -> list[str]:
+    """The family's default taps: a UNet's down blocks and mid block; transformer blocks spread evenly."""
+    family = family_of(net)
+    if family is None:
+        raise ValueError(f"{type(net).__name__} is of no supported family: name the teacher taps explicitly")
+    return family.default_taps(net)
 
 
-def _tapped_module(unet: nn.Module, name: str) -> nn.Module:
+def _tapped_module(net: nn.Module, name: str) -> nn.Module:
     """The teacher submodule named by a tap, or an error naming the tap."""
     try:
-        return unet.get_submodule(name)
+        return net.get_submodule(name)
     except AttributeError:
-        raise ValueError(f"teacher tap {name!r} names no module of {type(unet).__name__}") from None
-
-
-def _out_channels(module: nn.Module, name: str) -> int:
-    """Channels of a diffusers block's output, read from its last resnet (or its own attribute)."""
-    resnets = getattr(module, "resnets", None)
-    if resnets:
-        return resnets[-1].out_channels
-    if isinstance(getattr(module, "out_channels", None), int):
-        return module.out_channels
-    raise ValueError(
-        f"cannot tell the output channels of teacher module {name!r}: tap a down, mid or up block"
-    )
+        raise ValueError(f"teacher tap {name!r} names no module of {type(net).__name__}") from None
 
 
 class _AllCaptured(Exception):
@@ -168,16 +157,16 @@ class _AllCaptured(Exception):
 
 @contextmanager
 def captured_outputs(modules: list[nn.Module]):
-    """Collect each module's output during one forward; the hooks live only inside the block.
+    """Collect each module's output (as the module returned it) during one forward; the hooks live only
+    inside the block.
 
-    Once every module has fired the forward is cut short (the up blocks of a UNet are wasted
-    work for the discriminator). Block outputs that are tuples (down blocks: hidden state and
-    skip connections) are reduced to their first element, the hidden state.
+    Once every module has fired the forward is cut short (the up blocks of a UNet, the blocks of a
+    transformer after the last tap are wasted work for the discriminator).
     """
-    outputs: list[Tensor | None] = [None] * len(modules)
+    outputs: list = [None] * len(modules)
 
     def store(index: int, module: nn.Module, args, output) -> None:
-        outputs[index] = output[0] if isinstance(output, tuple) else output
+        outputs[index] = output
         if all(o is not None for o in outputs):
             raise _AllCaptured
 
@@ -194,9 +183,11 @@ def captured_outputs(modules: list[nn.Module]):
 class TeacherFeatures(FeatureNetwork):
     """LADD: the frozen teacher ψ as feature network, on inputs re-noised to a logit-normal t̂.
 
-    x_t̂ = α_t̂·x + σ_t̂·ε with t̂/T = sigmoid(n), n ~ N(t_hat_loc, t_hat_scale²); the features are the
-    outputs of the tapped UNet blocks, grids (B, C, H, W); the extra condition is a sinusoidal
-    embedding of t̂, so the heads know how noisy the sample they judge was.
+    x_t̂ = α_t̂·x + σ_t̂·ε with t̂/T = sigmoid(n), n ~ N(t_hat_loc, t_hat_scale²), on the teacher's own
+    schedule (DDPM or the shifted flow grid); the features are the outputs of the tapped blocks as grids
+    (B, C, h, w): a UNet block's hidden state, or a transformer block's image tokens on the latent token
+    grid (h, w) = (H/p, W/p); the extra condition is a sinusoidal embedding of t̂, so the heads know how
+    noisy the sample they judge was.
     """
 
     input_space = "model"
@@ -214,11 +205,16 @@ class TeacherFeatures(FeatureNetwork):
         # Shared with the distillation loss, not owned: kept out of the module tree so the
         # discriminator's state_dict, .to() and DDP broadcasts do not carry a second teacher.
         self.__dict__["teacher"] = teacher
-        unet = teacher.unet
-        self.taps = list(default_teacher_taps(unet) if taps is None else taps)
+        net = teacher.unet
+        self.family = family_of(net)
+        if self.family is None:
+            raise ValueError(f"{type(net).__name__} is of no supported family: it cannot be the feature network")
+        self.taps = list(default_teacher_taps(net) if taps is None else taps)
         if not self.taps:
             raise ValueError("teacher taps must not be empty")
-        self.channels = [_out_channels(_tapped_module(unet, name), name) for name in self.taps]
+        for name in self.taps:
+            _tapped_module(net, name)
+        self.channels = [self.family.tap_channels(net, name) for name in self.taps]
         self.t_hat_loc = t_hat_loc
         self.t_hat_scale = t_hat_scale
         self.cond_dim_extra = t_embedding_dim
@@ -241,14 +237,15 @@ class TeacherFeatures(FeatureNetwork):
             x.shape, generator=generator, device=generator.device if generator is not None else x.device
         )
         x_t = self.teacher.schedule.add_noise(x, eps.to(x), t_hat)
-        unet = self.teacher.unet
-        modules = [_tapped_module(unet, name) for name in self.taps]
+        net = self.teacher.unet
+        modules = [_tapped_module(net, name) for name in self.taps]
         # No no_grad here: the student's gradient flows through the frozen teacher to x.
-        with captured_outputs(modules) as feats:
-            self.teacher.denoiser.model_output(x_t.to(getattr(unet, "dtype", x.dtype)), t_hat, cond)
-        missing = [name for name, f in zip(self.taps, feats, strict=True) if f is None]
+        with captured_outputs(modules) as outputs:
+            self.teacher.denoiser.model_output(x_t.to(getattr(net, "dtype", x.dtype)), t_hat, cond)
+        missing = [name for name, f in zip(self.taps, outputs, strict=True) if f is None]
         if missing:
-            raise ValueError(f"teacher taps {missing} did not run in the UNet's forward")
+            raise ValueError(f"teacher taps {missing} did not run in the network's forward")
+        feats = [self.family.tap_grid(net, output, x) for output in outputs]
         c_extra = get_timestep_embedding(
             t_hat.float(), self.cond_dim_extra, flip_sin_to_cos=True, downscale_freq_shift=0
         )

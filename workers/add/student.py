@@ -9,20 +9,13 @@ from torch import Tensor, nn
 
 from workers.add.conditioning import Conditioning
 from workers.add.denoiser import Denoiser
+from workers.add.families import family_of
+from workers.add.families.unet import UNetFamily
 from workers.add.schedule import NoiseSchedule, schedule_from_scheduler_config
 from workers.add.teacher import Teacher
 
-# Attention and feed-forward projections of diffusers UNets: where LoRA adapters go by default.
-DEFAULT_LORA_TARGETS = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "proj_in",
-    "proj_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-)
+# Attention and feed-forward projections of diffusers UNets: where LoRA adapters go by default on a UNet.
+DEFAULT_LORA_TARGETS = UNetFamily.lora_targets
 
 
 def student_timesteps(n: int = 4, num_train_timesteps: int = 1000, spacing: str = "trailing") -> list[int]:
@@ -55,7 +48,8 @@ def check_student_timesteps(timesteps: list[int], num_train_timesteps: int) -> l
 class Student(nn.Module):
     """The student θ, initialised from the teacher's weights (random init collapses).
 
-    Full fine-tuning by default; with ``lora_rank`` only peft LoRA adapters train. Its schedule is
+    Full fine-tuning by default; with ``lora_rank`` only peft LoRA adapters train, on ``lora_targets``
+    (module-name suffixes; default: the family's attention projections). Its schedule is
     its own: the teacher's betas rescaled to zero terminal SNR, so τ1 = T − 1 starts from pure
     noise (a flow-matching teacher's schedule is pure noise there already). ``network`` replaces the
     copy of the teacher's network where the teacher has none to copy (the toy problem's closed-form
@@ -71,7 +65,7 @@ class Student(nn.Module):
         network: nn.Module | None = None,
         lora_rank: int | None = None,
         lora_alpha: float | None = None,
-        lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+        lora_targets: tuple[str, ...] | None = None,
     ):
         super().__init__()
         schedule = schedule_from_scheduler_config(
@@ -89,6 +83,9 @@ class Student(nn.Module):
         self.lora_rank = lora_rank
         if lora_rank is not None:
             unet.requires_grad_(False)
+            if lora_targets is None:
+                family = family_of(unet)
+                lora_targets = family.lora_targets if family is not None else DEFAULT_LORA_TARGETS
             unet.add_adapter(_lora_config(unet, lora_rank, lora_alpha or lora_rank, lora_targets))
         self.denoiser = Denoiser(unet, schedule)
         self.register_buffer("timesteps", torch.tensor(timesteps, dtype=torch.long), persistent=False)

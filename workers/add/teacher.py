@@ -56,9 +56,10 @@ class Teacher(FrozenModule):
         return None if self.prompt_encoder is None else self.prompt_encoder.null(batch_size)
 
     def denoise_cond_uncond(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor]:
-        """Conditional and unconditional x0-estimates from one batched network call."""
+        """Conditional and unconditional x0-estimates from one batched network call (one unbatched call,
+        both the same, for a guidance-distilled teacher: its guidance is an input, not CFG)."""
         null = self.null_conditioning(x_t.shape[0])
-        if null is None:
+        if null is None or self.denoiser.guidance_embedded:
             x0 = self.denoiser(x_t, t, cond)
             return x0, x0
         t = t.reshape(-1).expand(x_t.shape[0])
@@ -70,9 +71,10 @@ class Teacher(FrozenModule):
         """x̂ψ(x_t, t, c) with classifier-free guidance against the empty prompt.
 
         Guidance is applied to x0-estimates; for a fixed x_t and t every prediction type is an
-        affine function of x0, so this equals guiding ε or v.
+        affine function of x0, so this equals guiding ε or v. A guidance-distilled teacher (FLUX.1-dev) runs
+        no CFG: it reads the scale it was loaded with from ``Conditioning.guidance``.
         """
-        if guidance_scale == 1.0 or self.prompt_encoder is None:
+        if guidance_scale == 1.0 or self.prompt_encoder is None or self.denoiser.guidance_embedded:
             return self.denoiser(x_t, t, cond)
         x0_cond, x0_uncond = self.denoise_cond_uncond(x_t, t, cond)
         return x0_uncond + guidance_scale * (x0_cond - x0_uncond)

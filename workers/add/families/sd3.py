@@ -1,0 +1,72 @@
+"""SD3 / SD3.5: ``SD3Transformer2DModel`` (MMDiT), CLIP-L + CLIP-G + T5, a shifted AutoencoderKL."""
+
+from __future__ import annotations
+
+from diffusers import AutoencoderKL, SD3Transformer2DModel
+from torch import Tensor, nn
+from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+
+from workers.add.codec import LatentCodec
+from workers.add.conditioning import Conditioning
+from workers.add.families.base import TeacherFolder, TeacherParts, TransformerFamily, joint_image_stream
+from workers.add.text_encoders import SD3PromptEncoder
+
+# the joint attention's projections: image stream (to_*), text stream (add_*), SD3.5's second attention
+SD3_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def check_encoder(folder: TeacherFolder, name: str, expected: str, why: str) -> None:
+    """Refuse a folder whose ``name`` is not the family's kind of text encoder (e.g. a FLUX set)."""
+    model_type = folder.model_type(name)
+    if model_type != expected:
+        raise ValueError(f"{folder.source}: {name} is a {model_type!r} model, but {why} needs a {expected!r} one")
+
+
+class SD3Family(TransformerFamily):
+    name = "sd3"
+    classes = {"SD3Transformer2DModel": SD3Transformer2DModel}
+    lora_targets = SD3_LORA_TARGETS
+
+    def load(
+        self, folder: TeacherFolder, config: dict, *, resolution: int | None, guidance: float | None
+    ) -> TeacherParts:
+        why = "an SD3 transformer (CLIP-L, CLIP-G and T5)"
+        folder.need("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae", why=why)
+        check_encoder(folder, "text_encoder", "clip_text_model", why)
+        check_encoder(folder, "text_encoder_2", "clip_text_model", why)
+        t5 = None, None
+        if not folder.explicitly_absent("text_encoder_3"):  # model_index [null, null]: run without T5
+            folder.need(
+                "text_encoder_3", "tokenizer_3", why=why + "; mark it [null, null] in model_index.json to run without"
+            )
+            check_encoder(folder, "text_encoder_3", "t5", why)
+            t5 = folder.load(AutoTokenizer, "tokenizer_3"), folder.load_model(T5EncoderModel, "text_encoder_3")
+        encoder = SD3PromptEncoder(
+            folder.load(CLIPTokenizer, "tokenizer"),
+            folder.load_model(CLIPTextModelWithProjection, "text_encoder"),
+            folder.load(CLIPTokenizer, "tokenizer_2"),
+            folder.load_model(CLIPTextModelWithProjection, "text_encoder_2"),
+            *t5,
+            joint_attention_dim=config["joint_attention_dim"],
+        )
+        if encoder.pooled_dim != config["pooled_projection_dim"]:
+            raise ValueError(
+                f"{folder.source}: the CLIP encoders' projections sum to {encoder.pooled_dim}, but the transformer's "
+                f"pooled_projection_dim is {config['pooled_projection_dim']}"
+            )
+        codec = LatentCodec(folder.load_model(AutoencoderKL, "vae"))
+        return TeacherParts(folder.load_model(SD3Transformer2DModel, "transformer"), encoder, codec)
+
+    def model_output(self, net: nn.Module, x_t: Tensor, timestep: Tensor, cond: Conditioning | None) -> Tensor:
+        if cond is None or cond.prompt_embeds is None or cond.pooled is None:
+            raise ValueError("SD3Transformer2DModel needs Conditioning.prompt_embeds and Conditioning.pooled")
+        return net(
+            hidden_states=x_t,
+            encoder_hidden_states=cond.prompt_embeds,
+            pooled_projections=cond.pooled,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+
+    def image_tokens(self, output) -> Tensor:
+        return joint_image_stream(output)
