@@ -265,3 +265,159 @@ def tiny_dinov2() -> Dinov2Model:
         image_size=32,
     )
     return Dinov2Model(config).eval()
+
+
+# ---- flow-matching transformer teachers (SD3, FLUX, Sana), each a real pipeline folder ----
+
+T5_DIM = 64  # the tiny T5's width: SD3 pads its two 32-wide CLIP states (64) to it
+
+
+def tiny_word_tokenizer(kind: str, max_length: int = TEXT_LENGTH):
+    """A word-level fast tokenizer over WORDS with T5's (``"t5"``: ids then </s>) or Gemma's (``"gemma"``:
+    <bos> then ids) special tokens; unknown words map to <unk>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"t5": ["<pad>", "</s>", "<unk>"], "gemma": ["<pad>", "<eos>", "<bos>", "<unk>"]}[kind]
+    vocab = {t: i for i, t in enumerate([*specials, *WORDS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    if kind == "t5":
+        tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        names = {"eos_token": "</s>"}
+    else:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+        names = {"eos_token": "<eos>", "bos_token": "<bos>"}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", model_max_length=max_length, **names
+    )
+
+
+def tiny_t5(tokenizer, d_model: int = T5_DIM):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(2)
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0,
+    )  # fmt: skip
+    return T5EncoderModel(config).eval()
+
+
+def tiny_gemma2(tokenizer):
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(3)
+    config = Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=2, eos_token_id=1,
+    )  # fmt: skip
+    return Gemma2Model(config).eval()
+
+
+def tiny_flow_vae() -> AutoencoderKL:
+    """The tiny AutoencoderKL with SD3's scaling and shift factors."""
+    vae = tiny_vae()
+    vae.register_to_config(scaling_factor=1.5305, shift_factor=0.0609)
+    return vae
+
+
+def tiny_dc_vae():
+    """A tiny AutoencoderDC (Sana's VAE): 4 latent channels, downsampling by 2."""
+    from diffusers import AutoencoderDC
+
+    torch.manual_seed(0)
+    return AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=4,
+        encoder_block_types="ResBlock", decoder_block_types="ResBlock",
+        encoder_block_out_channels=(8, 16), decoder_block_out_channels=(8, 16),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+        encoder_qkv_multiscales=((), ()), decoder_qkv_multiscales=((), ()),
+        scaling_factor=0.41407,
+    ).eval()  # fmt: skip
+
+
+def _flow_scheduler(**kwargs):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **kwargs)
+
+
+def save_tiny_sd3(path, t5: bool = True) -> Path:
+    """A real StableDiffusion3Pipeline folder: MMDiT (2 joint blocks, patch 2), CLIP-L, CLIP-G, T5 (or none)."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tokenizer, t5_tokenizer = tiny_clip_tokenizer(), tiny_word_tokenizer("t5")
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=LATENT_SIZE, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=T5_DIM,
+        caption_projection_dim=16, pooled_projection_dim=2 * TEXT_DIM, pos_embed_max_size=8,
+    )  # fmt: skip
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=_flow_scheduler(shift=3.0),
+        vae=tiny_flow_vae(),
+        text_encoder=tiny_clip_text_model(tokenizer, projection=True),
+        tokenizer=tokenizer,
+        text_encoder_2=tiny_clip_text_model(tokenizer, projection=True),
+        tokenizer_2=tokenizer,
+        text_encoder_3=tiny_t5(t5_tokenizer) if t5 else None,
+        tokenizer_3=t5_tokenizer if t5 else None,
+    )
+    pipe.save_pretrained(path)
+    return Path(path)
+
+
+def save_tiny_flux(path, guidance_embeds: bool = False) -> Path:
+    """A real FluxPipeline folder: 1 double + 1 single block on 2×2-packed latents, CLIP and T5, the
+    dynamic shift; ``guidance_embeds`` makes it guidance-distilled (FLUX.1-dev)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    tokenizer, t5_tokenizer = tiny_clip_tokenizer(), tiny_word_tokenizer("t5")
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
+    )  # fmt: skip
+    scheduler = _flow_scheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+    )
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=tiny_flow_vae(),
+        text_encoder=tiny_clip_text_model(tokenizer),
+        tokenizer=tokenizer,
+        text_encoder_2=tiny_t5(t5_tokenizer, d_model=TEXT_DIM),
+        tokenizer_2=t5_tokenizer,
+    )
+    pipe.save_pretrained(path)
+    return Path(path)
+
+
+def save_tiny_sana(path) -> Path:
+    """A real SanaPipeline folder: 2 linear-attention blocks, Gemma-2, AutoencoderDC, Sana's flow DPM-Solver."""
+    from diffusers import DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+
+    tokenizer = tiny_word_tokenizer("gemma")
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+        caption_channels=TEXT_DIM, sample_size=LATENT_SIZE, patch_size=1,
+    )  # fmt: skip
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction"
+    )
+    pipe = SanaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=tiny_gemma2(tokenizer),
+        vae=tiny_dc_vae(),
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(path)
+    return Path(path)

@@ -329,7 +329,7 @@ class SanaPromptEncoder(PromptEncoder):
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "right"
         self.text_encoder = text_encoder
-        self.max_sequence_length = max_sequence_length
+        self.max_sequence_length = min(max_sequence_length, tokenizer.model_max_length)
         self.instruction = "\n".join(complex_human_instruction) if complex_human_instruction else ""
         self.pooled_dim = text_encoder.config.hidden_size
         self._cache_null(self._encode([""], instruction=""))
