@@ -289,60 +289,69 @@ def test_lora_student_trains_adapters_on_the_attention_projections(teachers, nam
 # ---- FSDP2: the student sharded per transformer block, on two gloo ranks ----
 
 
-def _fsdp_worker(rank: int, world: int, store: str, folder: str, result: str) -> None:
-    import torch.distributed as dist
-
+def _fsdp_step(folder: str, rank: int) -> dict:
+    """One ADD step (θ and the heads) with θ sharded and ψ's blocks sharded; what rank 0 reports."""
     from workers.add.step import Update, discriminator_backward, student_backward
     from workers.train.fsdp import ReplicaSync, full_norm, local_fractions, shard_unet, unet_blocks
+
+    torch.manual_seed(0)
+    teacher = load_teacher(folder)
+    models, _, _ = make(teacher)
+    blocks = unet_blocks(models.student.unet)
+    shard_unet(models.student.unet, root=True)
+    shard_unet(teacher.unet, root=False)
+    sync = ReplicaSync(models.discriminator.heads)
+    sync.broadcast()
+    params = models.student.trainable_parameters()
+    theta = Update(params, torch.optim.SGD(params, lr=1e-3))
+    heads = Update(sync.params, torch.optim.SGD(sync.params, lr=1e-3))
+    before = [p.detach().to_local().clone() for p in params]
+    generator = torch.Generator().manual_seed(rank)  # each rank its own micro-batch
+    theta.zero_grad()
+    _, fake = student_backward(models, ADDObjective(), batch_for(teacher), theta, generator)
+    norm_g = full_norm(theta.clip())
+    theta.step()
+    heads.zero_grad()
+    discriminator_backward(models, ADDObjective(), batch_for(teacher), fake, heads, 0, generator)
+    sync.all_reduce_grads()
+    norm_d = full_norm(heads.clip())
+    heads.step()
+    return {
+        "blocks": len(blocks),
+        "fraction_max": max(local_fractions(models.student.unet)),
+        "norm_g": norm_g,
+        "norm_d": norm_d,
+        "moved": sum(float((p.detach().to_local() - b).abs().sum()) for p, b in zip(params, before, strict=True)),
+        "teacher_grads": any(p.grad is not None for p in teacher.parameters()),
+    }
+
+
+def _fsdp_worker(rank: int, world: int, store: str, folders: dict, result: str) -> None:
+    import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        teacher = load_teacher(folder)
-        models, _, _ = make(teacher)
-        blocks = unet_blocks(models.student.unet)
-        shard_unet(models.student.unet, root=True)
-        shard_unet(teacher.unet, root=False)
-        sync = ReplicaSync(models.discriminator.heads)
-        sync.broadcast()
-        theta = Update(
-            models.student.trainable_parameters(), torch.optim.SGD(models.student.trainable_parameters(), lr=1e-3)
-        )
-        heads = Update(sync.params, torch.optim.SGD(sync.params, lr=1e-3))
-        before = [p.detach().to_local().clone() for p in theta.params]
-        generator = torch.Generator().manual_seed(rank)  # each rank its own micro-batch
-        theta.zero_grad()
-        _, fake = student_backward(models, ADDObjective(), batch_for(teacher), theta, generator)
-        norm_g = full_norm(theta.clip())
-        theta.step()
-        heads.zero_grad()
-        discriminator_backward(models, ADDObjective(), batch_for(teacher), fake, heads, 0, generator)
-        sync.all_reduce_grads()
-        norm_d = full_norm(heads.clip())
-        heads.step()
-        moved = sum(float((p.detach().to_local() - b).abs().sum()) for p, b in zip(theta.params, before, strict=True))
-        fractions = local_fractions(models.student.unet)
+        summary = {name: _fsdp_step(folder, rank) for name, folder in folders.items()}
         if rank == 0:
-            summary = {
-                "blocks": len(blocks),
-                "fraction_max": max(fractions),
-                "norm_g": norm_g,
-                "norm_d": norm_d,
-                "moved": moved,
-                "teacher_grads": any(p.grad is not None for p in teacher.parameters()),
-            }
             with open(result, "w") as f:
                 json.dump(summary, f)
     finally:
         dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def fsdp_steps(folders, tmp_path_factory):
+    """One two-rank gloo group runs the step for every family (one spawn: the imports dominate)."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    names = {name: str(folders[name]) for name in ("sd3", "flux", "sana")}
+    mp.spawn(_fsdp_worker, args=(2, str(tmp / "store"), names, str(tmp / "result.json")), nprocs=2, join=True)
+    return json.loads((tmp / "result.json").read_text())
+
+
 @pytest.mark.parametrize("name", ["sd3", "flux", "sana"])
-def test_fsdp2_one_step_on_two_gloo_ranks(folders, tmp_path, name):
-    result = tmp_path / "result.json"
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "store"), str(folders[name]), str(result)), nprocs=2, join=True)
-    summary = json.loads(result.read_text())
+def test_fsdp2_one_step_on_two_gloo_ranks(fsdp_steps, name):
+    summary = fsdp_steps[name]
     assert summary["blocks"] == 2  # two transformer blocks (FLUX: one double, one single), each its own unit
     assert summary["fraction_max"] <= 0.75  # every parameter sharded across the two ranks
     assert summary["norm_g"] > 0 and summary["norm_d"] > 0 and summary["moved"] > 0
