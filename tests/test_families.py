@@ -181,7 +181,7 @@ def test_guidance_distilled_teacher_runs_no_cfg(folders, teachers):
     cond = plain.encode_prompts(PROMPTS)
     with torch.no_grad():  # a FLUX without the embedding does run CFG
         assert not torch.allclose(plain.denoise(x, t, cond, 4.0), plain.denoise(x, t, cond, 1.0))
-    with pytest.raises(ValueError, match="no guidance embedding"):
+    with pytest.raises(ValueError, match="FluxTransformer2DModel has no guidance embedding"):
         load_teacher(folders["flux"], guidance=3.5)
 
 
@@ -419,3 +419,18 @@ def test_sd3_without_t5(folders, tmp_path):
     torch.testing.assert_close(cond.prompt_embeds, embeds)
     assert not cond.prompt_embeds[:, TEXT_LENGTH:].any()  # T5's tokens are zeros
     assert isinstance(teacher.unet, SD3Transformer2DModel)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux", "sana"])
+def test_bf16_teacher_follows_the_float32_one(folders, teachers, name):
+    """``load_teacher(dtype=bfloat16)``: every part in bf16 (GPU recipes), the same x0 to bf16's precision."""
+    teacher = load_teacher(folders[name], dtype=torch.bfloat16)
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    cond = teacher.encode_prompts(PROMPTS)
+    assert cond.prompt_embeds.dtype == torch.bfloat16
+    x, t = torch.randn(B, 4, LATENT_SIZE, LATENT_SIZE), torch.tensor([999, 600])
+    with torch.no_grad():
+        x0 = teacher.denoise(x.bfloat16(), t, cond)
+        reference = teachers[name].denoise(x, t, teachers[name].encode_prompts(PROMPTS))
+    assert x0.dtype == torch.bfloat16
+    torch.testing.assert_close(x0.float(), reference, atol=0.1, rtol=0.05)

@@ -116,6 +116,11 @@ def _load(source: str, local: bool, prediction_type, resolution, dtype, guidance
     # any diffusers model class reads a config.json; the class it names picks the family
     config = dict(UNet2DModel.load_config(source, subfolder=network, local_files_only=local))
     family = family_for(network, config.get("_class_name"), source)
+    if guidance is not None and not config.get("guidance_embeds"):
+        raise ValueError(
+            f"{source}: guidance {guidance} is an input of guidance-distilled networks (FLUX.1-dev), but this "
+            f"{config['_class_name']} has no guidance embedding (guidance_embeds is not set)"
+        )
     scheduler_config = dict(DDPMScheduler.load_config(source, subfolder="scheduler", local_files_only=local))
     scheduler_config = family.scheduler_config(scheduler_config)
     if prediction_type is not None:

@@ -110,9 +110,7 @@ class DinoV2Features(FeatureNetwork):
         if self.resolution is not None and tuple(x.shape[-2:]) != (self.resolution, self.resolution):
             resized = f" (after resizing to resolution {self.resolution})"
             # Antialiasing matters when downsampling large images; it is differentiable like plain bilinear.
-            x = F.interpolate(
-                x, size=(self.resolution,) * 2, mode="bilinear", align_corners=False, antialias=True
-            )
+            x = F.interpolate(x, size=(self.resolution,) * 2, mode="bilinear", align_corners=False, antialias=True)
         h, w = x.shape[-2:]
         if min(h, w) < self.patch_size:
             raise ValueError(
@@ -233,9 +231,7 @@ class TeacherFeatures(FeatureNetwork):
     ) -> tuple[list[Tensor], Tensor]:
         """Tapped block outputs of the teacher on x re-noised to t̂, and the embedding of t̂."""
         t_hat = self.sample_t_hat(x.shape[0], generator, x.device)
-        eps = torch.randn(
-            x.shape, generator=generator, device=generator.device if generator is not None else x.device
-        )
+        eps = torch.randn(x.shape, generator=generator, device=generator.device if generator is not None else x.device)
         x_t = self.teacher.schedule.add_noise(x, eps.to(x), t_hat)
         net = self.teacher.unet
         modules = [_tapped_module(net, name) for name in self.taps]

@@ -75,9 +75,7 @@ class Student(nn.Module):
             image_seq_len=teacher.image_seq_len,
         )
         T = schedule.num_train_timesteps
-        timesteps = (
-            student_timesteps(4, T) if timesteps is None else check_student_timesteps(list(timesteps), T)
-        )
+        timesteps = student_timesteps(4, T) if timesteps is None else check_student_timesteps(list(timesteps), T)
         unet = copy.deepcopy(teacher.unet if network is None else network)
         unet.requires_grad_(True)
         self.lora_rank = lora_rank

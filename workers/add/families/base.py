@@ -58,6 +58,12 @@ class TeacherFolder:
                 raise FileNotFoundError(f"{self.source} has no {name}/config.json")
         return AutoConfig.from_pretrained(self.source, subfolder=name, local_files_only=self.local).model_type
 
+    def expect_model_type(self, name: str, expected: str, why: str) -> None:
+        """Refuse the folder if ``name`` is not the family's kind of text encoder (e.g. FLUX's set under SD3)."""
+        model_type = self.model_type(name)
+        if model_type != expected:
+            raise ValueError(f"{self.source}: {name} is a {model_type!r} model, but {why} needs a {expected!r} one")
+
     def class_name(self, name: str) -> str | None:
         """The class ``model_index.json`` names for a component, or None without an index."""
         entry = self.index.get(name)

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderM
 from workers.add.codec import LatentCodec
 from workers.add.conditioning import Conditioning
 from workers.add.families.base import TeacherFolder, TeacherParts, TransformerFamily, joint_image_stream
-from workers.add.families.sd3 import SD3_LORA_TARGETS, check_encoder
+from workers.add.families.sd3 import SD3_LORA_TARGETS
 from workers.add.text_encoders import FluxPromptEncoder
 
 # FluxPipeline's default guidance scale, the embedded guidance of a guidance-distilled teacher by default
@@ -33,18 +33,14 @@ class FluxFamily(TransformerFamily):
     ) -> TeacherParts:
         why = "a FLUX transformer (CLIP and T5)"
         folder.need("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae", why=why)
-        check_encoder(folder, "text_encoder", "clip_text_model", why)
-        check_encoder(folder, "text_encoder_2", "t5", why)
+        folder.expect_model_type("text_encoder", "clip_text_model", why)
+        folder.expect_model_type("text_encoder_2", "t5", why)
         if "text_encoder_3" in folder.components:
             raise ValueError(
                 f"{folder.source} has a text_encoder_3: that is SD3's encoder set, not FLUX's (CLIP and T5)"
             )
-        if config.get("guidance_embeds"):
-            guidance = DEFAULT_EMBEDDED_GUIDANCE if guidance is None else guidance
-        elif guidance is not None:
-            raise ValueError(
-                f"{folder.source}: this FLUX transformer has no guidance embedding (guidance_embeds false)"
-            )
+        if config.get("guidance_embeds") and guidance is None:
+            guidance = DEFAULT_EMBEDDED_GUIDANCE
         encoder = FluxPromptEncoder(
             folder.load(CLIPTokenizer, "tokenizer"),
             folder.load_model(CLIPTextModel, "text_encoder"),

@@ -11,7 +11,6 @@ from transformers import AutoModel, AutoTokenizer
 from workers.add.codec import LatentCodec
 from workers.add.conditioning import Conditioning
 from workers.add.families.base import TeacherFolder, TeacherParts, TransformerFamily
-from workers.add.families.sd3 import check_encoder
 from workers.add.text_encoders import SanaPromptEncoder
 
 # The instruction SanaPipeline puts before every prompt by default, read from diffusers, not copied.
@@ -44,11 +43,9 @@ class SanaFamily(TransformerFamily):
     ) -> TeacherParts:
         why = "a Sana transformer (Gemma-2)"
         folder.need("text_encoder", "tokenizer", "vae", why=why)
-        check_encoder(folder, "text_encoder", "gemma2", why)
+        folder.expect_model_type("text_encoder", "gemma2", why)
         if config.get("guidance_embeds"):
             raise ValueError(f"{folder.source}: guidance-embedded Sana (SANA-Sprint) is not supported")
-        if guidance is not None:
-            raise ValueError(f"{folder.source}: Sana has no guidance embedding")
         encoder = SanaPromptEncoder(
             folder.load(AutoTokenizer, "tokenizer"),
             folder.load_model(AutoModel, "text_encoder"),

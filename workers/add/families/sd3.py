@@ -15,13 +15,6 @@ from workers.add.text_encoders import SD3PromptEncoder
 SD3_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
-def check_encoder(folder: TeacherFolder, name: str, expected: str, why: str) -> None:
-    """Refuse a folder whose ``name`` is not the family's kind of text encoder (e.g. a FLUX set)."""
-    model_type = folder.model_type(name)
-    if model_type != expected:
-        raise ValueError(f"{folder.source}: {name} is a {model_type!r} model, but {why} needs a {expected!r} one")
-
-
 class SD3Family(TransformerFamily):
     name = "sd3"
     classes = {"SD3Transformer2DModel": SD3Transformer2DModel}
@@ -32,14 +25,14 @@ class SD3Family(TransformerFamily):
     ) -> TeacherParts:
         why = "an SD3 transformer (CLIP-L, CLIP-G and T5)"
         folder.need("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae", why=why)
-        check_encoder(folder, "text_encoder", "clip_text_model", why)
-        check_encoder(folder, "text_encoder_2", "clip_text_model", why)
+        folder.expect_model_type("text_encoder", "clip_text_model", why)
+        folder.expect_model_type("text_encoder_2", "clip_text_model", why)
         t5 = None, None
         if not folder.explicitly_absent("text_encoder_3"):  # model_index [null, null]: run without T5
             folder.need(
                 "text_encoder_3", "tokenizer_3", why=why + "; mark it [null, null] in model_index.json to run without"
             )
-            check_encoder(folder, "text_encoder_3", "t5", why)
+            folder.expect_model_type("text_encoder_3", "t5", why)
             t5 = folder.load(AutoTokenizer, "tokenizer_3"), folder.load_model(T5EncoderModel, "text_encoder_3")
         encoder = SD3PromptEncoder(
             folder.load(CLIPTokenizer, "tokenizer"),
