@@ -22,7 +22,6 @@ from tests.tiny_models import (
 from workers.add.components import load_teacher
 from workers.add.discriminator import build_discriminator
 from workers.add.families import family_of
-from workers.add.features import captured_outputs
 from workers.add.schedule import FlowMatchSchedule, dynamic_shift
 from workers.add.step import ADDBatch, ADDModels, ADDObjective, discriminator_step, student_step
 from workers.add.student import Student
@@ -250,19 +249,22 @@ def test_ladd_features_are_the_image_tokens_on_the_latent_grid(teachers, name):
 
 
 def test_ladd_forward_stops_after_the_last_tapped_block(teachers):
+    """Tapping FLUX's double block only: its single block and output layer never run for F."""
     teacher = teachers["flux"]
     F = build_discriminator("teacher", cond_dim=0, teacher=teacher, taps=["transformer_blocks.0"]).feature_network
     ran = []
-    handle = teacher.unet.single_transformer_blocks[0].register_forward_hook(lambda *a: ran.append(1))
-    with torch.no_grad():
-        F(batch_for(teacher).x0, teacher.encode_prompts(PROMPTS))
-        assert ran == []
-        with captured_outputs([teacher.unet.single_transformer_blocks[0]]):
-            teacher.denoiser.model_output(
-                torch.randn(B, 4, 8, 8), torch.tensor([5, 5]), teacher.encode_prompts(PROMPTS)
-            )
-    handle.remove()
-    assert ran == [1]
+    later = [teacher.unet.single_transformer_blocks[0], teacher.unet.proj_out]
+    handles = [m.register_forward_hook(lambda m, a, out: ran.append(m)) for m in later]
+    x, cond = batch_for(teacher).x0, teacher.encode_prompts(PROMPTS)
+    try:
+        with torch.no_grad():
+            F(x, cond)
+            assert ran == []
+            teacher.denoiser.model_output(x, torch.tensor([5, 5]), cond)  # a full forward does run them
+        assert ran == later
+    finally:
+        for h in handles:
+            h.remove()
     with pytest.raises(ValueError, match="teacher tap 'transformer_blocks.7' names no module"):
         build_discriminator("teacher", cond_dim=0, teacher=teacher, taps=["transformer_blocks.7"])
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoConfig
 
 from workers.add.conditioning import Conditioning
 
@@ -50,8 +51,8 @@ class TeacherFolder:
 
     def model_type(self, name: str) -> str:
         """The transformers ``model_type`` of a subfolder's config.json ("clip_text_model", "t5", "gemma2")."""
-        from transformers import AutoConfig
-
+        if self.packaged_text_encoder is not None and name == "text_encoder":
+            return AutoConfig.from_pretrained(self.packaged_text_encoder).model_type
         if self.local:
             path = Path(self.source) / name / "config.json"
             if not path.is_file():
@@ -63,11 +64,6 @@ class TeacherFolder:
         model_type = self.model_type(name)
         if model_type != expected:
             raise ValueError(f"{self.source}: {name} is a {model_type!r} model, but {why} needs a {expected!r} one")
-
-    def class_name(self, name: str) -> str | None:
-        """The class ``model_index.json`` names for a component, or None without an index."""
-        entry = self.index.get(name)
-        return entry[1] if isinstance(entry, list) and len(entry) == 2 else None
 
 
 @dataclass

@@ -78,12 +78,7 @@ class UNetFamily(Family):
             )
         else:
             folder.need("text_encoder", "tokenizer", why="a UNet2DConditionModel")
-            if folder.packaged_text_encoder is not None:
-                from transformers import AutoConfig
-
-                model_type = AutoConfig.from_pretrained(folder.packaged_text_encoder).model_type
-            else:
-                model_type = folder.model_type("text_encoder")
+            model_type = folder.model_type("text_encoder")
             if model_type.startswith("clip"):
                 if class_embed is not None:
                     raise ValueError(
