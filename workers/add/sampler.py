@@ -152,7 +152,7 @@ def sample_teacher(
 ) -> Tensor:
     """The teacher's reference sample with classifier-free guidance (2 network evaluations per step when
     guided): DDIM or DPM-Solver++ for a DDPM teacher, Euler or flow DPM-Solver++ for a flow teacher
-    (``solver`` None: DDIM / Euler)."""
+    (``solver`` None: DDIM / Euler; ``timestep_spacing`` applies to the DDPM solvers only)."""
     solver = check_solver(teacher, solver or teacher_solvers(teacher)[0])
     if teacher.schedule.is_flow:
         return _sample_flow_teacher(teacher, cond, shape, steps, generator, solver, guidance_scale, progress)
