@@ -1080,7 +1080,11 @@ def bench_train(images, rows_per_shard, steps, log_every, batch_size, cpus, teac
 @click.option("--seed", type=int, default=0, help="random seed")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results/toy"),
               help="folder for samples.png")
-def toy(steps, seed, out):
+@click.option("--schedule", type=click.Choice(["ddpm", "flow"]), default="ddpm", show_default=True,
+              help="the teacher's path: DDPM (against its DDIM sampler) or rectified flow (against its Euler sampler)")
+@click.option("--shift", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="the flow teacher's timestep shift (--schedule flow; default 1.0, SD3 uses 3.0)")
+def toy(steps, seed, out, schedule, shift):
     """ADD on a 2-D toy in seconds (workers/add/toy.py): the student at 1 step against its teacher at 1
     and 50 steps, as sliced W1 to the data; writes a scatter plot of samples.
 
@@ -1088,10 +1092,14 @@ def toy(steps, seed, out):
     Examples:
       addctl toy
       addctl toy --steps 600 --out results/toy
+      addctl toy --schedule flow --out results/toy-flow
+      addctl toy --schedule flow --shift 3.0
     """
     from workers.add.toy import plot, run_toy
 
-    run = run_toy(steps, seed=seed)
+    if shift is not None and schedule != "flow":
+        raise click.UsageError("--shift is the flow teacher's timestep shift: it needs --schedule flow")
+    run = run_toy(steps, seed=seed, schedule=schedule, flow_shift=shift)
     click.echo("| sampler | sliced W1 to data (lower is better) |\n|---|---|")
     for name, value in run["sliced_w1"].items():
         click.echo(f"| {name} | {value:.4f} |")

@@ -101,8 +101,10 @@ def test_samplers_parse_and_count_network_evaluations():
     assert Sampler.parse("dpmpp:8", 1.0).nfe == 8
     assert Sampler.parse("student:4").nfe == 4 and Sampler.parse("student:4").family == "ADD student"
     assert Sampler.parse("dpmpp:8", 3.0).family == "teacher DPM-Solver++ + CFG"
-    with pytest.raises(ValueError, match="ddim:STEPS"):
-        Sampler.parse("euler:8")
+    assert Sampler.parse("euler:28", 1.0).family == "teacher Euler"  # a flow teacher's
+    assert Sampler.parse("flow-dpmpp:8", 3.0).family == "teacher flow DPM-Solver++ + CFG"
+    with pytest.raises(ValueError, match="ddim:STEPS.*euler:STEPS"):
+        Sampler.parse("heun:8")
 
 
 class _TinyFeatures:

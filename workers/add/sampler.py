@@ -7,8 +7,11 @@ All return x0 in the model's space (latents for latent models); decode with ``te
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -16,7 +19,9 @@ from workers.add.conditioning import Conditioning
 from workers.add.student import Student
 from workers.add.teacher import Teacher
 
-TEACHER_SOLVERS = ("ddim", "dpmpp")
+DDPM_SOLVERS = ("ddim", "dpmpp")
+FLOW_SOLVERS = ("euler", "flow-dpmpp")  # the pipelines' own: SD3 / FLUX (Euler), Sana (DPM-Solver++)
+TEACHER_SOLVERS = DDPM_SOLVERS + FLOW_SOLVERS
 
 
 def _placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -73,14 +78,63 @@ def sample_student(
     return x0
 
 
+def teacher_solvers(teacher: Teacher) -> tuple[str, ...]:
+    """The solvers that apply to this teacher's schedule; the first is its default."""
+    return FLOW_SOLVERS if teacher.schedule.is_flow else DDPM_SOLVERS
+
+
+def check_solver(teacher: Teacher, solver: str) -> str:
+    """``solver``, or a ValueError naming the solvers this teacher allows."""
+    allowed = teacher_solvers(teacher)
+    if solver not in allowed:
+        kind = "flow-matching" if teacher.schedule.is_flow else "DDPM"
+        raise ValueError(f"unknown teacher solver {solver!r} for a {kind} teacher: allowed are {', '.join(allowed)}")
+    return solver
+
+
 def teacher_scheduler(teacher: Teacher, solver: str, timestep_spacing: str = "trailing"):
-    """A diffusers scheduler over the teacher's own schedule, fed x0-estimates (``sample``)."""
+    """A diffusers scheduler over a DDPM teacher's own schedule, fed x0-estimates (``sample``)."""
+    check_solver(teacher, solver)
     config = {**teacher.scheduler_config, "prediction_type": "sample", "timestep_spacing": timestep_spacing}
     if solver == "ddim":
         return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=True)
-    if solver == "dpmpp":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-    raise ValueError(f"unknown teacher solver {solver!r}: allowed are {', '.join(TEACHER_SOLVERS)}")
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+
+
+def flow_scheduler(teacher: Teacher, solver: str, steps: int):
+    """The scheduler a flow teacher's family pipeline samples with, its inference sigmas set for ``steps``.
+
+    ``euler``: ``FlowMatchEulerDiscreteScheduler`` at the teacher's shift, its own sigmas (SD3); with a
+    resolution-dependent shift the sigmas ``FluxPipeline`` passes, linspace(1, 1/n, n), shifted by e^μ.
+    ``flow-dpmpp``: ``DPMSolverMultistepScheduler`` on flow sigmas (Sana's), fed x0 (``sample``): the
+    ``flow_prediction`` it would convert from is x_t − σ·v, the same x0.
+    """
+    check_solver(teacher, solver)
+    schedule = teacher.schedule
+    config = {k: v for k, v in teacher.scheduler_config.items() if not k.startswith("_")}
+    if solver == "euler":
+        dynamic = bool(config.get("use_dynamic_shifting"))
+        if not dynamic:
+            config["shift"] = schedule.shift  # Sana's config names it flow_shift
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        if dynamic:
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=math.log(schedule.shift))
+        else:
+            scheduler.set_timesteps(steps)
+        return scheduler
+    if teacher.scheduler_config.get("_class_name") != "DPMSolverMultistepScheduler":
+        config = {"num_train_timesteps": schedule.num_train_timesteps}  # a DDPM solver's config says nothing here
+    scheduler = DPMSolverMultistepScheduler.from_config(
+        config,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        use_flow_sigmas=True,
+        flow_shift=schedule.shift,
+        prediction_type="sample",
+        use_dynamic_shifting=False,  # the shift is the schedule's, e^μ already for FLUX
+    )
+    scheduler.set_timesteps(steps)
+    return scheduler
 
 
 @torch.no_grad()
@@ -91,13 +145,17 @@ def sample_teacher(
     steps: int = 50,
     generator: torch.Generator | None = None,
     *,
-    solver: str = "ddim",
+    solver: str | None = None,
     guidance_scale: float = 1.0,
     timestep_spacing: str = "trailing",
     progress: bool = False,
 ) -> Tensor:
-    """The teacher's reference sample: DDIM or DPM-Solver++ with classifier-free guidance
-    (2 network evaluations per step when guided)."""
+    """The teacher's reference sample with classifier-free guidance (2 network evaluations per step when
+    guided): DDIM or DPM-Solver++ for a DDPM teacher, Euler or flow DPM-Solver++ for a flow teacher
+    (``solver`` None: DDIM / Euler; ``timestep_spacing`` applies to the DDPM solvers only)."""
+    solver = check_solver(teacher, solver or teacher_solvers(teacher)[0])
+    if teacher.schedule.is_flow:
+        return _sample_flow_teacher(teacher, cond, shape, steps, generator, solver, guidance_scale, progress)
     scheduler = teacher_scheduler(teacher, solver, timestep_spacing)
     scheduler.set_timesteps(steps)
     device, dtype = _placement(teacher)
@@ -107,4 +165,25 @@ def sample_teacher(
         t_batch = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
         x0 = teacher.denoise(scheduler.scale_model_input(x, t), t_batch, cond, guidance_scale)
         x = scheduler.step(x0, t, x, generator=generator).prev_sample
+    return x
+
+
+def _sample_flow_teacher(teacher, cond, shape, steps, generator, solver, guidance_scale, progress) -> Tensor:
+    """Flow solvers from x = ε at σ = 1, the teacher called at each inference σ the pipeline visits.
+
+    Those σ fall between the integer grid, so the teacher is called at their fractional index
+    (``FlowMatchSchedule.index_of``); its network takes σ·T unrounded (Sana's pipeline truncates it
+    to an integer, a difference under 1/T in σ).
+    """
+    schedule = teacher.schedule
+    scheduler = flow_scheduler(teacher, solver, steps)
+    device, dtype = _placement(teacher)
+    x = _noise(shape, generator, device, dtype)  # σ = 1: x_T = ε (init_noise_sigma is 1)
+    cond = cond if cond is not None else Conditioning()
+    for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc=f"teacher {solver} {steps} steps")):
+        t_index = schedule.index_of(scheduler.sigmas[i].double()).expand(shape[0]).to(device)
+        x0 = teacher.denoise(x, t_index, cond, guidance_scale)
+        # Euler steps along v = (x_t − x0)/σ_t, the velocity of the guided x0; DPM-Solver++ takes x0
+        model_output = schedule.velocity_from_x0(x0, x, t_index) if solver == "euler" else x0
+        x = scheduler.step(model_output, t, x).prev_sample
     return x

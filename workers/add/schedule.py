@@ -45,6 +45,8 @@ def is_flow_config(config: dict) -> bool:
     """Whether a diffusers scheduler config describes a flow-matching schedule (by its class name as saved,
     or, for an in-memory config, by the field only flow-matching schedulers have)."""
     config = dict(config)
+    if config.get("use_flow_sigmas"):  # Sana ships a DPM-Solver++ config on flow sigmas
+        return True
     name = config.get("_class_name")
     return name in FLOW_SCHEDULERS if name else "use_dynamic_shifting" in config
 
@@ -170,7 +172,8 @@ class FlowMatchSchedule(NoiseSchedule):
 
     The integer grid is the training grid of diffusers' ``FlowMatchEulerDiscreteScheduler``
     (σ from 1/T to 1, shifted), so every index is a timestep its pipelines can visit; the network
-    takes σ_t·T (``model_timestep``), as the pipelines pass it.
+    takes σ_t·T (``model_timestep``), as the pipelines pass it. A fractional index addresses the σ between
+    grid points (``index_of``): the teacher's solvers visit the pipelines' own inference sigmas that way.
     """
 
     is_flow = True
@@ -197,7 +200,7 @@ class FlowMatchSchedule(NoiseSchedule):
                 raise ValueError("this flow-matching scheduler shifts by resolution: pass image_seq_len")
             shift = dynamic_shift(config, image_seq_len)
         else:
-            shift = config.get("shift", 1.0)
+            shift = config.get("shift", config.get("flow_shift", 1.0))  # flow_shift: Sana's DPM-Solver++ config
         return cls(config.get("num_train_timesteps", 1000), shift, prediction_type or "flow")
 
     @property
@@ -208,10 +211,39 @@ class FlowMatchSchedule(NoiseSchedule):
     def zero_terminal_snr(self) -> bool:
         return True
 
+    def sigma_at(self, t: Tensor) -> Tensor:
+        """σ_t (float64, CPU, flat) at integer indices, or at fractional ones between grid points:
+        σ is continuous in t, and the pipelines' inference sigmas (``index_of``) fall between them."""
+        t = torch.as_tensor(t).to("cpu").reshape(-1)
+        if t.is_floating_point():
+            return shifted_sigma((t.double() + 1) / self.num_train_timesteps, self.shift)
+        return self.sigmas[t]
+
+    def index_of(self, sigma: Tensor) -> Tensor:
+        """The (fractional, float64) index t with σ_t = ``sigma``: the inverse of the shift, times T, less 1."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        return sigma / (self.shift - (self.shift - 1) * sigma) * self.num_train_timesteps - 1
+
+    def _shaped(self, values: Tensor, like: Tensor) -> Tensor:
+        out = values.to(like.dtype if like.is_floating_point() else torch.float32)
+        return out.reshape(-1, *([1] * (like.ndim - 1))).to(like.device)
+
+    def alpha(self, t: Tensor, like: Tensor) -> Tensor:
+        """α_t = 1 − σ_t, shaped to broadcast against ``like``."""
+        return self._shaped(1 - self.sigma_at(t), like)
+
+    def sigma(self, t: Tensor, like: Tensor) -> Tensor:
+        """σ_t, shaped to broadcast against ``like``."""
+        return self._shaped(self.sigma_at(t), like)
+
     def model_timestep(self, t: Tensor) -> Tensor:
         """σ_t·T as float: the ``timestep`` the flow transformers take (FLUX divides it by T itself)."""
         t = torch.as_tensor(t)
-        return self._at(self.sigmas * self.num_train_timesteps, t, torch.empty(0)).reshape(t.shape).to(t.device)
+        return (self.sigma_at(t) * self.num_train_timesteps).float().reshape(t.shape).to(t.device)
+
+    def velocity_from_x0(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """v = ε − x0 = (x_t − x0)/σ_t: what a flow solver steps with, whatever the network predicts."""
+        return (x_t - x0) / self.sigma(t, x_t)
 
     def to_x0(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         if self.prediction_type == "flow":
@@ -220,5 +252,5 @@ class FlowMatchSchedule(NoiseSchedule):
 
     def from_x0(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         if self.prediction_type == "flow":
-            return (x_t - x0) / self.sigma(t, x_t)  # v = ε − x0 = (x_t − x0)/σ_t
+            return self.velocity_from_x0(x0, x_t, t)
         return x0

@@ -26,6 +26,7 @@ from torch.profiler import record_function
 from workers.add.balance import Balance, output_balance, separability, split_backward
 from workers.add.conditioning import Conditioning
 from workers.add.losses import DistillationLoss, HingeLoss, R1Penalty
+from workers.add.schedule import NoiseSchedule
 from workers.add.student import Student
 from workers.add.teacher import Teacher
 
@@ -56,9 +57,7 @@ class ADDObjective:
 
     def __post_init__(self):
         if self.distill_space not in DISTILL_SPACES:
-            raise ValueError(
-                f"unknown distill_space {self.distill_space!r}: allowed are {', '.join(DISTILL_SPACES)}"
-            )
+            raise ValueError(f"unknown distill_space {self.distill_space!r}: allowed are {', '.join(DISTILL_SPACES)}")
 
 
 @dataclass
@@ -134,6 +133,22 @@ def frozen(params: list[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def distillation_timesteps(schedule: NoiseSchedule) -> int:
+    """How many teacher timesteps t ∈ 0..n−1 the distillation loss draws from: those with α_t > 0.
+
+    The one place the teacher's t range is decided. A flow teacher's last index is σ = 1, α = 0: there
+    x̂ψ ignores its input, every c(t) is 0 and NFSD's σ_t/α_t is infinite (0·∞ = NaN), so it is left out.
+    A DDPM schedule keeps all T (with zero terminal SNR its α_T is 2^-12, not 0).
+    """
+    alpha = schedule.alpha(torch.arange(schedule.num_train_timesteps), torch.empty(0, dtype=torch.float64))
+    return int(torch.nonzero(alpha > 0).max()) + 1
+
+
+def sample_teacher_timesteps(schedule: NoiseSchedule, batch_size: int, generator: torch.Generator | None) -> Tensor:
+    """5. t ~ U{0..n−1} over ``distillation_timesteps``, one per sample (CPU)."""
+    return torch.randint(distillation_timesteps(schedule), (batch_size,), generator=generator)
+
+
 def _student_prediction(student: Student, batch: ADDBatch, generator: torch.Generator | None) -> Tensor:
     """Steps 2–4: x̂θ(x_s, s, c) as an x0-estimate of the batch re-noised to a student timestep."""
     x0 = batch.x0
@@ -192,8 +207,7 @@ def student_loss(
 
     with record_function("add/teacher"):
         # 5. re-noise sg(x̂θ) to t ~ U(teacher timesteps) with fresh ε′; one teacher call
-        t = torch.randint(teacher.schedule.num_train_timesteps, (x0.shape[0],), generator=generator)
-        t = t.to(x0.device)
+        t = sample_teacher_timesteps(teacher.schedule, x0.shape[0], generator).to(x0.device)
         x_hat_theta_t = teacher.schedule.add_noise(x_hat_theta.detach(), _randn(x0, generator), t)
         with torch.no_grad():
             if objective.guidance_scale == 1.0 and objective.distill.weighting != "nfsd":

@@ -3,7 +3,9 @@
 The teacher ψ is the mixture's exact denoiser E[x0 | x_t] (closed form), so any error in the
 student is the method's, not the teacher's. Its one-step sample from pure noise is the mixture's
 mean, far from the data; a faithful ADD student learns to land on the modes in one step.
-Run ``addctl toy`` for the table and a scatter plot.
+The same holds on either path: a DDPM schedule, or rectified flow (α_t = 1 − σ_t, the teacher's exact
+velocity v = (x_t − E[x0 | x_t])/σ_t), ``run_toy(schedule="flow")``.
+Run ``addctl toy`` (``--schedule flow``) for the table and a scatter plot.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from torch import Tensor, nn
 from workers.add.conditioning import Conditioning
 from workers.add.frozen import FrozenModule
 from workers.add.losses import DistillationLoss, R1Penalty
-from workers.add.sampler import sample_student, sample_teacher
-from workers.add.schedule import NoiseSchedule
+from workers.add.sampler import sample_student, sample_teacher, teacher_solvers
+from workers.add.schedule import NoiseSchedule, schedule_from_scheduler_config
 from workers.add.step import ADDBatch, ADDModels, ADDObjective, discriminator_step, student_step
 from workers.add.student import Student
 from workers.add.teacher import Teacher
@@ -31,6 +33,11 @@ TOY_SCHEDULER = {
     "beta_end": 0.02,
     "prediction_type": "sample",
 }
+# rectified flow, unshifted: the shift of the image teachers (SD3's 3.0) moves the grid to high noise for
+# many tokens; on these 2-D points ADD then fails on 2 of 6 seeds (``run_toy(flow_shift=3.0)``), at 1.0 on none
+TOY_FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
+TOY_SCHEDULERS = {"ddpm": TOY_SCHEDULER, "flow": TOY_FLOW_SCHEDULER}
+SOLVER_TITLES = {"ddim": "DDIM", "euler": "Euler"}
 
 
 class GaussianMixture:
@@ -43,16 +50,16 @@ class GaussianMixture:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         k = torch.randint(len(self.means), (n,), generator=generator)
-        return (
-            self.means[k] + self.std * torch.randn(n, 2, generator=generator, dtype=torch.float64)
-        ).float()
+        return (self.means[k] + self.std * torch.randn(n, 2, generator=generator, dtype=torch.float64)).float()
 
 
 class ExactDenoiser(nn.Module):
-    """E[x0 | x_t] of the mixture under x_t = α_t x0 + σ_t ε (a ``sample`` prediction).
+    """E[x0 | x_t] of the mixture under x_t = α_t x0 + σ_t ε, returned as the schedule's prediction type
+    (x0 for ``sample``, the exact velocity (x_t − x0)/σ_t for ``flow``).
 
     Given component k: x_t ~ N(α μ_k, (α²s² + σ²) I) and
     E[x0 | x_t, k] = μ_k + α s² (x_t − α μ_k)/(α²s² + σ²); the posterior over k weights these.
+    Any path with α_t, σ_t works: for rectified flow α_t = 1 − σ_t.
     """
 
     def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule):
@@ -68,7 +75,8 @@ class ExactDenoiser(nn.Module):
         log_w = -diff.square().sum(-1) / (2 * var)  # equal weights and variances: normalise only
         w = log_w.softmax(1)[..., None]
         x0_k = mu[None] + (alpha * s2 / var)[:, None] * diff
-        return (w * x0_k).sum(1).to(x_t.dtype)
+        x0 = (w * x0_k).sum(1)
+        return self.schedule.from_x0(x0, x, t).to(x_t.dtype)
 
 
 class MLPDenoiser(nn.Module):
@@ -151,17 +159,16 @@ def sliced_wasserstein(a: Tensor, b: Tensor, projections: int = 256, seed: int =
     return float((pa - pb).abs().mean())
 
 
-def pretrain(
-    net: nn.Module, mixture: GaussianMixture, schedule: NoiseSchedule, steps: int, seed: int
-) -> nn.Module:
-    """Ordinary diffusion training (x0-prediction MSE): the "pretrained model" the student starts from."""
+def pretrain(net: nn.Module, mixture: GaussianMixture, schedule: NoiseSchedule, steps: int, seed: int) -> nn.Module:
+    """Ordinary diffusion training, the MSE to the schedule's target (x0; v = ε − x0 for flow, flow matching):
+    the "pretrained model" the student starts from."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     for _ in range(steps):
         x0 = mixture.sample(256, g)
         t = torch.randint(schedule.num_train_timesteps, (256,), generator=g)
         x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t)
-        loss = (net(x_t, t, Conditioning()) - x0).square().mean()
+        loss = (net(x_t, t, Conditioning()) - schedule.from_x0(x0, x_t, t)).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -176,13 +183,24 @@ def run_toy(
     objective: ADDObjective | None = None,
     lr_student: float = 5e-4,
     lr_heads: float = 2e-3,
+    schedule: str = "ddpm",
+    flow_shift: float | None = None,
 ) -> dict:
-    """Distil the exact teacher into an MLP student with ADD; sliced W1 to the data per sampler."""
+    """Distil the exact teacher into an MLP student with ADD; sliced W1 to the data per sampler.
+
+    ``schedule``: the teacher's path, ``ddpm`` (compared with its DDIM sampler) or ``flow`` (rectified flow,
+    compared with its Euler sampler, the flow pipelines' own); ``flow_shift`` replaces the flow teacher's shift.
+    """
+    if schedule not in TOY_SCHEDULERS:
+        raise ValueError(f"unknown toy schedule {schedule!r}: allowed are {', '.join(TOY_SCHEDULERS)}")
+    if flow_shift is not None and schedule != "flow":
+        raise ValueError("flow_shift is the flow teacher's timestep shift: it needs schedule='flow'")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     mixture = GaussianMixture()
-    teacher_schedule = NoiseSchedule.from_scheduler_config(TOY_SCHEDULER)
-    teacher = Teacher(ExactDenoiser(mixture, teacher_schedule), TOY_SCHEDULER)
+    config = TOY_SCHEDULERS[schedule] if flow_shift is None else {**TOY_FLOW_SCHEDULER, "shift": flow_shift}
+    teacher_schedule = schedule_from_scheduler_config(config)
+    teacher = Teacher(ExactDenoiser(mixture, teacher_schedule), config)
     net = pretrain(MLPDenoiser(), mixture, teacher_schedule, steps=600, seed=seed)
     student = Student(teacher, network=net)
     models = ADDModels(student, teacher, ToyDiscriminator())
@@ -207,9 +225,10 @@ def run_toy(
         history.append(metrics)
     results["student 1-step"] = distance(sample_student(student, None, shape, 1, _gen(seed)))
     results["student 4-step"] = distance(sample_student(student, None, shape, 4, _gen(seed)))
+    solver = teacher_solvers(teacher)[0]
     for n in (1, 4, 50):
-        results[f"teacher DDIM {n}-step"] = distance(
-            sample_teacher(teacher, None, shape, n, _gen(seed))
+        results[f"teacher {SOLVER_TITLES[solver]} {n}-step"] = distance(
+            sample_teacher(teacher, None, shape, n, _gen(seed), solver=solver)
         )
     results["data vs fresh data"] = distance(mixture.sample(n_eval, torch.Generator().manual_seed(seed + 2)))
     return {"sliced_w1": results, "history": history, "student": student, "teacher": teacher, "data": data}

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from workers.config import ModelSource, Section, Seed, Text
 from workers.data.storage import StorageUri
-from workers.eval.samplers import Sampler
+from workers.eval.samplers import SYNTAX, Sampler
 
 DEFAULT_TEACHER_SAMPLERS = (
     "ddim:50", "ddim:25", "ddim:8", "ddim:4", "ddim:2", "ddim:1",
@@ -34,7 +34,8 @@ class TableSpec(Section):
     )
     teacher_samplers: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TEACHER_SAMPLERS),
-        description="teacher rows as solver:steps (ddim or dpmpp), all with eval.guidance_scale",
+        description="teacher rows as solver:steps (ddim or dpmpp; euler or flow-dpmpp for a flow teacher), "
+        "all with eval.guidance_scale",
     )
     student_steps: list[int] = Field(default_factory=lambda: [1, 2, 4], description="student rows (steps)")
     reference_sampler: str = Field("ddim:50", description="the teacher row every speed-up is relative to")
@@ -57,7 +58,7 @@ class TableSpec(Section):
             except ValueError:
                 teacher = False
             if not teacher:
-                raise ValueError(f"{text!r}: a teacher sampler is ddim:STEPS or dpmpp:STEPS")
+                raise ValueError(f"{text!r}: a teacher sampler is one of {SYNTAX}")
         return v
 
     @field_validator("student_steps")
@@ -77,7 +78,9 @@ class EvalSpec(Section):
     images_per_prompt: int = Field(4, ge=1, description="samples per prompt and sampler for FID and alignment")
     student_steps: int = Field(1, ge=1, le=1000, description="the student's sampling steps")
     teacher_steps: int = Field(50, ge=1, le=1000, description="the teacher's reference sampler steps")
-    teacher_solver: Literal["ddim", "dpmpp"] = Field("ddim", description="the teacher's reference sampler")
+    teacher_solver: Literal["ddim", "dpmpp", "euler", "flow-dpmpp"] = Field(
+        "ddim", description="the teacher's reference sampler (euler or flow-dpmpp for a flow-matching teacher)"
+    )
     guidance_scale: float = Field(5.0, ge=1, description="the teacher's classifier-free guidance scale")
     batch_size: int = Field(32, ge=1, description="images per sampling call")
     seed: Seed = Field(0, description="noise of both samplers (the same for student and teacher)")

@@ -61,10 +61,11 @@ def teacher_images(
     prompts: list,
     steps: int = 50,
     guidance_scale: float = 1.0,
-    solver: str = "ddim",
+    solver: str | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """The teacher's reference samples (``solver``, ``steps`` steps, CFG) for ``prompts``, in [0, 1]."""
+    """The teacher's reference samples (``solver``, ``steps`` steps, CFG) for ``prompts``, in [0, 1];
+    ``solver`` None: the teacher's default (DDIM, or Euler for a flow teacher)."""
     x0 = sample_teacher(
         teacher,
         conditioning(teacher, prompts),

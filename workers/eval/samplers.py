@@ -1,4 +1,4 @@
-"""A row's sampler, parsed from its name in a job file (``ddim:50``, ``dpmpp:8``, ``student:4``).
+"""A row's sampler, parsed from its name in a job file (``ddim:50``, ``dpmpp:8``, ``euler:28``, ``student:4``).
 
 Imports nothing heavy: the job spec validates ``eval.table``'s sampler names with ``Sampler.parse``.
 """
@@ -7,7 +7,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SOLVER_NAMES = {"ddim": "DDIM", "dpmpp": "DPM-Solver++", "add": "ADD"}
+# the teacher solvers of workers.add.sampler (not imported: it loads torch; a test checks they agree):
+# DDIM and DPM-Solver++ for DDPM teachers, Euler and flow DPM-Solver++ for flow-matching ones
+TEACHER_SOLVERS = ("ddim", "dpmpp", "euler", "flow-dpmpp")
+SOLVER_NAMES = {
+    "ddim": "DDIM",
+    "dpmpp": "DPM-Solver++",
+    "euler": "Euler",
+    "flow-dpmpp": "flow DPM-Solver++",
+    "add": "ADD",
+}
+SYNTAX = ", ".join(f"{s}:STEPS" for s in TEACHER_SOLVERS)
 
 
 @dataclass(frozen=True)
@@ -15,7 +25,7 @@ class Sampler:
     """One row's sampler: who samples (``teacher`` / ``student``), how (``solver``), in how many steps."""
 
     model: str  # "teacher" or "student"
-    solver: str  # "ddim" / "dpmpp" for the teacher, "add" for the student
+    solver: str  # one of TEACHER_SOLVERS for the teacher, "add" for the student
     steps: int
     guidance_scale: float = 1.0  # the teacher's CFG scale (the student takes none)
 
@@ -37,10 +47,10 @@ class Sampler:
 
     @classmethod
     def parse(cls, text: str, guidance_scale: float = 1.0) -> Sampler:
-        """``"ddim:50"``, ``"dpmpp:8"`` (teacher) or ``"student:4"``."""
+        """``"ddim:50"``, ``"dpmpp:8"``, ``"euler:28"``, ``"flow-dpmpp:20"`` (teacher) or ``"student:4"``."""
         solver, _, steps = text.partition(":")
-        if solver not in ("ddim", "dpmpp", "student") or not steps.isdigit() or int(steps) < 1:
-            raise ValueError(f"sampler {text!r}: expected ddim:STEPS, dpmpp:STEPS or student:STEPS")
+        if solver not in (*TEACHER_SOLVERS, "student") or not steps.isdigit() or int(steps) < 1:
+            raise ValueError(f"sampler {text!r}: expected {SYNTAX} or student:STEPS")
         if solver == "student":
             return cls("student", "add", int(steps))
         return cls("teacher", solver, int(steps), guidance_scale)

@@ -34,7 +34,8 @@ from workers.eval.protocol import Generate, Protocol, Row, with_speedups
 from workers.eval.report import fid_vs_nfe, sample_grid, table_markdown
 from workers.eval.samplers import Sampler
 
-SHORT_NAMES = {"ddim": "DDIM", "dpmpp": "DPM++", "add": "ADD"}  # column titles of samples.png
+# column titles of samples.png
+SHORT_NAMES = {"ddim": "DDIM", "dpmpp": "DPM++", "euler": "Euler", "flow-dpmpp": "flow DPM++", "add": "ADD"}
 
 
 class StaleTeacherRows(RuntimeError):
