@@ -2,7 +2,11 @@
 steps, to compare settings of the two losses' balance cheaply before spending a whole run on one.
 
 Every ``train.log_every`` steps it prints the heads' hinge loss against its chance value, their mean
-real/fake AUC, λ_adv and the two gradients' ratio and cosine at x̂θ and at θ; at the end it scores the
+real/fake AUC, λ_adv and the two gradients' ratio and cosine at x̂θ and at θ, and the heads' AUC per
+student timestep s on two held-out batches (``timestep_separability``: a fake made at a small s is
+nearly its real image, so the batch's mean AUC mixes fakes the heads can tell apart with fakes they
+cannot); ``frozen_student`` is the control that trains the heads alone against the initial student.
+At the end it scores the
 student's 1- and 4-step samples of the job's eval prompts with the job's eval features and scorer
 (FID, precision / recall, alignment) against ``eval.table.reference_uri``. It runs the update the
 training loop runs (``student_step``, ``discriminator_step``, ``student_sample`` of ``workers.add.step``)
@@ -41,6 +45,28 @@ SHOWN = (
     "balance/ratio_theta",
     "balance/cos_theta",
 )
+HELD_OUT_BATCHES = 2
+
+
+def timestep_separability(models, objective, held: list, seed: int = 0) -> dict[str, float]:
+    """The heads' AUC and hinge loss on fakes made at each student timestep s from held-out real batches
+    (the same noise every call), without updating anything: which fakes the heads can tell from real."""
+    from workers.add.step import discriminator_loss
+
+    student, out = models.student, {}
+    for s in student.timesteps.tolist():
+        aucs, losses = [], []
+        for i, b in enumerate(held):
+            g = torch.Generator().manual_seed(seed + i)
+            s_batch = torch.full((b.x0.shape[0],), s, dtype=torch.long, device=b.x0.device)
+            with torch.no_grad():
+                x_s = student.schedule.add_noise(b.x0, torch.randn(b.x0.shape, generator=g).to(b.x0), s_batch)
+                fake = student.denoise(x_s, s_batch, b.cond)
+            _, m = discriminator_loss(models, objective, b, fake, 1, g)  # R1 off at step 1 unless every step
+            aucs.append(m["heads/auc_mean"])
+            losses.append(m["loss/D"])
+        out[f"heads/auc s={s}"], out[f"loss/D s={s}"] = float(np.mean(aucs)), float(np.mean(losses))
+    return out
 
 
 def _rows(spec: JobSpec, pool: int) -> dict[str, list]:
@@ -66,11 +92,13 @@ def probe(
     device: str = "cpu",
     data: dict[str, list] | None = None,
     reference: torch.Tensor | None = None,
+    frozen_student: bool = False,
 ) -> dict:
     """Train ``steps`` ADD steps in-process; the balance figures per report and the final scores.
 
     ``data`` (image bytes and captions) replaces the first ``pool`` rows of ``data.uri``, and
-    ``reference`` the eval features of the reference images, where a caller has them already."""
+    ``reference`` the eval features of the reference images, where a caller has them already.
+    ``frozen_student``: the control: θ is never updated, only the heads learn (as many updates per step)."""
     t, d = spec.train, spec.data
     torch.manual_seed(t.seed)
     device = torch.device(device)
@@ -79,13 +107,14 @@ def probe(
     ema = EMA(models.student, t.ema_decay) if t.ema_decay else None
     data, rng = data or _rows(spec, pool), np.random.default_rng(t.seed)
 
-    def batch():
+    def batch(rng=rng):
         idx = rng.choice(len(data["image"]), t.batch_size, replace=False)
         pixels = np.stack([decode_image(data["image"][i], d.resolution, d.channels, 8) for i in idx])
         return make_batch(
             models.teacher, {"pixels": pixels, "caption": np.array([data["caption"][i] for i in idx])}, device
         )
 
+    held = [batch(np.random.default_rng(10**6 + i)) for i in range(HELD_OUT_BATCHES)]
     reports, interval, started = [], [], time.time()
     for step in range(steps):
         for update in range(1, t.discriminator_steps):  # the extra heads' updates, as the loop runs them
@@ -93,19 +122,26 @@ def probe(
             discriminator_step(models, objective, b, student_sample(models, b, g), opt_d, step, g)
         b, g = batch(), torch.Generator().manual_seed(step)
         measure = (step + 1) % t.log_every == 0
-        metrics, fake = student_step(models, objective, b, opt_g, g, measure)
+        if frozen_student:
+            metrics, fake = {}, student_sample(models, b, g)
+        else:
+            metrics, fake = student_step(models, objective, b, opt_g, g, measure)
         metrics |= discriminator_step(models, objective, b, fake, opt_d, step, g)
         if ema is not None:
             ema.update(models.student)
         interval.append(metrics)
         if measure:
-            report = {k: float(np.mean([m[k] for m in interval if k in m])) for k in SHOWN} | {"step": step + 1}
-            reports.append(report)
+            shown = [k for k in SHOWN if any(k in m for m in interval)]
+            report = {k: float(np.mean([m[k] for m in interval if k in m])) for k in shown} | {"step": step + 1}
+            per_s = timestep_separability(models, objective, held)
+            reports.append(report | per_s)
             interval = []
-            log(f"step {step + 1:4d} {time.time() - started:5.0f}s " + "  ".join(f"{k}={report[k]:.3g}" for k in SHOWN))
+            aucs = " ".join(f"{k.split()[1]}:{v:.2f}" for k, v in per_s.items() if k.startswith("heads/auc"))
+            log(f"step {step + 1:4d} {time.time() - started:5.0f}s " + "  ".join(f"{k}={report[k]:.3g}" for k in shown)
+                + f"  held-out AUC by s: {aucs}")  # fmt: skip
     result = {"steps": steps, "train_s": time.time() - started, "reports": reports}
     late = [r for r in reports if r["step"] > steps // 2] or reports
-    result |= {f"{k} (second half)": float(np.mean([r[k] for r in late])) for k in SHOWN}
+    result |= {f"{k} (second half)": float(np.mean([r[k] for r in late])) for k in late[0] if k != "step"}
     return result | _scores(spec, models, ema, images, reference)
 
 

@@ -1117,7 +1117,9 @@ def toy(steps, seed, out, schedule, shift):
               help="JSON lines file the result is appended to")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch threads")
 @click.option("--device", default="cpu", show_default=True, help="torch device the step runs on (e.g. cuda)")
-def balance_probe(job, overrides, steps, images, label, out, threads, device):
+@click.option("--frozen-student", is_flag=True,
+              help="the control: only the heads learn, against the initial student (how fast can they learn?)")
+def balance_probe(job, overrides, steps, images, label, out, threads, device, frozen_student):
     """Run a job's ADD step in this process (no Ray, no MLflow) for a few hundred steps and print how the
     two losses pull on θ and whether the heads learn, then the student's 1- and 4-step scores.
 
@@ -1129,13 +1131,16 @@ def balance_probe(job, overrides, steps, images, label, out, threads, device):
       addctl balance-probe jobs/fashion-mnist.yaml --steps 200
       addctl balance-probe jobs/fashion-mnist.yaml --set loss.balance=adaptive --set loss.adv_ratio=0.3
       addctl balance-probe jobs/fashion-mnist.yaml --set discriminator.minibatch_std=8 --device cuda
+      addctl balance-probe jobs/fashion-mnist.yaml --frozen-student --steps 50
     """
     from orchestrator.balance_probe import probe, write
 
     spec = _load(job, overrides)
     torch_threads(threads)
-    result = probe(spec, steps, images=images, log=lambda line: click.echo(line, err=True), device=device)
-    result = {"label": label or " ".join(overrides) or "the job as written", "job": job, **result}
+    log = lambda line: click.echo(line, err=True)  # noqa: E731
+    result = probe(spec, steps, images=images, log=log, device=device, frozen_student=frozen_student)
+    name = label or " ".join([*overrides, *(["frozen student"] if frozen_student else [])]) or "the job as written"
+    result = {"label": name, "job": job, "frozen_student": frozen_student, **result}
     write(result, out)
     click.echo(json.dumps({k: v for k, v in result.items() if k != "reports"}, indent=2))
 

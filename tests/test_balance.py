@@ -168,3 +168,36 @@ def test_balance_probe_prints_the_balance_per_report_and_scores_the_student(tmp_
     assert all(r["balance/ratio_x"] == pytest.approx(0.5, rel=1e-3) for r in probe["reports"])
     for key in ("fid 1 step", "recall 1 step", "alignment 1 step", "fid 4 step", "loss/D (second half)"):
         assert math.isfinite(probe[key]), key
+    # the heads' separability per student timestep, on the held-out batches, in every report
+    timesteps = (yaml.safe_load(job.read_text()).get("student") or {}).get("steps", 4)
+    for report in probe["reports"]:
+        per_s = {k: v for k, v in report.items() if k.startswith("heads/auc s=")}
+        assert len(per_s) == timesteps and all(0 <= v <= 1 for v in per_s.values()), report
+    assert all("held-out AUC by s:" in line for line in result.output.splitlines() if "heads/auc_mean=" in line)
+
+
+def test_balance_probe_frozen_student_trains_the_heads_alone(tmp_path):
+    """``--frozen-student``, the control: the student takes no step (no student metrics, the same 1-step
+    samples as an untrained probe's), while the heads learn (their hinge loss leaves its initial value)."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+    from tests.mlflow_server import tiny_job
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(tiny_job(tmp_path, f"sqlite:///{tmp_path}/m.db", "probe")))
+    out = tmp_path / "probes.jsonl"
+    common = ["balance-probe", str(job), "--images", "100", "--out", str(out), "--threads", "1"]
+    for args in (["--steps", "4", "--frozen-student"], ["--steps", "1", "--set", "train.lr_student=1e-30"]):
+        result = CliRunner().invoke(main, [*common, *args])
+        assert result.exit_code == 0, result.output
+    frozen, barely_trained = (json.loads(line) for line in out.read_text().splitlines())
+    assert frozen["frozen_student"] and frozen["label"] == "frozen student"
+    assert "balance/ratio_theta (second half)" not in frozen and "balance/ratio_theta (second half)" in barely_trained
+    # the student never moved: its samples score as those of a student whose one step changed nothing
+    assert frozen["fid 1 step"] == pytest.approx(barely_trained["fid 1 step"], rel=1e-3)
+    per_s = [k for k in frozen["reports"][-1] if k.startswith("loss/D s=")]
+    assert per_s and any(frozen["reports"][-1][k] != frozen["reports"][0][k] for k in per_s)
