@@ -219,9 +219,13 @@ def test_a_flow_student_predicting_x0_is_refused(folders, tmp_path):
         pipeline_sigmas(export_student(Student(teacher), teacher, tmp_path / "ok"), 5)
 
 
-def test_export_copy_builds_transformer_students_through_the_family(folders):
-    """The training loop's export: an unsharded student of the family's class holding a consolidated state dict."""
+def test_export_copy_builds_transformer_students_through_the_family(folders, tmp_path):
+    """The training loop's export: an unsharded student of the family's class holding a consolidated state dict,
+    written by ``write_export`` as the family's pipeline folder."""
+    import pyarrow.fs as pafs
+
     from workers.train.config import TrainJob
+    from workers.train.export import export_step, write_export
     from workers.train.models import export_copy
 
     teacher = teacher_of(folders, "flux")
@@ -234,6 +238,10 @@ def test_export_copy_builds_transformer_students_through_the_family(folders):
         x_t, t, cond = torch.randn(shape("flux")), torch.tensor([999, 300]), teacher.encode_prompts(PROMPTS)
         with torch.no_grad():
             torch.testing.assert_close(copy.denoise(x_t, t, cond), trained.denoise(x_t, t, cond))
+        fs, path = pafs.LocalFileSystem(), str(tmp_path / f"export-{lora_rank}")
+        write_export(copy, teacher, fs, path, {"step": 1})
+        assert export_step(fs, path) == 1
+        assert type(DiffusionPipeline.from_pretrained(path, local_files_only=True)) is FluxPipeline
 
 
 def test_sd3_student_through_the_registry_pyfunc_and_generate(folders, tmp_path):
