@@ -14,14 +14,19 @@ spacing). Its ``trained_betas`` carry the student's zero-terminal-SNR schedule e
 Flow students (SD3, FLUX, Sana): ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` at the
 student's static shift (FLUX's resolution-dependent shift frozen at the training resolution's e^μ).
 Its step is the ancestral scheme on the flow path: x0 = x − σ·v, then (1 − σ')·x0 + σ'·ε. No flow
-scheduler of diffusers picks timesteps LCM-style (``FlowMatchLCMScheduler`` spaces them like Euler),
-so ``num_inference_steps`` alone gives the student's sigmas only where the pipeline's own spacing
-meets them: n = 1 always, and for FLUX (whose pipeline asks for linspace(1, 1/n, n)) every n that
-divides N of trailing student timesteps. For every n the pipeline visits them exactly when given
-``sigmas=pipeline_sigmas(folder, n)`` (the unshifted (τ+1)/T, stored in ``add_student.json``; the
-scheduler applies the shift): ``pipe(prompt, num_inference_steps=n, sigmas=..., guidance_scale=1.0)``,
-and for a guidance-distilled FLUX ``guidance_scale`` = the embedded guidance it was trained with
-(``add_student.json``'s ``guidance``).
+scheduler of diffusers picks timesteps LCM-style (``FlowMatchLCMScheduler`` spaces them like Euler):
+their n-step grids end at a σ fixed by the config, while the student's every-(N//n)-th grid ends at
+one that depends on n. So ``num_inference_steps`` alone gives the student's sigmas only where the
+pipeline's own spacing meets them: n = 1 always, and for FLUX (whose pipeline asks for
+linspace(1, 1/n, n)) every n that divides N of trailing student timesteps. For every n the pipeline
+visits them exactly when given ``sigmas=pipeline_sigmas(folder, n)`` (the unshifted (τ+1)/T, stored in
+``add_student.json``; the scheduler applies the shift):
+``pipe(prompt, num_inference_steps=n, sigmas=..., guidance_scale=1.0)``, and for a guidance-distilled
+FLUX ``guidance_scale`` = the embedded guidance it was trained with (``add_student.json``'s ``guidance``).
+Noise: every pipeline draws x at σ = 1 from its ``generator`` as ``sample_student`` does; ``SanaPipeline``
+also passes it to the scheduler's step, so its re-noising is the same generator's next draws, while
+``StableDiffusion3Pipeline`` and ``FluxPipeline`` call ``step`` without it (the global torch generator,
+FLUX's in the packed token layout): beyond one step their images equal ``sample_student``'s given that noise.
 """
 
 from __future__ import annotations
