@@ -5,8 +5,8 @@ class-conditioned students). Params: ``num_inference_steps`` (1..N student steps
 ``seed`` (default 0), ``batch_size``. Output: a DataFrame with ``prompt`` and ``image`` (PNG bytes),
 one row per prompt. The folder is the one ``workers.add.export.export_student`` wrote, logged
 whole as the model's ``student`` artifact, so ``DiffusionPipeline.from_pretrained`` also loads it
-for SD and SDXL students. Loading needs this project's packages (``workers``, ``orchestrator``)
-importable, as in the Ray image.
+for SD, SDXL, SD3, FLUX and Sana students. Loading needs this project's packages (``workers``,
+``orchestrator``) importable, as in the Ray image.
 """
 
 from __future__ import annotations

@@ -1,14 +1,32 @@
 """Export the student as a diffusers folder and load it back.
 
-The folder holds the student's UNet (LoRA merged), a scheduler whose betas and timesteps are the
-student's, and the teacher's frozen parts (text encoders, tokenizers, VAE). For SD- and
-SDXL-type teachers it is a whole pipeline that ``DiffusionPipeline.from_pretrained`` loads and
-samples in one step (``pipe(prompt, num_inference_steps=1, guidance_scale=0.0)``).
+The folder holds the student's network (LoRA merged into the weights: no adapter to load), a
+scheduler that samples as ``sample_student`` does, and the teacher's frozen parts (text encoders,
+tokenizers, VAE). For SD, SDXL, SD3 / SD3.5, FLUX.1 and Sana teachers it is the family's own
+pipeline folder, which ``DiffusionPipeline.from_pretrained`` loads and samples without guidance.
 
-The scheduler is diffusers' ``LCMScheduler``: its step is exactly the student's ancestral scheme
+UNet students: diffusers' ``LCMScheduler``. Its step is exactly the student's ancestral scheme
 (predict x0, re-noise it with fresh noise to the next timestep), and with
 ``original_inference_steps = N`` its timesteps for 1..N steps are the student's (trailing
-spacing). Its ``trained_betas`` carry the student's zero-terminal-SNR schedule exactly.
+spacing). Its ``trained_betas`` carry the student's zero-terminal-SNR schedule exactly:
+``pipe(prompt, num_inference_steps=n, guidance_scale=0.0)``.
+
+Flow students (SD3, FLUX, Sana): ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` at the
+student's static shift (FLUX's resolution-dependent shift frozen at the training resolution's e^μ).
+Its step is the ancestral scheme on the flow path: x0 = x − σ·v, then (1 − σ')·x0 + σ'·ε. No flow
+scheduler of diffusers picks timesteps LCM-style (``FlowMatchLCMScheduler`` spaces them like Euler):
+their n-step grids end at a σ fixed by the config, while the student's every-(N//n)-th grid ends at
+one that depends on n. So ``num_inference_steps`` alone gives the student's sigmas only where the
+pipeline's own spacing meets them: n = 1 always, and for FLUX (whose pipeline asks for
+linspace(1, 1/n, n)) every n that divides N of trailing student timesteps. For every n the pipeline
+visits them exactly when given ``sigmas=pipeline_sigmas(folder, n)`` (the unshifted (τ+1)/T, stored in
+``add_student.json``; the scheduler applies the shift):
+``pipe(prompt, num_inference_steps=n, sigmas=..., guidance_scale=1.0)``, and for a guidance-distilled
+FLUX ``guidance_scale`` = the embedded guidance it was trained with (``add_student.json``'s ``guidance``).
+Noise: every pipeline draws x at σ = 1 from its ``generator`` as ``sample_student`` does; ``SanaPipeline``
+also passes it to the scheduler's step, so its re-noising is the same generator's next draws, while
+``StableDiffusion3Pipeline`` and ``FluxPipeline`` call ``step`` without it (the global torch generator,
+FLUX's in the packed token layout): beyond one step their images equal ``sample_student``'s given that noise.
 """
 
 from __future__ import annotations
@@ -20,7 +38,11 @@ from pathlib import Path
 import torch
 from diffusers import (
     DDPMPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
     LCMScheduler,
+    SanaPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -28,16 +50,27 @@ from diffusers import (
 )
 
 from workers.add.components import load_teacher
+from workers.add.sampler import sampling_timesteps
 from workers.add.student import Student
 from workers.add.teacher import Teacher
-from workers.add.text_encoders import CLIPPromptEncoder, SDXLPromptEncoder, SentencePromptEncoder
+from workers.add.text_encoders import (
+    CLIPPromptEncoder,
+    FluxPromptEncoder,
+    SanaPromptEncoder,
+    SD3PromptEncoder,
+    SDXLPromptEncoder,
+    SentencePromptEncoder,
+)
 from workers.data.storage import atomic_write
 
 STUDENT_FILE = "add_student.json"
 
 
-def student_scheduler(student: Student) -> LCMScheduler:
-    """An LCMScheduler over the student's own ᾱ_t whose 1..N-step timesteps are T_student's."""
+def student_scheduler(student: Student) -> LCMScheduler | FlowMatchEulerDiscreteScheduler:
+    """The scheduler that samples as ``sample_student`` does: ``LCMScheduler`` over a DDPM student's ᾱ_t,
+    ``flow_student_scheduler`` for a flow student."""
+    if student.schedule.is_flow:
+        return flow_student_scheduler(student)
     alpha_bar = student.schedule.alpha_bar
     betas = 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
     n = len(student.timesteps)
@@ -53,8 +86,41 @@ def student_scheduler(student: Student) -> LCMScheduler:
     )
 
 
+def flow_student_scheduler(student: Student) -> FlowMatchEulerDiscreteScheduler:
+    """Euler with ``stochastic_sampling``: x0 = x − σ·v, then (1 − σ')·x0 + σ'·ε, the student's ancestral
+    step, on σ = shift(u) with the student's own shift, static (a FLUX student's e^μ frozen in)."""
+    schedule = student.schedule
+    if schedule.prediction_type != "flow":
+        raise ValueError(
+            f"a flow student predicting {schedule.prediction_type!r} cannot be exported: the family pipelines "
+            "read the transformer's output as the velocity (prediction type 'flow')"
+        )
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=schedule.num_train_timesteps, shift=schedule.shift, stochastic_sampling=True
+    )
+
+
+def flow_pipeline_sigmas(student: Student) -> dict[str, list[float]]:
+    """For n = 1..N, the ``sigmas`` a flow pipeline takes to visit the n-step student timesteps: u = (τ+1)/T
+    unshifted, since the scheduler shifts what it is given (σ_τ = shift((τ+1)/T), ``FlowMatchSchedule``)."""
+    timesteps, T = student.timesteps.tolist(), student.schedule.num_train_timesteps
+    return {str(n): [(t + 1) / T for t in sampling_timesteps(timesteps, n)] for n in range(1, len(timesteps) + 1)}
+
+
+def pipeline_sigmas(path: str | Path, steps: int) -> list[float] | None:
+    """``sigmas`` for ``pipe(prompt, num_inference_steps=steps, sigmas=...)`` of an exported flow student
+    (None for a UNet student: its LCMScheduler needs none)."""
+    info = json.loads((Path(path) / STUDENT_FILE).read_text())
+    sigmas = info.get("pipeline_sigmas")
+    if sigmas is None:
+        return None
+    if str(steps) not in sigmas:
+        raise ValueError(f"the student samples in 1..{len(sigmas)} steps, got {steps}")
+    return sigmas[str(steps)]
+
+
 def merged_unet(student: Student) -> torch.nn.Module:
-    """A copy of the student's UNet with LoRA adapters folded into the base weights."""
+    """A copy of the student's network with LoRA adapters folded into the base weights."""
     unet = copy.deepcopy(student.unet)
     if student.lora_rank is not None:
         unet.fuse_lora()
@@ -62,21 +128,25 @@ def merged_unet(student: Student) -> torch.nn.Module:
     return unet.requires_grad_(False)
 
 
-def export_student(
-    student: Student, teacher: Teacher, path: str | Path, metadata: dict | None = None
-) -> Path:
+def export_student(student: Student, teacher: Teacher, path: str | Path, metadata: dict | None = None) -> Path:
     """Write the student to ``path`` atomically: a complete folder or none at all."""
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"export folder {path} already exists: refusing to overwrite it")
     unet, scheduler = merged_unet(student), student_scheduler(student)
-    if [int(t) for t in _scheduler_timesteps(scheduler)] != student.timesteps.tolist():
+    info = {"student_timesteps": student.timesteps.tolist(), "lora_rank": student.lora_rank}
+    if student.schedule.is_flow:
+        info["pipeline_sigmas"] = flow_pipeline_sigmas(student)
+        guidance = getattr(teacher.prompt_encoder, "guidance", None)
+        if guidance is not None:  # a guidance-distilled FLUX: the pipeline's guidance_scale must be this one
+            info["guidance"] = guidance
+    elif [int(t) for t in _scheduler_timesteps(scheduler)] != student.timesteps.tolist():
         raise ValueError(
             f"student timesteps {student.timesteps.tolist()} are not trailing-spaced: LCMScheduler "
             "would sample others; use trailing spacing to export"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = {"student_timesteps": student.timesteps.tolist(), "lora_rank": student.lora_rank, **(metadata or {})}
+    info |= metadata or {}
 
     def write(tmp: Path) -> None:
         tmp.mkdir()
@@ -92,10 +162,50 @@ def _scheduler_timesteps(scheduler: LCMScheduler) -> list[int]:
     return scheduler.timesteps.tolist()
 
 
-def _save(unet, scheduler: LCMScheduler, teacher: Teacher, folder: Path) -> None:
+def _flow_pipeline(net, scheduler, teacher: Teacher):
+    """The family's own pipeline around a flow student's transformer and the teacher's frozen parts."""
+    encoder, vae = teacher.prompt_encoder, teacher.codec.vae
+    if isinstance(encoder, SD3PromptEncoder):
+        return StableDiffusion3Pipeline(
+            transformer=net,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=encoder.text_encoder,
+            tokenizer=encoder.tokenizers[0],
+            text_encoder_2=encoder.text_encoder_2,
+            tokenizer_2=encoder.tokenizers[1],
+            text_encoder_3=encoder.text_encoder_3,  # None, None: saved as [null, null], as the teacher ran
+            tokenizer_3=encoder.tokenizer_3,
+        )
+    if isinstance(encoder, FluxPromptEncoder):
+        return FluxPipeline(
+            transformer=net,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=encoder.text_encoder,
+            tokenizer=encoder.tokenizer,
+            text_encoder_2=encoder.text_encoder_2,
+            tokenizer_2=encoder.tokenizer_2,
+        )
+    if isinstance(encoder, SanaPromptEncoder):
+        return SanaPipeline(
+            transformer=net,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=encoder.text_encoder,
+            tokenizer=encoder.tokenizer,
+        )
+    raise ValueError(
+        f"cannot export a {type(net).__name__} student with a {type(encoder).__name__}: no pipeline for it"
+    )
+
+
+def _save(unet, scheduler, teacher: Teacher, folder: Path) -> None:
     encoder, codec = teacher.prompt_encoder, teacher.codec
     vae = codec.vae if codec is not None else None
-    if isinstance(unet, UNet2DConditionModel) and isinstance(encoder, SDXLPromptEncoder) and vae is not None:
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        _flow_pipeline(unet, scheduler, teacher).save_pretrained(folder)
+    elif isinstance(unet, UNet2DConditionModel) and isinstance(encoder, SDXLPromptEncoder) and vae is not None:
         StableDiffusionXLPipeline(
             vae=vae,
             text_encoder=encoder.text_encoder,
@@ -105,9 +215,7 @@ def _save(unet, scheduler: LCMScheduler, teacher: Teacher, folder: Path) -> None
             unet=unet,
             scheduler=scheduler,
         ).save_pretrained(folder)
-    elif (
-        isinstance(unet, UNet2DConditionModel) and isinstance(encoder, CLIPPromptEncoder) and vae is not None
-    ):
+    elif isinstance(unet, UNet2DConditionModel) and isinstance(encoder, CLIPPromptEncoder) and vae is not None:
         StableDiffusionPipeline(
             vae=vae,
             text_encoder=encoder.text_encoder,
@@ -130,15 +238,14 @@ def _save(unet, scheduler: LCMScheduler, teacher: Teacher, folder: Path) -> None
             encoder.tokenizer.save_pretrained(folder / "tokenizer")
 
 
-def load_student(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
-) -> tuple[Student, Teacher]:
+def load_student(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Student, Teacher]:
     """Load an exported student for sampling; returns it with the frozen parts it needs."""
     path = Path(path)
     info_file = path / STUDENT_FILE
     if not info_file.is_file():
         raise FileNotFoundError(f"{path} is not an exported ADD student: {STUDENT_FILE} is missing")
     info = json.loads(info_file.read_text())
-    parts = load_teacher(str(path), dtype=dtype, device=device)
+    # a guidance-distilled FLUX student reads the guidance it was trained with, not the loader's default
+    parts = load_teacher(str(path), dtype=dtype, device=device, guidance=info.get("guidance"))
     student = Student(parts, timesteps=info["student_timesteps"], zero_terminal_snr=False)
     return student.requires_grad_(False).eval(), parts

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
 
 from workers.add.balance import Balance
 from workers.add.components import load_teacher
 from workers.add.conditioning import Conditioning
 from workers.add.discriminator import build_discriminator
+from workers.add.families import family_of
 from workers.add.losses import DistillationLoss, R1Penalty
 from workers.add.step import ADDBatch, ADDModels, ADDObjective
 from workers.add.student import Student, student_timesteps
@@ -140,13 +140,16 @@ def make_batch(teacher: Teacher, rows: dict[str, np.ndarray], device: torch.devi
 
 
 def export_copy(spec: TrainJob, teacher: Teacher, full_state: dict[str, torch.Tensor]) -> Student:
-    """An unsharded student holding ``full_state`` (a consolidated state dict), for export."""
+    """An unsharded student holding ``full_state`` (a consolidated state dict), for export: its network built
+    by the teacher's family (a diffusers UNet, SD3, FLUX or Sana transformer) from the teacher's config."""
+    family = family_of(teacher.unet)
+    if family is None:
+        raise ValueError(
+            f"cannot export a student of {type(teacher.unet).__name__}: not a network of a supported family"
+        )
     config = dict(teacher.unet.config)
-    unet_class = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}.get(
-        config.get("_class_name")
-    )
-    if unet_class is None:
-        raise ValueError(f"cannot export a student of {type(teacher.unet).__name__}: not a diffusers UNet")
-    student = _student(spec, teacher, network=unet_class.from_config(config))
+    # by the config's class name: FSDP2 swaps a sharded module's class for a subclass of it
+    network_class = family.classes.get(config.get("_class_name"), type(teacher.unet))
+    student = _student(spec, teacher, network=network_class.from_config(config))
     student.load_state_dict(full_state)
     return student.requires_grad_(False).eval()
