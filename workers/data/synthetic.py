@@ -365,8 +365,6 @@ def synthesize(
     each shard. Raises ``SyntheticDataError`` for a location that holds something else."""
     import ray
 
-    from workers.eval.table import teacher_fingerprint
-
     if not prompts:
         raise PromptError("no prompts")
     check_reachable(uri, options, must_exist=False)
@@ -376,7 +374,7 @@ def synthesize(
     except OSError:
         pass  # object storage: a prefix needs no folder
     shards = plan_shards(prompts, config.images_per_prompt, config.rows_per_shard)
-    plan = _plan_document(config, prompts, shards, teacher_fingerprint(config.teacher))
+    plan = _plan_document(config, prompts, shards, _fingerprint(config.teacher))
     try:
         _prepare_location(fs, root, uri, plan, overwrite)
     except OSError as err:
@@ -427,33 +425,35 @@ def check_provenance(
     allow_other_teacher: bool = False,
     warn: Callable[[str], None] | None = None,
 ) -> dict:
-    """The provenance (the manifest's ``synthetic`` section) of the synthetic set at ``uri``, checked
-    against the job's ``teacher``; ``teacher_match`` added (true, false, or null when it cannot be told).
+    """The manifest of the synthetic set at ``uri``, checked against the job's ``teacher``; its
+    ``synthetic.teacher_match`` set (true, false, or null when it cannot be told).
 
     Raises ``SyntheticDataError`` when there is no finished set there, when the set is not synthetic,
     or when another teacher made it (unless ``allow_other_teacher``: then ``warn`` is told).
     """
-    from workers.eval.table import teacher_fingerprint
-
     shown = display_uri(uri)
     manifest = read_manifest(uri, options)
     if manifest is None:
         fs, root = resolve(uri, options)
-        plan = _read_json(fs, posixpath.join(root, PLAN_NAME))
-        unfinished = " (an unfinished synthetic set: run `addctl prepare-data synthetic` again to finish it)"
+        unfinished = _read_json(fs, posixpath.join(root, PLAN_NAME)) is not None
         raise SyntheticDataError(
             f"data.uri {shown}: data.mode is synthetic, but there is no finished shard set with a manifest"
-            + (unfinished if plan is not None else "; make one with `addctl prepare-data synthetic`")
+            + (
+                " (an unfinished synthetic set: run `addctl prepare-data synthetic` again to finish it)"
+                if unfinished
+                else "; make one with `addctl prepare-data synthetic`"
+            )
         )
     provenance = manifest.get("synthetic")
-    if not isinstance(provenance, dict) or "teacher" not in provenance:
+    if not isinstance(provenance, dict) or not isinstance(provenance.get("teacher"), dict):
+        kind = manifest.get("dataset") or manifest.get("source") or "real"
         raise SyntheticDataError(
             f"data.uri {shown}: data.mode is synthetic, but this shard set was not made by a teacher (its "
-            f"manifest has no synthetic provenance: {manifest.get('dataset') or manifest.get('source') or 'real'} "
-            "data); make one with `addctl prepare-data synthetic`, or set data.mode: real"
+            f"manifest has no synthetic provenance: {kind} data); make one with `addctl prepare-data "
+            "synthetic`, or set data.mode: real"
         )
     made_by = provenance["teacher"]
-    theirs, ours = made_by.get("fingerprint"), teacher_fingerprint(teacher)
+    theirs, ours = made_by.get("fingerprint"), _fingerprint(teacher)
     if theirs is not None and ours is not None:
         match = theirs == ours
     elif theirs is None and ours is None:
@@ -468,22 +468,41 @@ def check_provenance(
         if not allow_other_teacher:
             raise SyntheticDataError(message + "; to train on it anyway set data.allow_other_teacher: true")
         (warn or log.warning)(message)
-    return {**provenance, "teacher_match": match, "rows": manifest.get("rows"), "shards": len(manifest["shards"])}
+    return {**manifest, "synthetic": {**provenance, "teacher_match": match}}
 
 
-def provenance_params(provenance: dict) -> dict[str, str]:
-    """The provenance as flat MLflow params (``data.provenance.*``)."""
-    teacher, sampler = provenance.get("teacher", {}), provenance.get("sampler", {})
+_FINGERPRINTS: dict[tuple, str | None] = {}
+
+
+def _fingerprint(source: str) -> str | None:
+    """``teacher_fingerprint``, computed once per state of the folder (a job checks its data twice: when
+    ``addctl run`` starts, before anything runs, and in the controller; an SD teacher is gigabytes)."""
+    from workers.eval.table import teacher_fingerprint
+
+    root = Path(source)
+    if not root.is_dir():
+        return None
+    state = tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()))
+    key = (str(root.resolve()), hash(state))
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = teacher_fingerprint(root)
+    return _FINGERPRINTS[key]
+
+
+def provenance_params(manifest: dict) -> dict[str, str]:
+    """A synthetic set's provenance (``check_provenance``'s manifest) as flat MLflow params ``data.provenance.*``."""
+    made = manifest["synthetic"]
+    teacher, sampler = made.get("teacher", {}), made.get("sampler", {})
     return {
         "data.provenance.teacher": str(teacher.get("source")),
         "data.provenance.teacher_fingerprint": str(teacher.get("fingerprint")),
-        "data.provenance.teacher_match": json.dumps(provenance.get("teacher_match")),
+        "data.provenance.teacher_match": json.dumps(made.get("teacher_match")),
         "data.provenance.solver": str(sampler.get("solver")),
         "data.provenance.steps": str(sampler.get("steps")),
         "data.provenance.guidance_scale": str(sampler.get("guidance_scale")),
-        "data.provenance.seed": str(provenance.get("seed")),
-        "data.provenance.images_per_prompt": str(provenance.get("images_per_prompt")),
-        "data.provenance.prompts": str(provenance.get("prompts")),
-        "data.provenance.prompts_sha256": str(provenance.get("prompts_sha256")),
-        "data.provenance.rows": str(provenance.get("rows")),
+        "data.provenance.seed": str(made.get("seed")),
+        "data.provenance.images_per_prompt": str(made.get("images_per_prompt")),
+        "data.provenance.prompts": str(made.get("prompts")),
+        "data.provenance.prompts_sha256": str(made.get("prompts_sha256")),
+        "data.provenance.rows": str(manifest.get("rows")),
     }
