@@ -323,7 +323,9 @@ def _prepare_location(fs: pafs.FileSystem, root: str, uri: str, plan: dict, over
         )
     if manifest is None and old is None:
         infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-        foreign = [i.base_name for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith("_")]
+        foreign = [
+            i.base_name for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith(("_", "."))
+        ]
         if foreign:
             raise SyntheticDataError(
                 f"{shown}: holds {len(foreign)} file(s) that are no synthetic set ({', '.join(sorted(foreign)[:3])}"
