@@ -879,7 +879,7 @@ def _synthesis_option(name: str, *flags: str, **kwargs):
     type=click.IntRange(1),
     help="images of each prompt, each with its own noise",
 )
-@_synthesis_option("solver", "--solver", type=click.Choice(["ddim", "dpmpp"]), help="the teacher's sampler")
+@_synthesis_option("solver", "--solver", help="the teacher's sampler (ddim, dpmpp: workers.add.sampler)")
 @_synthesis_option("steps", "--steps", type=click.IntRange(1, 1000), help="sampler steps")
 @_synthesis_option("guidance_scale", "--guidance-scale", type=click.FloatRange(1), help="classifier-free guidance")
 @_synthesis_option("seed", "--seed", type=click.IntRange(0, 2**32 - 1), help="seed of the noise (per shard and batch)")

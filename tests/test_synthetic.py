@@ -103,8 +103,8 @@ def test_the_plan_is_prompt_major_and_seeds_are_a_pure_function_of_their_place()
     assert len(shards[1]["captions"]) == 2
     assert batch_seed(0, 1, 2) == batch_seed(0, 1, 2)
     assert len({batch_seed(0, 0, 0), batch_seed(0, 0, 1), batch_seed(0, 1, 0), batch_seed(1, 0, 0)}) == 4
-    with pytest.raises(ValueError, match="solver: unknown teacher solver 'euler'; allowed: ddim, dpmpp"):
-        SynthesisConfig(teacher="t", solver="euler")
+    with pytest.raises(ValueError, match="solver: unknown teacher solver 'nope'; allowed: ddim, dpmpp"):
+        SynthesisConfig(teacher="t", solver="nope")
 
 
 # ---- the data job ---------------------------------------------------------------------------------------
@@ -304,6 +304,8 @@ def test_addctl_prepare_data_synthetic(ray_cluster, teacher, tmp_path, monkeypat
     assert f"{out}: 6 images of 3 prompts in 1 shard(s), by {teacher} (ddim, 2 steps, CFG 5)" in done.output
     again = runner.invoke(main, args)
     assert again.exit_code == 2 and "a finished synthetic set is there already" in again.output
+    solver = runner.invoke(main, [*args, "--overwrite", "--solver", "nope"])
+    assert solver.exit_code == 2 and "solver: unknown teacher solver 'nope'" in solver.output
     prompts.write_text("")
     empty = runner.invoke(main, [*args, "--overwrite"])
     assert empty.exit_code == 2 and "no prompts" in empty.output

@@ -57,7 +57,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PLAN_NAME = "_synthesis.json"  # readers skip "_" names: the plan is never mistaken for data
-SOLVERS = ("ddim", "dpmpp")  # workers.add.sampler.TEACHER_SOLVERS, without importing torch here
 
 
 class PromptError(ValueError):
@@ -75,7 +74,7 @@ class SynthesisConfig:
     teacher: str  # diffusers folder or hub id (the job's teacher.source)
     prediction_type: str | None = None  # the job's teacher.prediction_type
     resolution: int | None = None  # the job's teacher.resolution (SDXL micro-conditioning)
-    solver: str = "ddim"  # the teacher's sampler: ddim or dpmpp (workers.add.sampler)
+    solver: str = "ddim"  # the teacher's sampler: one of workers.add.sampler.TEACHER_SOLVERS
     steps: int = 50  # sampler steps
     guidance_scale: float = 5.0  # classifier-free guidance scale
     images_per_prompt: int = 1  # samples per prompt, each with its own noise
@@ -85,8 +84,11 @@ class SynthesisConfig:
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
     def __post_init__(self):
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver: unknown teacher solver {self.solver!r}; allowed: {', '.join(SOLVERS)}")
+        from workers.add.sampler import TEACHER_SOLVERS  # the samplers the teacher has (more as families land)
+
+        if self.solver not in TEACHER_SOLVERS:
+            allowed = ", ".join(TEACHER_SOLVERS)
+            raise ValueError(f"solver: unknown teacher solver {self.solver!r}; allowed: {allowed}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision: {self.precision!r}; allowed: auto, bf16, fp32")
         for name in ("steps", "images_per_prompt", "batch_size", "rows_per_shard"):
