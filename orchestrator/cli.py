@@ -901,7 +901,9 @@ def _synthesis_option(name: str, *flags: str, **kwargs):
 @click.option("--overwrite", is_flag=True, help="replace a finished synthetic set there (a real set never is)")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a field of the job")
 @click.option("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
-def prepare_synthetic(job, prompts_file, out, max_prompt_chars, actors, overwrite, overrides, address, **sampler):
+@click.option("-v", "--verbose", is_flag=True, help="show the log here too (Ray, its actors, libraries)")
+def prepare_synthetic(job, prompts_file, out, max_prompt_chars, actors, overwrite, overrides, address, verbose,
+                      **sampler):  # fmt: skip
     """The teacher's own samples for a prompt set as a shard set (synthetic data, as LADD trains on):
     the job's teacher on Ray Data actors (a GPU each where the cluster has GPUs), written to the job's
     data.uri (or --out) with a manifest naming the teacher and its sampler. A job with data.mode:
@@ -948,25 +950,31 @@ def prepare_synthetic(job, prompts_file, out, max_prompt_chars, actors, overwrit
     import ray
     from tqdm.auto import tqdm
 
+    from orchestrator.console import Console
+
+    log = Path(embedded.home(), "logs", f"{spec.name}-synthetic.log")
     ours = not ray.is_initialized()
-    click.echo(f"Ray: {embedded.init_ray(address)}", err=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar: ours
-    total = len(prompts) * config.images_per_prompt
-    bar = tqdm(total=total, desc="teacher samples", unit="image", file=sys.stderr, disable=not sys.stderr.isatty())
-    try:
-        manifest = synthesize(config, prompts, out, options=options, overwrite=overwrite, actors=actors,
-                              on_progress=lambda done, _: bar.update(done - bar.n))  # fmt: skip
-    except SyntheticDataError as err:
-        raise BadInput(str(err)) from None
-    except StorageError as err:
-        raise Failed(str(err)) from None
-    except Exception as err:  # noqa: BLE001  (the teacher failed on an actor): shards made so far are kept
-        raise Failed(f"{out}: the data job failed ({_redact(f'{type(err).__name__}: {err}')}); "
-                     "run it again with the same settings to resume") from None  # fmt: skip
-    finally:
-        bar.close()
-        if ours:
-            ray.shutdown()
+    with Console(log, verbose) as console:
+        console.say(f"data job {spec.name}: the log of Ray, its actors and the libraries is {log}")
+        console.say(f"Ray: {embedded.init_ray(address)}")
+        ray.data.DataContext.get_current().enable_progress_bars = False  # one bar: ours
+        total = len(prompts) * config.images_per_prompt
+        bar = tqdm(total=total, desc="teacher samples", unit="image", file=console.err,
+                   disable=not console.err.isatty())  # fmt: skip
+        try:
+            manifest = synthesize(config, prompts, out, options=options, overwrite=overwrite, actors=actors,
+                                  on_progress=lambda done, _: bar.update(done - bar.n))  # fmt: skip
+        except SyntheticDataError as err:
+            raise BadInput(str(err)) from None
+        except StorageError as err:
+            raise Failed(str(err)) from None
+        except Exception as err:  # noqa: BLE001  (the teacher failed on an actor): shards made so far are kept
+            raise Failed(f"{out}: the data job failed ({_redact(f'{type(err).__name__}: {err}')}); "
+                         f"run it again with the same settings to resume (log: {log})") from None  # fmt: skip
+        finally:
+            bar.close()
+            if ours:
+                ray.shutdown()  # here, so that what Ray prints as it stops goes to the log
     made = manifest["synthetic"]
     click.echo(
         f"{out}: {manifest['rows']} images of {made['prompts']} prompts in {len(manifest['shards'])} shard(s), "

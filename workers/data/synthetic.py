@@ -395,7 +395,7 @@ def synthesize(
         TeacherSampler,
         fn_constructor_args=(config, fs, root, uri),
         batch_size=1,
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=num_gpus,
         num_cpus=None if num_gpus else 1,
     )
