@@ -197,6 +197,11 @@ def test_the_data_job_writes_to_s3(ray_cluster, teacher, s3_server):
     assert keys == ["tiny/_manifest.json", "tiny/shard-00000.parquet", "tiny/shard-00001.parquet"]
     assert check_provenance("s3://synthetic/tiny", str(teacher))["synthetic"]["teacher_match"] is True
     assert [r["caption"] for r in rows("s3://synthetic/tiny")] == [p for p in PROMPTS for _ in range(2)]
+    # read back through the normal ingest, from S3
+    from workers.data.ingest import build_dataset
+
+    batch = build_dataset("s3://synthetic/tiny", resolution=16, ledger=None).take_batch(10, batch_format="numpy")
+    assert batch["pixels"].shape == (6, 3, 16, 16) and sorted(set(batch["caption"])) == sorted(PROMPTS)
 
 
 # ---- a job in synthetic mode ------------------------------------------------------------------------------
