@@ -173,6 +173,11 @@ def run_job(
     spec = spec.localized()  # relative to here, not to a Tune trial's working directory
     warnings: list[str] = []
     manifest = data_provenance(spec, warn=warnings.append)  # bad data for the mode: refused before any run exists
+    if manifest is not None and (spec.eval.table is None or spec.eval.table.reference_uri is None):
+        warnings.append(
+            "data.mode is synthetic: the evaluation's reference images come from data.uri, the teacher's samples, "
+            "so its FID measures the distance to the teacher, not to real images (eval.table.reference_uri)"
+        )
     tracker = JobTracker(spec, tracking_uri)
 
     def stop(signum: int) -> None:  # from the watcher thread, at once

@@ -260,6 +260,7 @@ def test_a_synthetic_job_with_lambda_distill_zero_trains_and_mlflow_shows_the_mo
         Path(client.download_artifacts(parent.info.run_id, "data/manifest.json", str(tmp_path))).read_text()
     )
     assert logged["synthetic"]["teacher"]["source"] == str(teacher) and logged["rows"] == 8
+    assert any("FID measures the distance to the teacher" in w for w in result.warnings)
     history = client.get_metric_history(result.best_run_id, "loss/student")
     assert [m.step for m in history] == [1, 2] and all(np.isfinite(m.value) for m in history)
 
