@@ -252,7 +252,10 @@ class JobTracker:
             **code_version(),
             **(tags or {}),
         }
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={})
+        # born with its parent's id: a stop that lands before the tags are logged still finds it (mark_stopped)
+        run = self.client.create_run(
+            self.experiment_id, run_name=run_name, tags={MLFLOW_PARENT_RUN_ID: self.parent_run_id}
+        )
         run_id = run.info.run_id
         with self._lock:
             self.child_run_ids.append(run_id)
