@@ -234,6 +234,7 @@ def run(job, overrides, address, tracking_uri, storage_path, run_name, num_cpus,
         apply_env(spec.env)  # here is where the job runs: references resolve from this environment
     except SecretError as err:
         raise BadInput(str(err)) from None
+    _check_data(spec)
     uri = embedded.tracking_uri(tracking_uri, spec.tracking.uri)
     from orchestrator.controller import run_job
     from orchestrator.tracking import JobStopped, ensure_experiment
@@ -273,6 +274,20 @@ def run(job, overrides, address, tracking_uri, storage_path, run_name, num_cpus,
             if ours:
                 ray.shutdown()  # here, so that what Ray prints as it stops goes to the log
         _report(console, spec, uri, result, log, verbose)
+
+
+def _check_data(spec) -> None:
+    """Synthetic data made by a teacher (the job's) for a job in synthetic mode: exit 2 before anything starts."""
+    from orchestrator.controller import data_provenance
+    from workers.data import StorageError
+    from workers.data.synthetic import SyntheticDataError
+
+    try:
+        data_provenance(spec.localized(), warn=lambda message: click.echo(f"warning: {message}", err=True))
+    except SyntheticDataError as err:
+        raise BadInput(str(err)) from None
+    except StorageError as err:
+        raise Failed(str(err)) from None
 
 
 def _report(console, spec, uri: str, result, log: Path, verbose: bool) -> None:
@@ -839,6 +854,132 @@ def prepare_folder(folder, out, rows_per_shard, seed):
     except StorageError as err:
         raise Failed(str(err)) from None
     click.echo(f"{out}: {manifest.get('rows')} rows in {len(manifest.get('shards', []))} shard(s)")
+
+
+def _synthesis_option(name: str, *flags: str, **kwargs):
+    """A ``prepare-data synthetic`` option whose default is ``SynthesisConfig``'s own (declared once)."""
+    from workers.data.synthetic import SynthesisConfig
+
+    return click.option(*flags, name, default=SynthesisConfig.__dataclass_fields__[name].default, **kwargs)
+
+
+@prepare_data.command(name="synthetic")
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="a UTF-8 text file of prompts, one per line, each once",
+)
+@click.option("--out", default=None, help="where the set goes (default: the job's data.uri)")
+@_synthesis_option(
+    "images_per_prompt",
+    "--images-per-prompt",
+    type=click.IntRange(1),
+    help="images of each prompt, each with its own noise",
+)
+@_synthesis_option("solver", "--solver", help="the teacher's sampler (ddim, dpmpp: workers.add.sampler)")
+@_synthesis_option("steps", "--steps", type=click.IntRange(1, 1000), help="sampler steps")
+@_synthesis_option("guidance_scale", "--guidance-scale", type=click.FloatRange(1), help="classifier-free guidance")
+@_synthesis_option("seed", "--seed", type=click.IntRange(0, 2**32 - 1), help="seed of the noise (per shard and batch)")
+@_synthesis_option("batch_size", "--batch-size", type=click.IntRange(1), help="images per teacher call")
+@_synthesis_option(
+    "rows_per_shard",
+    "--rows-per-shard",
+    type=click.IntRange(1),
+    help="images per shard: the unit of work, of progress and of resume",
+)
+@_synthesis_option(
+    "precision",
+    "--precision",
+    type=click.Choice(["auto", "bf16", "fp32"]),
+    help="the teacher's weights: auto is bf16 on GPU, fp32 on CPU",
+)
+@click.option("--max-prompt-chars", type=click.IntRange(1), default=1000, help="the longest prompt accepted")
+@click.option("--actors", type=click.IntRange(1), default=None, help="teacher actors (default: one per GPU, else 1)")
+@click.option("--overwrite", is_flag=True, help="replace a finished synthetic set there (a real set never is)")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a field of the job")
+@click.option("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+@click.option("-v", "--verbose", is_flag=True, help="show the log here too (Ray, its actors, libraries)")
+def prepare_synthetic(job, prompts_file, out, max_prompt_chars, actors, overwrite, overrides, address, verbose,
+                      **sampler):  # fmt: skip
+    """The teacher's own samples for a prompt set as a shard set (synthetic data, as LADD trains on):
+    the job's teacher on Ray Data actors (a GPU each where the cluster has GPUs), written to the job's
+    data.uri (or --out) with a manifest naming the teacher and its sampler. A job with data.mode:
+    synthetic trains on it, and may set loss.lambda_distill: 0.
+
+    The same prompts and settings give the same images. A run that stopped resumes when started again
+    with the same settings; a finished set is replaced only with --overwrite.
+
+    \b
+    Examples:
+      addctl prepare-data synthetic jobs/fashion-mnist.yaml --prompts prompts.txt --out runs/data/fm-synthetic
+      addctl prepare-data synthetic ladd.yaml --prompts prompts.txt --images-per-prompt 4 --steps 25
+      addctl prepare-data synthetic ladd.yaml --prompts prompts.txt --address auto     # on a GPU cluster
+    """
+    from orchestrator import embedded
+    from orchestrator.spec import missing_paths
+    from workers.data import StorageError
+    from workers.data.storage import storage_options
+    from workers.data.synthetic import PromptError, SynthesisConfig, SyntheticDataError, read_prompts, synthesize
+    from workers.secrets import SecretError, apply_env
+
+    spec = _load(job, overrides, check_paths=False).localized()  # data.uri is what this command makes
+    for problem in missing_paths(spec):
+        if problem.path == "teacher.source":
+            raise BadInput(f"{job}: teacher.source: {problem.message}")
+    if out is None and spec.data.mode != "synthetic":
+        raise BadInput(
+            f"{job}: data.mode is real, so data.uri holds a real set; set data.mode: synthetic to make the job's "
+            "data, or give --out"
+        )
+    out = out or spec.data.uri
+    try:
+        apply_env(spec.env)
+        options = storage_options(spec.data.storage_options, "data.storage_options")
+        prompts = read_prompts(prompts_file, max_prompt_chars)
+        config = SynthesisConfig(
+            teacher=spec.teacher.source,
+            prediction_type=spec.teacher.prediction_type,
+            resolution=spec.teacher.resolution,
+            **sampler,
+        )
+    except (SecretError, PromptError, ValueError) as err:
+        raise BadInput(str(err)) from None
+    import ray
+    from tqdm.auto import tqdm
+
+    from orchestrator.console import Console
+
+    log = Path(embedded.home(), "logs", f"{spec.name}-synthetic.log")
+    ours = not ray.is_initialized()
+    with Console(log, verbose) as console:
+        console.say(f"data job {spec.name}: the log of Ray, its actors and the libraries is {log}")
+        console.say(f"Ray: {embedded.init_ray(address)}")
+        ray.data.DataContext.get_current().enable_progress_bars = False  # one bar: ours
+        total = len(prompts) * config.images_per_prompt
+        bar = tqdm(total=total, desc="teacher samples", unit="image", file=console.err,
+                   disable=not console.err.isatty())  # fmt: skip
+        try:
+            manifest = synthesize(config, prompts, out, options=options, overwrite=overwrite, actors=actors,
+                                  on_progress=lambda done, _: bar.update(done - bar.n))  # fmt: skip
+        except SyntheticDataError as err:
+            raise BadInput(str(err)) from None
+        except StorageError as err:
+            raise Failed(str(err)) from None
+        except Exception as err:  # noqa: BLE001  (the teacher failed on an actor): shards made so far are kept
+            raise Failed(f"{out}: the data job failed ({_redact(f'{type(err).__name__}: {err}')}); "
+                         f"run it again with the same settings to resume (log: {log})") from None  # fmt: skip
+        finally:
+            bar.close()
+            if ours:
+                ray.shutdown()  # here, so that what Ray prints as it stops goes to the log
+    made = manifest["synthetic"]
+    click.echo(
+        f"{out}: {manifest['rows']} images of {made['prompts']} prompts in {len(manifest['shards'])} shard(s), "
+        f"by {config.teacher} ({config.solver}, {config.steps} steps, CFG {config.guidance_scale:g})"
+    )
 
 
 # ---- a teacher to distil --------------------------------------------------------------------------

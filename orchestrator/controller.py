@@ -35,6 +35,7 @@ from orchestrator.promotion import eval_tags
 from orchestrator.registry import register_candidate
 from orchestrator.spec import VARIANT, JobSpec, PromotionSpec, variant_fields
 from orchestrator.tracking import JobStopped, JobTracker, TrackingCallback, stop_on_signals
+from workers.data.synthetic import provenance_params
 from workers.eval.config import EvalSpec
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,13 @@ def run_job(
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     spec = spec.localized()  # relative to here, not to a Tune trial's working directory
+    warnings: list[str] = []
+    manifest = data_provenance(spec, warn=warnings.append)  # bad data for the mode: refused before any run exists
+    if manifest is not None and (spec.eval.table is None or spec.eval.table.reference_uri is None):
+        warnings.append(
+            "data.mode is synthetic: the evaluation's reference images come from data.uri, the teacher's samples, "
+            "so its FID measures the distance to the teacher, not to real images (eval.table.reference_uri)"
+        )
     tracker = JobTracker(spec, tracking_uri)
 
     def stop(signum: int) -> None:  # from the watcher thread, at once
@@ -180,6 +188,11 @@ def run_job(
     with stop_on_signals(stop):
         tracker.start_parent(run_name, tags=_ray_tags())
         result = JobResult(parent_run_id=tracker.parent_run_id)
+        data_params = {}
+        if manifest is not None:
+            data_params = provenance_params(manifest)
+            tracker.set_tags(tracker.parent_run_id, data_params)
+            tracker.log_text(tracker.parent_run_id, json.dumps(manifest, indent=1), "data/manifest.json")
         status = "FAILED"
         phase = on_phase or (lambda name, run_id: None)
         phase("training", tracker.parent_run_id)
@@ -195,12 +208,14 @@ def run_job(
                     evaluator = evaluator or default_evaluator(spec)  # built once: its reference is read once
                     best, evaluated = _evaluate_trials(spec, sweep, tracker, trials, evaluation, evaluator, reference)
             else:
-                best = _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer, result.data)
+                best = _train_once(
+                    spec, tracker, storage_path, trainer_kwargs, build_trainer, result.data, params=data_params
+                )
                 tracker.set_tags(tracker.parent_run_id, {"timing.train_s": f"{time.monotonic() - started:.1f}"})
                 phase("evaluating", tracker.parent_run_id)
             result.best_run_id, result.export_uri = best
             tags = tracker.client.get_run(result.best_run_id).data.tags
-            result.warnings = tags["train.warning"].split(" | ") if tags.get("train.warning") else []
+            result.warnings = warnings + (tags["train.warning"].split(" | ") if tags.get("train.warning") else [])
             result.balance = tags.get("train.balance")
             if register:
                 started = time.monotonic()
@@ -224,6 +239,22 @@ def run_job(
     return result
 
 
+def data_provenance(spec: JobSpec, warn: Callable[[str], None] | None = None) -> dict | None:
+    """For a job in synthetic mode, the manifest of its set, checked: made by a teacher, the job's unless
+    ``data.allow_other_teacher`` (then ``warn`` is told); ``SyntheticDataError`` otherwise. None for real data."""
+    if spec.data.mode != "synthetic":
+        return None
+    from workers.data.synthetic import check_provenance
+
+    return check_provenance(
+        spec.data.uri,
+        spec.teacher.source,
+        options=_data_storage(spec),
+        allow_other_teacher=spec.data.allow_other_teacher,
+        warn=warn,
+    )
+
+
 def _ray_tags() -> dict[str, str]:
     import ray
 
@@ -233,12 +264,15 @@ def _ray_tags() -> dict[str, str]:
     return tags
 
 
-def _train_once(spec, tracker, storage_path, trainer_kwargs, build_trainer, data=None) -> tuple[str, str | None]:
-    """One training run as a child run; ``data`` (a dict) receives its data report (``log_data_report``)."""
+def _train_once(
+    spec, tracker, storage_path, trainer_kwargs, build_trainer, data=None, params=None
+) -> tuple[str, str | None]:
+    """One training run as a child run (``params``: logged beside the spec's); ``data`` (a dict) receives
+    its data report (``log_data_report``)."""
     from workers.train.trainer import DataError, run_training
     from workers.train.trainer import build_trainer as default_build_trainer
 
-    run_id = tracker.start_child(spec, f"{spec.name}-train")
+    run_id = tracker.start_child(spec, f"{spec.name}-train", params=params)
     trainer = (build_trainer or default_build_trainer)(
         spec,
         storage_path=storage_path,

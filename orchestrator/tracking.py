@@ -226,8 +226,14 @@ class JobTracker:
         return [RunTag(k, self.redact(str(v))[:PARAM_VALUE_MAX]) for k, v in tags.items()]
 
     def start_parent(self, run_name: str | None = None, tags: Mapping[str, object] | None = None) -> str:
-        """The job's parent run: job name, code version and job YAML."""
-        tags = {"job.name": self.spec.name, "job.kind": "job", **code_version(), **(tags or {})}
+        """The job's parent run: job name, data mode (real or synthetic), code version and job YAML."""
+        tags = {
+            "job.name": self.spec.name,
+            "job.kind": "job",
+            "data.mode": self.spec.data.mode,
+            **code_version(),
+            **(tags or {}),
+        }
         run = self.client.create_run(self.experiment_id, run_name=run_name or self.spec.name, tags={})
         self.parent_run_id = run.info.run_id
         self.client.log_batch(self.parent_run_id, tags=self._tags(tags))
@@ -242,10 +248,14 @@ class JobTracker:
             MLFLOW_PARENT_RUN_ID: self.parent_run_id,
             MLFLOW_RUN_NAME: run_name,
             "job.name": self.spec.name,
+            "data.mode": spec.data.mode,
             **code_version(),
             **(tags or {}),
         }
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={})
+        # born with its parent's id: a stop that lands before the tags are logged still finds it (mark_stopped)
+        run = self.client.create_run(
+            self.experiment_id, run_name=run_name, tags={MLFLOW_PARENT_RUN_ID: self.parent_run_id}
+        )
         run_id = run.info.run_id
         with self._lock:
             self.child_run_ids.append(run_id)

@@ -1,5 +1,6 @@
 """The job file's ``data`` and ``storage`` sections: where shards are read from and how they are
-decoded (``workers.data.ingest``), where checkpoints and exports go (``workers.train.trainer``)."""
+decoded (``workers.data.ingest``), whether they are real or the teacher's own samples
+(``workers.data.synthetic``), where checkpoints and exports go (``workers.train.trainer``)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ class ShardsSpec(Section):
 
 
 class DataSpec(ShardsSpec):
+    mode: Literal["real", "synthetic"] = Field(
+        "real",
+        description="real: a dataset's images; synthetic: the teacher's own samples, made by `addctl prepare-data "
+        "synthetic` (LADD; the set's manifest must name its teacher, and loss.lambda_distill may be 0)",
+    )
+    allow_other_teacher: bool = Field(
+        False, description="synthetic: train on a set another teacher made (a warning instead of an error)"
+    )
     format: Literal["parquet", "webdataset"] = Field("parquet", description="shard format")
     resolution: int = Field(32, ge=8, description="images are resized and centre-cropped to this size")
     channels: Literal[1, 3] = Field(3, description="image channels the model takes")

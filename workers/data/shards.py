@@ -57,6 +57,8 @@ __all__ = [
     "MANIFEST_NAME",
     "SHARD_SCHEMA",
     "ShardWriter",
+    "commit_manifest",
+    "commit_shard",
     "eval_caption_templates",
     "iter_image_folder",
     "prepare_fashion_mnist",
@@ -119,17 +121,8 @@ class ShardWriter:
         rows = len(self._buffer["image"])
         if rows == 0:
             return
-        table = pa.table(self._buffer, schema=SHARD_SCHEMA)
         name = f"{self.prefix}-{len(self.shards):05d}.parquet"
-        path = posixpath.join(self._root, name)
-        try:
-            commit_bytes(
-                self._fs, path, lambda out: pq.write_table(table, out, row_group_size=self.row_group_size)
-            )
-        except OSError as e:
-            raise StorageError(
-                f"{display_uri(self.uri)}: cannot write shard {name}: {redact(str(e))}"
-            ) from None
+        commit_shard(self._fs, self._root, name, self._buffer, self.uri, self.row_group_size)
         self.shards.append({"name": name, "rows": rows})
         self._buffer = {"image": [], "caption": [], "label": []}
 
@@ -138,23 +131,8 @@ class ShardWriter:
         if self.manifest is not None:
             return self.manifest
         self._flush()
-        manifest = {
-            "version": 1,
-            "format": "parquet",
-            "columns": SHARD_SCHEMA.names,
-            "rows": sum(s["rows"] for s in self.shards),
-            "shards": self.shards,
-            **self.metadata,
-        }
-        data = json.dumps(manifest, indent=1).encode()
-        try:
-            commit_bytes(self._fs, posixpath.join(self._root, MANIFEST_NAME), lambda out: out.write(data))
-        except OSError as e:
-            raise StorageError(
-                f"{display_uri(self.uri)}: cannot write {MANIFEST_NAME}: {redact(str(e))}"
-            ) from None
-        self.manifest = manifest
-        return manifest
+        self.manifest = commit_manifest(self._fs, self._root, self.shards, self.metadata, self.uri)
+        return self.manifest
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -164,6 +142,38 @@ class ShardWriter:
             self.close()
         else:
             self._buffer = {"image": [], "caption": [], "label": []}
+
+
+def commit_shard(
+    fs: pafs.FileSystem, root: str, name: str, columns: dict[str, list], uri: str, row_group_size: int = 1000
+) -> None:
+    """Commit ``columns`` (``image``, ``caption``, ``label`` lists) as the shard ``root/name``, whole or not at all."""
+    table = pa.table(columns, schema=SHARD_SCHEMA)
+    try:
+        commit_bytes(
+            fs, posixpath.join(root, name), lambda out: pq.write_table(table, out, row_group_size=row_group_size)
+        )
+    except OSError as e:
+        raise StorageError(f"{display_uri(uri)}: cannot write shard {name}: {redact(str(e))}") from None
+
+
+def commit_manifest(fs: pafs.FileSystem, root: str, shards: list[dict], metadata: dict, uri: str) -> dict:
+    """Commit ``_manifest.json`` listing ``shards`` (``{"name", "rows"}``, already committed): the set is
+    then complete. Returns the manifest."""
+    manifest = {
+        "version": 1,
+        "format": "parquet",
+        "columns": SHARD_SCHEMA.names,
+        "rows": sum(s["rows"] for s in shards),
+        "shards": list(shards),
+        **metadata,
+    }
+    data = json.dumps(manifest, indent=1).encode()
+    try:
+        commit_bytes(fs, posixpath.join(root, MANIFEST_NAME), lambda out: out.write(data))
+    except OSError as e:
+        raise StorageError(f"{display_uri(uri)}: cannot write {MANIFEST_NAME}: {redact(str(e))}") from None
+    return manifest
 
 
 def write_shards(
