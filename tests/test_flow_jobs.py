@@ -8,6 +8,7 @@ of a packed-latent family, the eval defaults of a flow teacher and ``addctl run`
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -209,17 +210,38 @@ def ray_cluster():
         ray.shutdown()
 
 
+class SampleShapes:
+    """A loop callback (pickled to the worker) that writes each sample grid's shape and range to ``path``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_start(self, info):
+        pass
+
+    def on_log(self, step, metrics):
+        pass
+
+    def on_samples(self, step, images):
+        finite = bool(torch.isfinite(images).all())
+        self.path.write_text(json.dumps({"step": step, "shape": list(images.shape), "finite": finite}))
+
+    def on_end(self, summary):
+        pass
+
+
 def train_recipe(recipe: str, teachers, shards, runs: Path, extra: list[str] = ()) -> dict:
     from workers.train.trainer import build_trainer, run_training
 
     family = RECIPES[recipe]
-    spec = load_job(
-        ROOT / "jobs" / f"{recipe}.yaml", tiny_overrides(family, teachers[family], shards, runs) + list(extra)
-    )
+    overrides = tiny_overrides(family, teachers[family], shards, runs) + ["train.sample_every=2", *extra]
+    spec = load_job(ROOT / "jobs" / f"{recipe}.yaml", overrides)
+    samples = runs.parent / "samples.json"
     started = time.monotonic()
-    result = run_training(build_trainer(spec, export=False))
+    result = run_training(build_trainer(spec, export=False, callbacks=[SampleShapes(samples)]))
     TIMINGS[f"{recipe} {' '.join(extra)}".strip()] = time.monotonic() - started
-    return {"summary": result.return_value, "metrics": result.metrics, "spec": spec}
+    grid = json.loads(samples.read_text())
+    return {"summary": result.return_value, "metrics": result.metrics, "spec": spec, "samples": grid}
 
 
 @pytest.mark.slow
@@ -241,6 +263,9 @@ def test_recipe_trains_on_a_tiny_stand_in_of_its_family(recipe, extra, teachers,
     for key in ("loss/student", "loss/distill", "loss/D", "grad_norm/student"):
         assert math.isfinite(metrics[key]), (key, metrics[key])
     assert metrics["grad_norm/student"] > 0  # θ learned from both losses through the family's network
+    # the loop's one-step sample grid: the family's latents decoded to 16-px RGB (not FLUX's 16 packed channels)
+    prompts = len(spec.train.sample_prompts)
+    assert run["samples"] == {"step": 2, "shape": [prompts, 3, 16, 16], "finite": True}
     state = metrics["memory/student_state_bytes_max"]
     from workers.add.components import load_teacher
 
