@@ -89,8 +89,8 @@ class EvalSpec(Section):
     teacher_steps: int = Field(50, ge=1, le=1000, description="the teacher's reference sampler steps")
     teacher_solver: Literal["ddim", "dpmpp", "euler", "flow-dpmpp"] | None = Field(
         None,
-        description="the teacher's reference sampler (default: its own: ddim, or euler for a flow-matching teacher; "
-        "dpmpp for DDPM, flow-dpmpp for flow)",
+        description="the teacher's reference sampler: ddim or dpmpp for a DDPM teacher, euler or flow-dpmpp for a "
+        "flow-matching one (default: the teacher's own, ddim or euler)",
     )
     guidance_scale: float = Field(5.0, ge=1, description="the teacher's classifier-free guidance scale")
     batch_size: int = Field(32, ge=1, description="images per sampling call")
