@@ -478,7 +478,7 @@ def _evaluate(spec, tracker, run_id, student_dir, config, evaluator, reference, 
                 spec.data.channels,
                 _data_storage(spec),
             )
-        teacher_kwargs = {"prediction_type": spec.teacher.prediction_type, "resolution": spec.teacher.resolution}
+        teacher_kwargs = spec.teacher.load_kwargs()
         outcome = evaluator.evaluate_paths(student_dir, spec.teacher.source, config, reference, **teacher_kwargs)
     except Exception as err:  # noqa: BLE001
         log.warning("evaluation failed: %s", tracker.redact(f"{type(err).__name__}: {err}"))
@@ -494,7 +494,8 @@ def _evaluate(spec, tracker, run_id, student_dir, config, evaluator, reference, 
     results_dir = results_dir or (spec.eval.table.results_dir if spec.eval.table is not None else None)
     if results_dir and hasattr(outcome, "write"):
         outcome.write(results_dir)
-    teacher = f"{config.teacher_solver} {config.teacher_steps} steps, CFG {config.guidance_scale:g}"
+    measured = getattr(outcome, "config", None) or config  # with the teacher's own solver filled in
+    teacher = f"{measured.teacher_solver} {measured.teacher_steps} steps, CFG {measured.guidance_scale:g}"
     tracker.set_tags(run_id, {"eval.teacher": teacher, "timing.eval_s": f"{time.monotonic() - started:.1f}"})
     return outcome.metrics
 

@@ -630,9 +630,38 @@ def load_job(path: str | os.PathLike, overrides: Sequence[str] = (), *, check_pa
     except Exception as err:  # noqa: BLE001  (an override on input it did not expect): bad input all the same
         raise JobSpecError([Problem("--set", f"cannot be applied: {type(err).__name__}: {err}")], source) from None
     spec = validate_job(data, source)
-    if check_paths and (problems := missing_paths(spec)):
+    if check_paths and (problems := missing_paths(spec) or teacher_problems(spec)):
         raise JobSpecError(problems, source)
     return spec
+
+
+def teacher_problems(spec: JobSpec) -> list[Problem]:
+    """What a local teacher folder's network config says against the teacher section, read as JSON (no
+    model loaded): ``teacher.guidance`` on a network without a guidance embedding. A hub id is checked
+    where it is loaded (``load_teacher`` refuses the same)."""
+    import json
+
+    teacher = spec.teacher
+    if teacher.guidance is None or not _CLEARLY_A_PATH.match(teacher.source):
+        return []
+    root = Path(teacher.source.removeprefix("file://")).expanduser()
+    config = next((root / name / "config.json" for name in ("transformer", "unet") if (root / name).is_dir()), None)
+    if config is None or not config.is_file():
+        return []  # not a teacher folder: load_teacher names what is missing
+    try:
+        network = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return []
+    if not network.get("guidance_embeds"):
+        name = network.get("_class_name", "network")
+        return [
+            Problem(
+                "teacher.guidance",
+                f"the teacher's {name} has no guidance embedding (guidance_embeds is not set): guidance is an "
+                "input of guidance-distilled networks (FLUX.1-dev) only; remove it (use loss.guidance_scale for CFG)",
+            )
+        ]
+    return []
 
 
 # Fields the job reads from: a local path there must exist (a hub id or a relative name is left alone).

@@ -77,7 +77,8 @@ def _measuring(spec):
     from workers.eval.table import protocol_key, teacher_fingerprint
 
     evaluator = default_evaluator(spec)
-    teacher = load_teacher(spec.teacher.source, prediction_type=spec.teacher.prediction_type)
+    teacher = load_teacher(spec.teacher.source, **spec.teacher.load_kwargs())
+    evaluator.for_teacher(teacher)  # the teacher's own solvers where the job left them unset
     return evaluator, teacher, teacher_fingerprint(spec.teacher.source), protocol_key(evaluator.config)
 
 

@@ -12,10 +12,26 @@ from workers.config import ModelSource, Section
 
 class TeacherSpec(Section):
     source: ModelSource = Field(description="diffusers folder (local path) or hub id of the teacher ψ")
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = Field(
-        None, description="override the scheduler's prediction type"
+    prediction_type: Literal["epsilon", "v_prediction", "sample", "flow"] | None = Field(
+        None,
+        description="override the scheduler's prediction type (a flow-matching teacher: flow or sample only)",
     )
-    resolution: int | None = Field(None, ge=8, description="SDXL micro-conditioning resolution (default: the UNet's)")
+    resolution: int | None = Field(
+        None,
+        ge=8,
+        description="pixels the teacher runs at: SDXL's micro-conditioning, FLUX's resolution-dependent shift "
+        "(default: the UNet's, the VAE's sample size); set it to data.resolution for FLUX",
+    )
+    guidance: float | None = Field(
+        None,
+        gt=0,
+        description="the guidance scale a guidance-distilled teacher (FLUX.1-dev) takes as an input instead of "
+        "CFG (default 3.5 for such a teacher; refused for a teacher without a guidance embedding)",
+    )
+
+    def load_kwargs(self) -> dict:
+        """The keyword arguments of ``load_teacher`` this section sets (training and evaluation alike)."""
+        return {"prediction_type": self.prediction_type, "resolution": self.resolution, "guidance": self.guidance}
 
 
 class StudentSpec(Section):

@@ -28,6 +28,7 @@ PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")  # of a DDPM schedule
 FLOW_PREDICTION_TYPES: tuple[str, ...] = ("flow", "sample")  # of a flow-matching schedule
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+FLOW_PREDICTION_ALIASES = {"flow_prediction": "flow"}  # DPM-Solver++'s name for it (Sana's config)
 
 # With zero terminal SNR ᾱ_T = 0 exactly, and an ε-prediction can no longer be turned into x0
 # (division by α_T = 0). Like diffusers' Euler schedulers we set ᾱ_T = 2^-24: SNR 6e-8, so the
@@ -193,15 +194,25 @@ class FlowMatchSchedule(NoiseSchedule):
     def from_scheduler_config(
         cls, config: dict, prediction_type: str | None = None, image_seq_len: int | None = None
     ) -> FlowMatchSchedule:
-        """From a ``FlowMatchEulerDiscreteScheduler`` config; a dynamic shift (FLUX) needs ``image_seq_len``."""
+        """From a ``FlowMatchEulerDiscreteScheduler`` config; a dynamic shift (FLUX) needs ``image_seq_len``.
+
+        ``prediction_type`` (else the config's ``prediction_type``, the override ``load_teacher`` writes there)
+        must be ``flow`` or ``sample``: a flow-matching network predicts neither ε nor DDPM's v."""
         config = dict(config)
+        prediction_type = prediction_type or config.get("prediction_type") or "flow"
+        prediction_type = FLOW_PREDICTION_ALIASES.get(prediction_type, prediction_type)
+        if prediction_type not in FLOW_PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction type {prediction_type!r} does not apply to a flow-matching schedule "
+                f"({config.get('_class_name', 'flow sigmas')}): allowed are {', '.join(FLOW_PREDICTION_TYPES)}"
+            )
         if config.get("use_dynamic_shifting"):
             if image_seq_len is None:
                 raise ValueError("this flow-matching scheduler shifts by resolution: pass image_seq_len")
             shift = dynamic_shift(config, image_seq_len)
         else:
             shift = config.get("shift", config.get("flow_shift", 1.0))  # flow_shift: Sana's DPM-Solver++ config
-        return cls(config.get("num_train_timesteps", 1000), shift, prediction_type or "flow")
+        return cls(config.get("num_train_timesteps", 1000), shift, prediction_type)
 
     @property
     def num_train_timesteps(self) -> int:

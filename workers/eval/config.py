@@ -19,6 +19,12 @@ DEFAULT_TEACHER_SAMPLERS = (
     "ddim:50", "ddim:25", "ddim:8", "ddim:4", "ddim:2", "ddim:1",
     "dpmpp:25", "dpmpp:8", "dpmpp:4", "dpmpp:2", "dpmpp:1",
 )  # fmt: skip
+# a flow-matching teacher's (SD3, FLUX, Sana): its pipelines' Euler, and DPM-Solver++ on flow sigmas
+DEFAULT_FLOW_TEACHER_SAMPLERS = (
+    "euler:50", "euler:28", "euler:8", "euler:4", "euler:2", "euler:1",
+    "flow-dpmpp:20", "flow-dpmpp:8", "flow-dpmpp:4", "flow-dpmpp:2", "flow-dpmpp:1",
+)  # fmt: skip
+OWN_SOLVER = {False: "ddim", True: "euler"}  # a teacher's own reference solver, by whether it is flow-matching
 FACTORY_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -32,13 +38,16 @@ class TableSpec(Section):
         ge=1,
         description="images per generation call when not batch_size (a CPU's fastest); speed stays at batch_size",
     )
-    teacher_samplers: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_TEACHER_SAMPLERS),
-        description="teacher rows as solver:steps (ddim or dpmpp; euler or flow-dpmpp for a flow teacher), "
-        "all with eval.guidance_scale",
+    teacher_samplers: list[str] | None = Field(
+        None,
+        description="teacher rows as solver:steps (ddim or dpmpp; euler or flow-dpmpp for a flow teacher), all with "
+        "eval.guidance_scale (default: the teacher's own: DDIM and DPM-Solver++ rows, or Euler and flow "
+        "DPM-Solver++ rows for a flow-matching teacher)",
     )
     student_steps: list[int] = Field(default_factory=lambda: [1, 2, 4], description="student rows (steps)")
-    reference_sampler: str = Field("ddim:50", description="the teacher row every speed-up is relative to")
+    reference_sampler: str | None = Field(
+        None, description="the teacher row every speed-up is relative to (default: ddim:50; euler:50, flow teacher)"
+    )
     teacher_rows: Text | None = Field(
         None, description="shipped teacher rows (JSON, measured once); null: measure the teacher rows in the job"
     )
@@ -52,7 +61,7 @@ class TableSpec(Section):
     @field_validator("teacher_samplers", "reference_sampler")
     @classmethod
     def _samplers(cls, v):
-        for text in [v] if isinstance(v, str) else v:
+        for text in [] if v is None else [v] if isinstance(v, str) else v:
             try:
                 teacher = Sampler.parse(text).model == "teacher"
             except ValueError:
@@ -78,8 +87,10 @@ class EvalSpec(Section):
     images_per_prompt: int = Field(4, ge=1, description="samples per prompt and sampler for FID and alignment")
     student_steps: int = Field(1, ge=1, le=1000, description="the student's sampling steps")
     teacher_steps: int = Field(50, ge=1, le=1000, description="the teacher's reference sampler steps")
-    teacher_solver: Literal["ddim", "dpmpp", "euler", "flow-dpmpp"] = Field(
-        "ddim", description="the teacher's reference sampler (euler or flow-dpmpp for a flow-matching teacher)"
+    teacher_solver: Literal["ddim", "dpmpp", "euler", "flow-dpmpp"] | None = Field(
+        None,
+        description="the teacher's reference sampler: ddim or dpmpp for a DDPM teacher, euler or flow-dpmpp for a "
+        "flow-matching one (default: the teacher's own, ddim or euler)",
     )
     guidance_scale: float = Field(5.0, ge=1, description="the teacher's classifier-free guidance scale")
     batch_size: int = Field(32, ge=1, description="images per sampling call")
@@ -99,6 +110,21 @@ class EvalSpec(Section):
         if v not in (builtin, "none") and not FACTORY_REF.match(v):
             raise ValueError(f"must be {builtin}, none, or a factory as package.module:name (got {v!r})")
         return v
+
+    def for_teacher(self, flow: bool) -> EvalSpec:
+        """This section with the teacher's own defaults filled in (``flow``: a flow-matching teacher): the
+        reference solver, the table's teacher rows and its reference row."""
+        solver = self.teacher_solver or OWN_SOLVER[flow]
+        table = self.table
+        if table is not None:
+            defaults = DEFAULT_FLOW_TEACHER_SAMPLERS if flow else DEFAULT_TEACHER_SAMPLERS
+            table = table.model_copy(
+                update={
+                    "teacher_samplers": list(table.teacher_samplers or defaults),
+                    "reference_sampler": table.reference_sampler or f"{OWN_SOLVER[flow]}:50",
+                }
+            )
+        return self.model_copy(update={"teacher_solver": solver, "table": table})
 
     @model_validator(mode="after")
     def _table_protocol(self):

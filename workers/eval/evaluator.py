@@ -49,6 +49,7 @@ ImageMetric = Callable[[Samples], dict[str, float]]
 class EvalResult:
     metrics: dict[str, float]
     samples: Samples = field(repr=False)
+    config: EvalSpec | None = None  # the eval section as measured (the teacher's defaults filled in)
 
     def comparison_grid(self, max_prompts: int = 8):
         """A PNG-ready grid: one row per prompt (first image of each), teacher left, student right."""
@@ -94,6 +95,7 @@ class Evaluator:
         ``config.prompts`` are captions (or labels for class-conditioned teachers)."""
         if not config.prompts:
             raise ValueError("the evaluation needs at least one prompt")
+        config = config.for_teacher(teacher.schedule.is_flow)  # the teacher's own solver by default
         prompts = [p for p in config.prompts for _ in range(config.images_per_prompt)]
 
         def sample_student(batch: list) -> Tensor:
@@ -124,7 +126,7 @@ class Evaluator:
         metrics["speedup"] = metrics["teacher_ms_per_image"] / metrics["student_ms_per_image"]
         for metric in self.extra_metrics:
             metrics |= {k: float(v) for k, v in metric(samples).items()}
-        return EvalResult(metrics, samples)
+        return EvalResult(metrics, samples, config)
 
     def _features(self, images: Tensor) -> FeatureStats:
         return FeatureStats.of(batched(self.features, images, self.feature_batch_size))

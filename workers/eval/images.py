@@ -15,17 +15,32 @@ from PIL import Image
 from torch import Tensor
 
 from workers.add.conditioning import Conditioning
+from workers.add.families import family_of
 from workers.add.sampler import sample_student, sample_teacher
 from workers.add.student import Student
 from workers.add.teacher import Teacher
 
 
-def model_shape(teacher: Teacher, batch_size: int) -> tuple[int, ...]:
-    """The shape x_t has for ``batch_size`` samples: latents for latent models, pixels otherwise."""
-    config = teacher.unet.config
-    size = config.sample_size
+def model_shape(teacher: Teacher, batch_size: int, resolution: int | None = None) -> tuple[int, ...]:
+    """The shape x_t has for ``batch_size`` samples: latents for latent models, pixels otherwise, through
+    the teacher's family (a FLUX network's input channels are the 2×2-packed latents', its config has no
+    sample size). ``resolution`` (pixels) sets the size; default: the size the teacher was loaded for."""
+    net, codec = teacher.unet, teacher.codec
+    family = family_of(net)
+    if family is None:
+        raise ValueError(f"cannot tell the sample shape of a {type(net).__name__}: not a network of a known family")
+    channels = family.sample_channels(net, codec)
+    if resolution is not None:
+        factor = codec.downsample_factor if codec is not None else 1
+        if resolution % factor:
+            raise ValueError(f"resolution {resolution} is not a multiple of the VAE's downsampling {factor}")
+        size = resolution // factor
+    else:
+        size = family.sample_size(net, teacher.image_seq_len)
+        if size is None:
+            raise ValueError(f"{type(net).__name__}'s config has no sample size: pass the resolution to sample at")
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return (batch_size, config.in_channels, h, w)
+    return (batch_size, channels, h, w)
 
 
 def conditioning(teacher: Teacher, prompts: list) -> Conditioning | None:

@@ -80,6 +80,7 @@ class TableResult:
     metrics: dict[str, float]
     rows: list[Row]
     artifacts: dict[str, object]
+    config: EvalSpec | None = None  # the eval section as measured (the teacher's defaults filled in)
 
     def comparison_grid(self) -> Image.Image:
         return self.artifacts["samples.png"]
@@ -128,13 +129,19 @@ class TableEvaluator:
 
     needs_reference = False  # the reference images are given here, not read by the controller
 
-    def __init__(
-        self, config: EvalSpec, features: FeatureExtractor, scorer: PromptScorer | None, reference: Tensor
-    ):
+    def __init__(self, config: EvalSpec, features: FeatureExtractor, scorer: PromptScorer | None, reference: Tensor):
+        self.given = config  # as the job wrote it; ``for_teacher`` fills in the teacher's own defaults
         self.config, self.table, self.features, self.scorer = config, config.table, features, scorer
         self.protocol = Protocol(config, features, scorer, reference)
         self._reference_speed: dict[str, tuple[float, dict]] = {}  # per teacher: timed once per evaluator
         self._measured_rows: dict[str, list[Row]] = {}
+
+    def for_teacher(self, teacher: Teacher) -> TableEvaluator:
+        """Measure for this teacher: its own solvers where the job left the teacher rows, the reference
+        row or ``eval.teacher_solver`` unset (Euler for a flow-matching teacher, DDIM otherwise)."""
+        self.config = self.given.for_teacher(teacher.schedule.is_flow)
+        self.table = self.config.table
+        return self
 
     # -- the generators of each row ---------------------------------------------------------------
 
@@ -157,9 +164,8 @@ class TableEvaluator:
     def teacher_rows(self, teacher: Teacher, progress: RowProgress | None = None) -> list[Row]:
         """Every teacher row, measured with the full protocol (speed-ups against this set's reference);
         with ``progress``, a killed measurement resumes where it stopped."""
-        rows = [
-            self.protocol.measure(s, self.teacher_generator(teacher, s), progress) for s in self.samplers()
-        ]
+        self.for_teacher(teacher)
+        rows = [self.protocol.measure(s, self.teacher_generator(teacher, s), progress) for s in self.samplers()]
         return self.teacher_speedups(rows)
 
     def samplers(self) -> list[Sampler]:
@@ -179,8 +185,9 @@ class TableEvaluator:
     def _row(self, rows: Sequence[Row], text: str, model: str) -> Row:
         sampler = Sampler.parse(text, self.config.guidance_scale) if model == "teacher" else None
         for row in rows:
-            if row.sampler == sampler or (model == "student" and row.sampler.model == "student" and
-                                          row.sampler.steps == int(text)):
+            if row.sampler == sampler or (
+                model == "student" and row.sampler.model == "student" and row.sampler.steps == int(text)
+            ):
                 return row
         raise ValueError(f"the table has no {model} row {text!r}")
 
@@ -193,7 +200,7 @@ class TableEvaluator:
 
     @torch.no_grad()
     def evaluate(self, student: Student, parts: Teacher, teacher: Teacher, teacher_source) -> TableResult:
-        cfg, t = self.config, self.table
+        cfg, t = self.for_teacher(teacher).config, self.table
         key = str(teacher_source)  # what a sweep's evaluator measures once per teacher
         if t.teacher_rows:
             teacher_rows = load_teacher_rows(t.teacher_rows, teacher_fingerprint(teacher_source), protocol_key(cfg))
@@ -241,9 +248,7 @@ class TableEvaluator:
                 self.teacher_generator(teacher, s) if s.model == "teacher"
                 else self.student_generator(student, parts, s.steps)
             )  # fmt: skip
-            columns[f"{SHORT_NAMES[s.solver]} {s.steps}"] = generate(
-                prompts, torch.Generator().manual_seed(cfg.seed)
-            )
+            columns[f"{SHORT_NAMES[s.solver]} {s.steps}"] = generate(prompts, torch.Generator().manual_seed(cfg.seed))
         markdown = table_markdown(rows, t.alignment_name)
         body = {
             "protocol": protocol_key(cfg) | {"batch_size": t.batch_size},
@@ -258,4 +263,4 @@ class TableEvaluator:
             "samples.png": sample_grid(columns, [str(p) for p in prompts]),
             "fid_vs_nfe.png": fid_vs_nfe(rows),
         }
-        return TableResult(metrics, rows, artifacts)
+        return TableResult(metrics, rows, artifacts, cfg)

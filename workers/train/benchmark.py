@@ -150,7 +150,7 @@ def measure_ingest(spec: TrainJob) -> dict:
             storage=storage_options(d.storage_options, "data.storage_options"),
         )
 
-    encoder = functools.partial(caption_encoder, spec.teacher.source)
+    encoder = functools.partial(caption_encoder, spec.teacher.source, guidance=spec.teacher.guidance)
     return {
         "decode": _stream_rate(decoded()),
         "decode_and_embed": _stream_rate(embed_captions(decoded(), encoder, batch_size=INGEST_BATCH)),

@@ -486,14 +486,14 @@ class ADDLoop:
         """One-step samples for ``train.sample_prompts`` from the weights the export will hold (the EMA's
         when there is one; every rank runs them: θ is sharded)."""
         from workers.add.sampler import sample_student
+        from workers.eval.images import model_shape
 
         teacher, spec = self.models.teacher, self.spec
         prompts = spec.train.sample_prompts or ([] if teacher.prompt_encoder is not None else [""] * 4)
         if not prompts:
             return
         cond = teacher.encode_prompts(prompts).to(self.device) if teacher.prompt_encoder is not None else None
-        size = spec.data.resolution // (teacher.codec.downsample_factor if teacher.codec is not None else 1)
-        shape = (len(prompts), teacher.unet.config.in_channels, size, size)
+        shape = model_shape(teacher, len(prompts), spec.data.resolution)  # the family's latents at the data's size
         generator = torch.Generator().manual_seed(spec.train.seed)
         autocast = self._autocast()
         weights = self.ema.swapped_in(self.models.student) if self.ema is not None else nullcontext()

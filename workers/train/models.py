@@ -58,12 +58,7 @@ def build_models(spec: TrainJob, device: torch.device, dinov2: torch.nn.Module |
     ``dinov2``: an already built DINOv2 model (tests pass a tiny one) instead of ``discriminator.dinov2``.
     """
     torch.manual_seed(spec.train.seed)
-    teacher = load_teacher(
-        spec.teacher.source,
-        prediction_type=spec.teacher.prediction_type,
-        resolution=spec.teacher.resolution,
-        device=device,
-    )
+    teacher = load_teacher(spec.teacher.source, device=device, **spec.teacher.load_kwargs())
     student = _student(spec, teacher).to(device)
     d = spec.discriminator
     cond_dim = teacher.prompt_encoder.pooled_dim if teacher.prompt_encoder is not None else 0
@@ -122,10 +117,11 @@ def batch_conditioning(teacher: Teacher, rows: dict[str, np.ndarray]) -> Conditi
     return teacher.encode_prompts([str(c) for c in rows["caption"]])
 
 
-def caption_encoder(source: str):
+def caption_encoder(source: str, guidance: float | None = None):
     """The teacher's prompt encoder alone, for Ray Data's caption-embedding actors
-    (``data.embed_captions``); its ``encode`` gives the Conditioning the loop reads back."""
-    encoder = load_teacher(source).prompt_encoder
+    (``data.embed_captions``); its ``encode`` gives the Conditioning the loop reads back (with the
+    embedded ``guidance`` of a guidance-distilled teacher: ``teacher.guidance``)."""
+    encoder = load_teacher(source, guidance=guidance).prompt_encoder
     if encoder is None or isinstance(encoder, LabelPromptEncoder):
         kind = "unconditional" if encoder is None else "class-conditioned (it reads labels)"
         raise ValueError(f"data.embed_captions: the teacher {source} is {kind}: it has no captions to embed")

@@ -136,7 +136,7 @@ def build_train_dataset(spec: TrainJob, ledger: str | None = None) -> ray.data.D
         ledger=ledger or DEFAULT_LEDGER,
     )
     if d.embed_captions:  # the loop reads the text_embedding_* columns instead of encoding captions
-        encoder = functools.partial(caption_encoder, spec.teacher.source)
+        encoder = functools.partial(caption_encoder, spec.teacher.source, guidance=spec.teacher.guidance)
         ds = embed_captions(ds, encoder, batch_size=micro, concurrency=1)
     return ds
 

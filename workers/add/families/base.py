@@ -101,6 +101,16 @@ class Family:
         """The network's raw output (B, C, H, W) at x_t (B, C, H, W); ``timestep`` as the network takes it."""
         raise NotImplementedError
 
+    def sample_channels(self, net: nn.Module, codec: nn.Module | None) -> int:
+        """Channels of x_t: the codec's latent channels for a latent teacher (not the network's input
+        channels: FLUX packs 2×2 latent patches into them), else the network's."""
+        return int(codec.latent_channels) if codec is not None else int(net.config.in_channels)
+
+    def sample_size(self, net: nn.Module, image_seq_len: int | None) -> int | tuple[int, int] | None:
+        """The side (or height, width) of x_t the network was loaded for (latent pixels for a latent
+        teacher); None when its config does not say (then the caller's resolution decides)."""
+        return net.config.get("sample_size")
+
     def guidance_embedded(self, net: nn.Module) -> bool:
         """Whether the network takes the guidance scale as an input (then the teacher runs no CFG)."""
         return False

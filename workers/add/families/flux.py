@@ -3,6 +3,8 @@ tokens, a shifted AutoencoderKL; guidance-distilled checkpoints (FLUX.1-dev) emb
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from torch import Tensor, nn
@@ -63,6 +65,10 @@ class FluxFamily(TransformerFamily):
 
     def guidance_embedded(self, net: nn.Module) -> bool:
         return bool(net.config.guidance_embeds)
+
+    def sample_size(self, net: nn.Module, image_seq_len: int | None) -> int | None:
+        """FLUX's config has no sample size: the latent side of the resolution it was loaded for."""
+        return math.isqrt(image_seq_len) * PACK if image_seq_len else None
 
     def model_output(self, net: nn.Module, x_t: Tensor, timestep: Tensor, cond: Conditioning | None) -> Tensor:
         if cond is None or cond.prompt_embeds is None or cond.pooled is None:
