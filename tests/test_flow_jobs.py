@@ -288,21 +288,11 @@ def test_addctl_run_with_a_tiny_flow_teacher_end_to_end(recipe, teachers, shards
 
     from orchestrator.cli import main
     from tests.mlflow_server import TINY_CAPTIONS
-    from workers.add.components import load_teacher
-    from workers.add.student import Student
-    from workers.train.models import export_copy
 
     monkeypatch.setenv("ADD_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     family, name = RECIPES[recipe], f"{recipe}-e2e"
     overrides = tiny_overrides(family, teachers[family], shards, tmp_path / "runs")
-    probe = load_job(ROOT / "jobs" / f"{recipe}.yaml", overrides)
-    teacher = load_teacher(teachers[family], **probe.teacher.load_kwargs())
-    try:
-        s = probe.student
-        export_copy(probe, teacher, Student(teacher, lora_rank=s.lora_rank, lora_alpha=s.lora_alpha).state_dict())
-    except ValueError as err:  # the flow student's export is issue 16 part 5, another branch's
-        pytest.skip(f"the export of a flow student has not landed on this branch: {err}")
     job = yaml.safe_load((ROOT / "jobs" / f"{recipe}.yaml").read_text())
     job["tracking"] = {"experiment": name, "model_name": name}  # the embedded store: no uri
     job["eval"] = {
