@@ -132,6 +132,9 @@ def export_student(student: Student, teacher: Teacher, path: str | Path, metadat
     info = {"student_timesteps": student.timesteps.tolist(), "lora_rank": student.lora_rank}
     if student.schedule.is_flow:
         info["pipeline_sigmas"] = flow_pipeline_sigmas(student)
+        if teacher.image_seq_len is not None:  # FLUX: its shift and size follow the resolution it trained at
+            side = family_of(teacher.unet).sample_size(teacher.unet, teacher.image_seq_len)
+            info["resolution"] = int(side) * teacher.codec.downsample_factor
         guidance = getattr(teacher.prompt_encoder, "guidance", None)
         if guidance is not None:  # a guidance-distilled FLUX: the pipeline's guidance_scale must be this one
             info["guidance"] = guidance
@@ -204,6 +207,9 @@ def load_student(path: str | Path, dtype: torch.dtype = torch.float32, device: s
         raise FileNotFoundError(f"{path} is not an exported ADD student: {STUDENT_FILE} is missing")
     info = json.loads(info_file.read_text())
     # a guidance-distilled FLUX student reads the guidance it was trained with, not the loader's default
-    parts = load_teacher(str(path), dtype=dtype, device=device, guidance=info.get("guidance"))
+    # and a FLUX student the resolution it was trained at (the loader's default is the VAE's, 1024)
+    parts = load_teacher(
+        str(path), dtype=dtype, device=device, guidance=info.get("guidance"), resolution=info.get("resolution")
+    )
     student = Student(parts, timesteps=info["student_timesteps"], zero_terminal_snr=False)
     return student.requires_grad_(False).eval(), parts
