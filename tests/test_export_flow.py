@@ -277,3 +277,17 @@ def test_sd3_student_through_the_registry_pyfunc_and_generate(folders, tmp_path)
 
     grid = generate(f"models:/sd3-student/{version.version}", PROMPTS, tmp_path / "grid.png", seed=3, tracking_uri=uri)
     assert Image.open(grid).size[0] >= B * PIXEL_SIZE
+
+
+def test_a_flux_student_reloads_at_the_resolution_it_was_trained_at(folders, tmp_path):
+    """FLUX's shift and sample size follow the resolution: a student trained at twice the VAE's default
+    size reloads at that size (its token count, its shift), not at the loader's default."""
+    default = teacher_of(folders, "flux")
+    resolution = 2 * PIXEL_SIZE
+    teacher = load_teacher(folders["flux"], resolution=resolution)
+    assert teacher.image_seq_len != default.image_seq_len
+    out = export_student(Student(teacher), teacher, tmp_path / "student")
+    assert json.loads((out / STUDENT_FILE).read_text())["resolution"] == resolution
+    reloaded, parts = load_student(out)
+    assert parts.image_seq_len == teacher.image_seq_len
+    assert reloaded.schedule.shift == pytest.approx(Student(teacher).schedule.shift)

@@ -39,10 +39,7 @@ import torch
 from diffusers import (
     DDPMPipeline,
     FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
     LCMScheduler,
-    SanaPipeline,
-    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -50,14 +47,12 @@ from diffusers import (
 )
 
 from workers.add.components import load_teacher
+from workers.add.families import family_of
 from workers.add.sampler import sampling_timesteps
 from workers.add.student import Student
 from workers.add.teacher import Teacher
 from workers.add.text_encoders import (
     CLIPPromptEncoder,
-    FluxPromptEncoder,
-    SanaPromptEncoder,
-    SD3PromptEncoder,
     SDXLPromptEncoder,
     SentencePromptEncoder,
 )
@@ -137,6 +132,9 @@ def export_student(student: Student, teacher: Teacher, path: str | Path, metadat
     info = {"student_timesteps": student.timesteps.tolist(), "lora_rank": student.lora_rank}
     if student.schedule.is_flow:
         info["pipeline_sigmas"] = flow_pipeline_sigmas(student)
+        if teacher.image_seq_len is not None:  # FLUX: its shift and size follow the resolution it trained at
+            side = family_of(teacher.unet).sample_size(teacher.unet, teacher.image_seq_len)
+            info["resolution"] = int(side) * teacher.codec.downsample_factor
         guidance = getattr(teacher.prompt_encoder, "guidance", None)
         if guidance is not None:  # a guidance-distilled FLUX: the pipeline's guidance_scale must be this one
             info["guidance"] = guidance
@@ -162,49 +160,12 @@ def _scheduler_timesteps(scheduler: LCMScheduler) -> list[int]:
     return scheduler.timesteps.tolist()
 
 
-def _flow_pipeline(net, scheduler, teacher: Teacher):
-    """The family's own pipeline around a flow student's transformer and the teacher's frozen parts."""
-    encoder, vae = teacher.prompt_encoder, teacher.codec.vae
-    if isinstance(encoder, SD3PromptEncoder):
-        return StableDiffusion3Pipeline(
-            transformer=net,
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=encoder.text_encoder,
-            tokenizer=encoder.tokenizers[0],
-            text_encoder_2=encoder.text_encoder_2,
-            tokenizer_2=encoder.tokenizers[1],
-            text_encoder_3=encoder.text_encoder_3,  # None, None: saved as [null, null], as the teacher ran
-            tokenizer_3=encoder.tokenizer_3,
-        )
-    if isinstance(encoder, FluxPromptEncoder):
-        return FluxPipeline(
-            transformer=net,
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=encoder.text_encoder,
-            tokenizer=encoder.tokenizer,
-            text_encoder_2=encoder.text_encoder_2,
-            tokenizer_2=encoder.tokenizer_2,
-        )
-    if isinstance(encoder, SanaPromptEncoder):
-        return SanaPipeline(
-            transformer=net,
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=encoder.text_encoder,
-            tokenizer=encoder.tokenizer,
-        )
-    raise ValueError(
-        f"cannot export a {type(net).__name__} student with a {type(encoder).__name__}: no pipeline for it"
-    )
-
-
 def _save(unet, scheduler, teacher: Teacher, folder: Path) -> None:
     encoder, codec = teacher.prompt_encoder, teacher.codec
     vae = codec.vae if codec is not None else None
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        _flow_pipeline(unet, scheduler, teacher).save_pretrained(folder)
+        # the family's own pipeline around the student's transformer and the teacher's frozen parts
+        family_of(unet).pipeline(unet, scheduler, encoder, vae).save_pretrained(folder)
     elif isinstance(unet, UNet2DConditionModel) and isinstance(encoder, SDXLPromptEncoder) and vae is not None:
         StableDiffusionXLPipeline(
             vae=vae,
@@ -246,6 +207,9 @@ def load_student(path: str | Path, dtype: torch.dtype = torch.float32, device: s
         raise FileNotFoundError(f"{path} is not an exported ADD student: {STUDENT_FILE} is missing")
     info = json.loads(info_file.read_text())
     # a guidance-distilled FLUX student reads the guidance it was trained with, not the loader's default
-    parts = load_teacher(str(path), dtype=dtype, device=device, guidance=info.get("guidance"))
+    # and a FLUX student the resolution it was trained at (the loader's default is the VAE's, 1024)
+    parts = load_teacher(
+        str(path), dtype=dtype, device=device, guidance=info.get("guidance"), resolution=info.get("resolution")
+    )
     student = Student(parts, timesteps=info["student_timesteps"], zero_terminal_snr=False)
     return student.requires_grad_(False).eval(), parts

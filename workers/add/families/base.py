@@ -131,6 +131,11 @@ class Family:
         """A tapped block's output as a feature grid (B, C, h, w) for the 2-D heads (x: the network's input)."""
         raise NotImplementedError
 
+    def pipeline(self, net: nn.Module, scheduler, encoder: nn.Module, vae: nn.Module):
+        """The family's own diffusers pipeline around a student's network and the teacher's frozen parts
+        (its export); a family without one cannot be exported as a pipeline."""
+        raise ValueError(f"no diffusers pipeline to export a {type(net).__name__} student as ({self.name})")
+
 
 class TransformerFamily(Family):
     """Diffusion transformers: blocks in ``block_lists``, image tokens on a (H/p, W/p) grid."""

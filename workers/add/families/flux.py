@@ -100,3 +100,14 @@ class FluxFamily(TransformerFamily):
 
     def image_tokens(self, output) -> Tensor:
         return joint_image_stream(output)
+
+    def pipeline(self, net: nn.Module, scheduler, encoder: FluxPromptEncoder, vae: nn.Module):
+        return FluxPipeline(
+            transformer=net,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=encoder.text_encoder,
+            tokenizer=encoder.tokenizer,
+            text_encoder_2=encoder.text_encoder_2,
+            tokenizer_2=encoder.tokenizer_2,
+        )

@@ -72,3 +72,12 @@ class SanaFamily(TransformerFamily):
         if out.shape[1] == 2 * x_t.shape[1]:  # learned sigma: the velocity is the first half
             out = out.chunk(2, dim=1)[0]
         return out
+
+    def pipeline(self, net: nn.Module, scheduler, encoder: SanaPromptEncoder, vae: nn.Module):
+        return SanaPipeline(
+            transformer=net,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=encoder.text_encoder,
+            tokenizer=encoder.tokenizer,
+        )

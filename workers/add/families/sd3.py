@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from diffusers import AutoencoderKL, SD3Transformer2DModel
+from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 from torch import Tensor, nn
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
@@ -63,3 +63,16 @@ class SD3Family(TransformerFamily):
 
     def image_tokens(self, output) -> Tensor:
         return joint_image_stream(output)
+
+    def pipeline(self, net: nn.Module, scheduler, encoder: SD3PromptEncoder, vae: nn.Module):
+        return StableDiffusion3Pipeline(
+            transformer=net,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=encoder.text_encoder,
+            tokenizer=encoder.tokenizers[0],
+            text_encoder_2=encoder.text_encoder_2,
+            tokenizer_2=encoder.tokenizers[1],
+            text_encoder_3=encoder.text_encoder_3,  # None, None: saved as [null, null], as the teacher ran
+            tokenizer_3=encoder.tokenizer_3,
+        )
