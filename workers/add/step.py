@@ -140,8 +140,7 @@ def distillation_timesteps(schedule: NoiseSchedule) -> int:
     x̂ψ ignores its input, every c(t) is 0 and NFSD's σ_t/α_t is infinite (0·∞ = NaN), so it is left out.
     A DDPM schedule keeps all T (with zero terminal SNR its α_T is 2^-12, not 0).
     """
-    alpha = schedule.alpha(torch.arange(schedule.num_train_timesteps), torch.empty(0, dtype=torch.float64))
-    return int(torch.nonzero(alpha > 0).max()) + 1
+    return int(torch.nonzero(schedule.alphas > 0).max()) + 1
 
 
 def sample_teacher_timesteps(schedule: NoiseSchedule, batch_size: int, generator: torch.Generator | None) -> Tensor:

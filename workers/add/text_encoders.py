@@ -57,9 +57,10 @@ def _as_list(prompts) -> list:
     return list(prompts)
 
 
-def _token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
-    """Pad and truncate to the tokenizer's maximum length, as the SD and SDXL pipelines do."""
-    max_length = tokenizer.model_max_length
+def _token_ids(tokenizer, prompts: list[str], device, max_length: int | None = None) -> torch.Tensor:
+    """Pad and truncate to ``max_length`` (default: the tokenizer's maximum), as the SD, SDXL, SD3, FLUX
+    and Sana pipelines do."""
+    max_length = max_length or tokenizer.model_max_length
     batch = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     return batch.to(device)
 
@@ -208,19 +209,6 @@ class LabelPromptEncoder(PromptEncoder):
         return Conditioning(pooled=F.one_hot(labels, self.num_classes).float(), class_labels=labels)
 
 
-def _t5_tokens(tokenizer, prompts: list[str], max_length: int, device) -> torch.Tensor:
-    """T5 (and Gemma) token ids padded and truncated to ``max_length``, as the SD3 and FLUX pipelines do."""
-    batch = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=max_length,
-        truncation=True,
-        add_special_tokens=True,
-        return_tensors="pt",
-    )
-    return batch.to(device)
-
-
 class SD3PromptEncoder(PromptEncoder):
     """SD3 / SD3.5, as ``StableDiffusion3Pipeline.encode_prompt``: the penultimate states of CLIP-L and
     CLIP-G side by side, zero-padded to T5's width and followed by T5's tokens (the joint attention's
@@ -265,7 +253,7 @@ class SD3PromptEncoder(PromptEncoder):
         if self.text_encoder_3 is None:
             t5 = clip.new_zeros(len(prompts), self.max_sequence_length, self.joint_attention_dim)
         else:
-            ids = _t5_tokens(self.tokenizer_3, prompts, self.max_sequence_length, self.device).input_ids
+            ids = _token_ids(self.tokenizer_3, prompts, self.device, self.max_sequence_length).input_ids
             t5 = self.text_encoder_3(ids)[0].to(clip.dtype)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return Conditioning(prompt_embeds=torch.cat([clip, t5], dim=-2), pooled=torch.cat(pooled, dim=-1))
@@ -302,7 +290,7 @@ class FluxPromptEncoder(PromptEncoder):
     def encode(self, prompts) -> Conditioning:
         prompts = _as_list(prompts)
         pooled = self.text_encoder(_token_ids(self.tokenizer, prompts, self.device).input_ids).pooler_output
-        ids = _t5_tokens(self.tokenizer_2, prompts, self.max_sequence_length, self.device).input_ids
+        ids = _token_ids(self.tokenizer_2, prompts, self.device, self.max_sequence_length).input_ids
         tokens = self.text_encoder_2(ids)[0]
         guidance = None
         if self.guidance is not None:
@@ -344,7 +332,7 @@ class SanaPromptEncoder(PromptEncoder):
         max_length = self.max_sequence_length
         if instruction:  # room for the instruction's tokens; the selection below cuts them off again
             max_length += len(self.tokenizer.encode(instruction)) - 2
-        batch = _t5_tokens(self.tokenizer, prompts, max_length, self.device)
+        batch = _token_ids(self.tokenizer, prompts, self.device, max_length)
         hidden = self.text_encoder(batch.input_ids, attention_mask=batch.attention_mask)[0]
         mask = batch.attention_mask
         if instruction:
