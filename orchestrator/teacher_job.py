@@ -36,6 +36,7 @@ from orchestrator.spec import URI_PASSWORD, apply_overrides, job_yaml, parse_yam
 from workers.config import Section
 from workers.data.config import ShardsSpec
 from workers.data.storage import StorageError, StorageOptions, display_uri, split_uri, storage_options
+from workers.diffusion.config import TeacherNetworkSpec, network_of
 
 __all__ = ["TeacherJobResult", "TeacherJobSpec", "load_teacher_job", "run_teacher_job", "validate_teacher_job"]
 
@@ -85,10 +86,11 @@ class TeacherTrackingSpec(Section):
 
 
 class TeacherJobSpec(Section):
-    """One teacher-training job: a caption-conditioned pixel UNet trained by plain diffusion."""
+    """One teacher-training job: a caption-conditioned pixel teacher (UNet or MMDiT) trained by plain diffusion."""
 
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="job name (lowercase, - _ .)")]
     data: TeacherDataSpec = Field(description="the image-caption shards")
+    network: TeacherNetworkSpec = Field(default_factory=TeacherNetworkSpec, description="the teacher network")
     train: TeacherTrainSpec = Field(default_factory=TeacherTrainSpec, description="optimisation and checkpoints")
     output: TeacherOutputSpec = Field(description="run folder and export folder")
     tracking: TeacherTrackingSpec = Field(default_factory=TeacherTrackingSpec, description="MLflow")
@@ -140,7 +142,8 @@ def check_shards(spec: TeacherJobSpec, options: StorageOptions) -> list[str]:
 
 
 def check_resumable(spec: TeacherJobSpec) -> list[dict]:
-    """The history ``output.run`` resumes from ([] for a fresh run); refuses a run trained on other data."""
+    """The history ``output.run`` resumes from ([] for a fresh run); refuses a run trained on other
+    data or started with another network."""
     out = Path(spec.output.run)
     if not (out / "checkpoint.pt").exists():
         return []
@@ -152,6 +155,12 @@ def check_resumable(spec: TeacherJobSpec) -> list[dict]:
             f"{out} holds a run trained on {trained_on or 'the Fashion-MNIST idx files'}, not on "
             f"{display_uri(spec.data.uri)}: resuming it would mix them; give another run folder",
         )
+        raise JobSpecError([problem])
+    started_with, asked = network_of(config).model_dump(), spec.network.model_dump()
+    if started_with != asked:
+        differ = ", ".join(f"{k} {started_with[k]!r} (job: {v!r})" for k, v in asked.items() if started_with[k] != v)
+        why = f"{out} holds a run of another network, {differ}: its weights would not fit; give another run folder"
+        problem = Problem("network", why)
         raise JobSpecError([problem])
     history = out / "history.json"
     return json.loads(history.read_text()) if history.exists() else []
@@ -174,6 +183,7 @@ def run_teacher_job(spec: TeacherJobSpec, tracking_uri: str | None = None) -> Te
         numeric_metrics,
         stop_on_signals,
     )
+    from workers.diffusion.networks import teacher_network
     from workers.diffusion.train import ShardCaptions, export, minilm_encoder, train
 
     # 1. Everything that can be wrong with the input fails before a run is tracked.
@@ -221,7 +231,8 @@ def run_teacher_job(spec: TeacherJobSpec, tracking_uri: str | None = None) -> Te
             log_history(resumed)
 
             # 3. Train from the shards, logging each checkpoint's loss as it is saved.
-            data = ShardCaptions(minilm_encoder(), spec.data.uri, options)
+            encoder = minilm_encoder(teacher_network(spec.network).text_tokens)
+            data = ShardCaptions(encoder, spec.data.uri, options)
             client.log_batch(run_id, params=[Param(f"data.{k}", str(v)) for k, v in data.config.items() if k != "data"])
             t = spec.train
             final = train(
@@ -237,6 +248,7 @@ def run_teacher_job(spec: TeacherJobSpec, tracking_uri: str | None = None) -> Te
                 bf16=t.bf16,
                 data=data,
                 on_checkpoint=lambda entry: log_history([entry]),
+                network=spec.network,
             )
 
             # 4. Export (atomically), then log the teacher folder.

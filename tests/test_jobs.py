@@ -195,7 +195,6 @@ def test_stop_a_running_job(head, cli, tmp_path):
     assert submitted.exit_code == 0, submitted.output
     job_id = submitted.stdout.strip().splitlines()[-1]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     def training_run():
         """Read with sqlite3, not the MLflow client: a client opening the store while the job is still
@@ -221,6 +220,7 @@ def test_stop_a_running_job(head, cli, tmp_path):
     stopped = cli("stop", job_id, "--timeout", "60", "--tracking-uri", uri)
     assert stopped.exit_code == 0, stopped.output
     assert "now STOPPED" in stopped.output and cli("status", job_id).output.startswith(f"{job_id}: STOPPED")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # only now: creating it opens (and migrates) the store
     runs = client.search_runs([client.get_experiment_by_name("tiny-stopped").experiment_id])
     assert runs and {r.info.status for r in runs} == {"KILLED"}
 

@@ -70,16 +70,29 @@ def test_shard_source_holds_what_the_shards_hold(shards, encoder):
     assert data.labels.tolist() == table.column("label").to_pylist() == shards["labels"].tolist()
     padded = np.stack([pad_image(im) for im in shards["images"]]).astype(np.float32) / 127.5 - 1
     torch.testing.assert_close(data.x[:, 0], torch.from_numpy(padded), rtol=0, atol=1e-6)  # as the idx path
-    assert len(data.captions) == len(set(data.captions)) and data.table.shape == (len(data.captions), 384)
-    torch.testing.assert_close(data.table, encoder.encode(data.captions).pooled, rtol=0, atol=1e-5)
+    table = data.embeddings.rows.pooled
+    assert len(data.captions) == len(set(data.captions)) and table.shape == (len(data.captions), 384)
+    torch.testing.assert_close(table, encoder.encode(data.captions).pooled, rtol=0, atol=1e-5)
     assert data.config["images"] == 23 and data.config["skipped"] == 0
 
     # A batch: the drawn images with their own captions; dropped ones get the empty prompt's embedding.
     x0, cond = data.batch(torch.Generator().manual_seed(5), 6, caption_dropout=0.0)
     idx = torch.randint(len(data), (6,), generator=torch.Generator().manual_seed(5))
-    assert torch.equal(x0, data.x[idx]) and torch.equal(cond, data.table[data.caption_idx[idx]])
+    assert torch.equal(x0, data.x[idx]) and torch.equal(cond.pooled, table[data.caption_idx[idx]])
     _, dropped = data.batch(torch.Generator().manual_seed(5), 6, caption_dropout=1.0)
-    assert torch.equal(dropped, encoder.null(6).pooled)
+    assert torch.equal(dropped.pooled, encoder.null(6).pooled)
+
+
+def test_caption_dropout_replaces_every_field_of_the_dropped_rows(shards):
+    """With tokens (what the MMDiT reads), a dropped caption is the empty one in its tokens too."""
+    data = ShardCaptions(minilm_encoder(text_tokens=8), shards["uri"])
+    x0, cond = data.batch(torch.Generator().manual_seed(2), 64, caption_dropout=0.5)
+    null = data.embeddings.null
+    assert cond.prompt_embeds.shape == (64, 8, 384) and cond.pooled.shape == (64, 384)
+    dropped = torch.tensor([torch.equal(p, null.pooled[0]) for p in cond.pooled])
+    assert 10 < int(dropped.sum()) < 54  # about half
+    for row, is_dropped in zip(cond.prompt_embeds, dropped, strict=True):
+        assert torch.equal(row, null.prompt_embeds[0]) == bool(is_dropped)
 
 
 def test_training_from_shards_resumes_exactly(shards, encoder, tmp_path):
@@ -132,6 +145,67 @@ def test_teacher_job_trains_tracks_exports_and_resumes(shards, tmp_path):
     assert sorted(m.step for m in client.get_metric_history(again.run_id, "loss")) == [1, 2, 3, 4]
     training = json.loads((tmp_path / "teacher" / "training.json").read_text())
     assert training["history"][-1]["step"] == 4 and training["config"]["data"] == shards["uri"]
+
+
+TINY_MMDIT = {"architecture": "sd3", "width": 32, "depth": 2, "head_dim": 16, "patch_size": 4, "text_tokens": 8}
+
+
+def test_an_sd3_teacher_job_trains_resumes_and_exports_a_pixel_mmdit_teacher(shards, tmp_path):
+    """network.architecture sd3: an SD3Transformer2DModel on pixels, trained by rectified flow, exported
+    with the token count it reads, loaded by load_teacher as an SD3 teacher with a sentence encoder."""
+    job = teacher_job(tmp_path, shards["uri"], steps=2) | {"network": TINY_MMDIT}
+    first = CliRunner().invoke(main, ["teacher", "train", str(write(tmp_path, job))], catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    again = run_teacher_job(load_teacher_job(write(tmp_path, job), ["train.steps=3"]))  # resumes at step 2
+    assert again.step == 3
+
+    folder = tmp_path / "teacher"
+    assert (folder / "transformer" / "config.json").is_file() and not (folder / "unet").exists()
+    assert json.loads((folder / "text_encoder.json").read_text())["max_length"] == 8
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler" and scheduler["shift"] == 1.0
+
+    teacher = load_teacher(str(folder))
+    assert type(teacher.unet).__name__ == "SD3Transformer2DModel" and teacher.codec is None
+    assert teacher.schedule.is_flow and teacher.schedule.prediction_type == "flow"
+    assert teacher.unet.config.num_layers == 2 and teacher.unet.config.patch_size == 4
+    cond = teacher.encode_prompts(["a photo of a sneaker", "a bag"])
+    assert cond.prompt_embeds.shape == (2, 8, 384) and cond.pooled.shape == (2, 384)
+    x0 = teacher.denoise(torch.randn(2, 1, 32, 32), torch.tensor([500, 999]), cond, guidance_scale=3.0)
+    assert x0.shape == (2, 1, 32, 32) and torch.isfinite(x0).all()
+
+    # The run folder holds an sd3 run: another network is refused before anything is tracked.
+    wider = validate_teacher_job(job | {"network": TINY_MMDIT | {"width": 64}})
+    with pytest.raises(JobSpecError, match=r"network: .* another network, width 32 \(job: 64\): its weights would"):
+        check_resumable(wider)
+    with pytest.raises(JobSpecError, match=r"network: .*architecture 'sd3' \(job: 'unet'\)"):
+        check_resumable(validate_teacher_job({k: v for k, v in job.items() if k != "network"}))
+
+
+def test_an_sd3_teacher_resumes_exactly(shards, tmp_path):
+    from workers.diffusion.config import TeacherNetworkSpec
+
+    network = TeacherNetworkSpec(**TINY_MMDIT)
+    data = ShardCaptions(minilm_encoder(text_tokens=8), shards["uri"])
+    kwargs = dict(batch_size=4, checkpoint_every=2, bf16=False, warmup=2, data=data, network=network)
+    train(tmp_path / "straight", steps=4, **kwargs)
+    train(tmp_path / "resumed", steps=2, **kwargs)
+    train(tmp_path / "resumed", steps=4, **kwargs)
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert resumed["config"]["network"]["architecture"] == "sd3"
+    for name, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="resuming would not fit its weights"):
+        train(tmp_path / "resumed", steps=5, **kwargs | {"network": TeacherNetworkSpec()})
+
+
+def test_a_bad_network_is_named(shards, tmp_path):
+    job = teacher_job(tmp_path, shards["uri"])
+    with pytest.raises(JobSpecError, match=r"network\.architecture: .*'unet' or 'sd3'"):
+        validate_teacher_job(job | {"network": {"architecture": "flux"}})
+    with pytest.raises(JobSpecError, match=r"network: .*width 40 is not a multiple of head_dim 16"):
+        validate_teacher_job(job | {"network": TINY_MMDIT | {"width": 40}})
 
 
 def test_a_wrong_field_is_named(shards, tmp_path):
@@ -188,3 +262,49 @@ def test_the_shipped_teacher_job_has_the_shipped_teachers_settings():
     assert spec.data.uri == "runs/data/fashion-mnist-train" and spec.output.export == "jobs/fashion-mnist/teacher"
     with pytest.raises(JobSpecError):  # a teacher job, not an ADD job
         load_job(ROOT / "jobs" / "fashion-mnist-teacher.yaml")
+
+
+def test_a_trained_pixel_mmdit_teacher_distils_exports_and_samples_as_the_student_sampler(shards, tmp_path):
+    """The chain the flow benchmark runs, on a tiny MMDiT: the teacher job's training and export, one ADD
+    iteration with both losses and LADD heads on the teacher's tokens (only θ and the heads learn),
+    the student's export in the loader's layout, reloaded to sample exactly as ``sample_student``."""
+    from workers.add.discriminator import build_discriminator
+    from workers.add.export import export_student, load_student
+    from workers.add.sampler import sample_student
+    from workers.add.step import ADDBatch, ADDModels, ADDObjective, discriminator_step, student_step
+    from workers.add.student import Student
+    from workers.diffusion.config import TeacherNetworkSpec
+    from workers.diffusion.train import export
+
+    network = TeacherNetworkSpec(**TINY_MMDIT)
+    data = ShardCaptions(minilm_encoder(text_tokens=8), shards["uri"])
+    train(tmp_path / "run", steps=2, batch_size=4, bf16=False, warmup=2, data=data, network=network)
+    teacher = load_teacher(str(export(tmp_path / "run", tmp_path / "teacher")))
+
+    student = Student(teacher)
+    D = build_discriminator("teacher", cond_dim=teacher.prompt_encoder.pooled_dim, teacher=teacher)
+    assert D.feature_network.taps == ["transformer_blocks.0", "transformer_blocks.1"]  # the default taps
+    models, objective = ADDModels(student, teacher, D), ADDObjective()
+    opt_g = torch.optim.Adam(student.trainable_parameters(), lr=1e-3)
+    opt_d = torch.optim.Adam(D.trainable_parameters(), lr=1e-3)
+    frozen = {n: p.clone() for n, p in teacher.named_parameters()}
+    before = {n: p.clone() for n, p in student.named_parameters()}
+    x0, cond = data.batch(torch.Generator().manual_seed(0), 4, caption_dropout=0.0)
+    batch = ADDBatch.from_pixels(teacher, x0, teacher.encode_prompts(["a bag", "a coat", "a shirt", "a dress"]))
+    g = torch.Generator().manual_seed(1)
+    metrics, fake = student_step(models, objective, batch, opt_g, g)
+    assert metrics["loss/G_adv"] != 0 and metrics["loss/distill"] > 0
+    d_metrics = discriminator_step(models, objective, batch, fake, opt_d, 0, g)
+    assert np.isfinite(d_metrics["loss/D"])
+    assert any(not torch.equal(p, before[n]) for n, p in student.named_parameters())
+    assert all(torch.equal(p, frozen[n]) for n, p in teacher.named_parameters())
+
+    export_student(student, teacher, tmp_path / "student")
+    assert (tmp_path / "student" / "transformer").is_dir() and (tmp_path / "student" / "tokenizer").is_dir()
+    reloaded, reloaded_teacher = load_student(tmp_path / "student")
+    c1, c2 = teacher.encode_prompts(["a sneaker"]), reloaded_teacher.encode_prompts(["a sneaker"])
+    assert c2.prompt_embeds.shape == (1, 8, 384)  # the token count travels with the exported tokenizer
+    for steps in (1, 2, 4):
+        a = sample_student(student, c1, (1, 1, 32, 32), steps, torch.Generator().manual_seed(3))
+        b = sample_student(reloaded, c2, (1, 1, 32, 32), steps, torch.Generator().manual_seed(3))
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

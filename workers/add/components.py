@@ -92,24 +92,25 @@ def _components(source: str, local: bool) -> tuple[set[str], dict]:
 TEXT_ENCODER_POINTER = "text_encoder.json"
 
 
-def _text_encoder_package(source: str, local: bool) -> str | None:
+def _text_encoder_package(source: str, local: bool) -> tuple[str | None, int | None]:
     """The transformers folder named by ``text_encoder.json``: a text encoder too large to ship
-    with the teacher, installed as a Python package ({"package": ..., "subfolder": ...})."""
+    with the teacher, installed as a Python package ({"package": ..., "subfolder": ...}), and the
+    token count a teacher reading its tokens pads captions to ("max_length", optional)."""
     pointer = Path(source) / TEXT_ENCODER_POINTER
     if not local or not pointer.is_file():
-        return None
+        return None, None
     from workers.add.text_encoders import package_model_path
 
     spec = json.loads(pointer.read_text())
-    return str(package_model_path(spec["package"], spec.get("subfolder", "model")))
+    return str(package_model_path(spec["package"], spec.get("subfolder", "model"))), spec.get("max_length")
 
 
 def _load(source: str, local: bool, prediction_type, resolution, dtype, guidance) -> Teacher:
     components, index = _components(source, local)
-    packaged = _text_encoder_package(source, local)
+    packaged, max_length = _text_encoder_package(source, local)
     if packaged is not None:
         components |= {"text_encoder", "tokenizer"}
-    folder = TeacherFolder(source, local, components, index, packaged, dtype)
+    folder = TeacherFolder(source, local, components, index, packaged, dtype, max_length)
     network = next((name for name in NETWORK_FOLDERS if name in components), None)
     if network is None:
         raise FileNotFoundError(f"{source} has no {' or '.join(NETWORK_FOLDERS)}: a teacher needs its network")

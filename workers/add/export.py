@@ -163,7 +163,16 @@ def _scheduler_timesteps(scheduler: LCMScheduler) -> list[int]:
 def _save(unet, scheduler, teacher: Teacher, folder: Path) -> None:
     encoder, codec = teacher.prompt_encoder, teacher.codec
     vae = codec.vae if codec is not None else None
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+    if isinstance(encoder, SentencePromptEncoder):
+        # a sentence encoder has no diffusers pipeline (the benchmark's pixel UNet and MMDiT): the
+        # layout load_teacher reads, the network under its family's folder
+        unet.save_pretrained(folder / family_of(unet).folder)
+        scheduler.save_pretrained(folder / "scheduler")
+        if vae is not None:
+            vae.save_pretrained(folder / "vae")
+        encoder.model.save_pretrained(folder / "text_encoder")
+        encoder.tokenizer.save_pretrained(folder / "tokenizer")  # with the token count it pads to
+    elif isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         # the family's own pipeline around the student's transformer and the teacher's frozen parts
         family_of(unet).pipeline(unet, scheduler, encoder, vae).save_pretrained(folder)
     elif isinstance(unet, UNet2DConditionModel) and isinstance(encoder, SDXLPromptEncoder) and vae is not None:
@@ -189,14 +198,11 @@ def _save(unet, scheduler, teacher: Teacher, folder: Path) -> None:
         ).save_pretrained(folder)
     elif isinstance(unet, UNet2DModel) and encoder is None:
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
-    else:  # conditioned pixel models: the same layout load_teacher reads, no pipeline class
+    else:  # other conditioned pixel models (class labels): the same layout load_teacher reads
         unet.save_pretrained(folder / "unet")
         scheduler.save_pretrained(folder / "scheduler")
         if vae is not None:
             vae.save_pretrained(folder / "vae")
-        if isinstance(encoder, SentencePromptEncoder):
-            encoder.model.save_pretrained(folder / "text_encoder")
-            encoder.tokenizer.save_pretrained(folder / "tokenizer")
 
 
 def load_student(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Student, Teacher]:

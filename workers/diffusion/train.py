@@ -1,10 +1,11 @@
-"""Plain diffusion training of a caption-conditioned pixel UNet: the benchmark's teacher.
+"""Plain diffusion training of a caption-conditioned pixel teacher: the benchmark's teachers.
 
-x_t = α_t x0 + σ_t ε at t ~ U{0..T−1}; the UNet regresses its prediction type's target (v by
-default) given the caption's pooled sentence embedding, which is dropped for the empty caption
-with probability ``caption_dropout`` so classifier-free guidance works. An EMA of the weights is
-what gets exported. Checkpoints are atomic and every random draw is a pure function of
-(seed, step), so a resumed run continues exactly.
+x_t = α_t x0 + σ_t ε at a drawn t; the network (``workers/diffusion/networks.py``: the UNet, DDPM
+and v-prediction, or the SD3-shaped MMDiT, rectified flow and velocity) regresses its prediction
+type's target given the caption (its pooled sentence embedding, and its tokens for the MMDiT),
+which is dropped for the empty caption with probability ``caption_dropout`` so classifier-free
+guidance works. The EMA of the weights, or the weights themselves, are exported. Checkpoints are
+atomic and every random draw is a pure function of (seed, step), so a resumed run continues exactly.
 
 The images and captions come from a ``CaptionedImages`` source: ``FashionMnistIdx`` (the idx files,
 each draw pairing an image with a random training template of its label) or ``ShardCaptions``
@@ -28,11 +29,10 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-from workers.add.schedule import NoiseSchedule
+from workers.add.conditioning import Conditioning
 from workers.add.text_encoders import MINILM_PACKAGE, SentencePromptEncoder, package_model_path
 from workers.data.fashion_mnist import (
     FASHION_MNIST_IDX,
@@ -42,66 +42,57 @@ from workers.data.fashion_mnist import (
     train_caption_templates,
 )
 from workers.data.storage import StorageOptions, atomic_write, display_uri, resolve
-
-# Cosine schedule, v-prediction: what BENCHMARK.md measured; ᾱ_T ≈ 0 without rescaling.
-SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_schedule": "squaredcos_cap_v2",
-    "prediction_type": "v_prediction",
-    "clip_sample": False,
-}
+from workers.diffusion.config import TeacherNetworkSpec, network_of
+from workers.diffusion.networks import teacher_network
 
 
-def fashion_mnist_unet(embedding_dim: int = 384) -> UNet2DModel:
-    """1.4M parameters at 32×32, attention only at 8×8; the caption's pooled embedding is added to
-    the time embedding (``class_embed_type="identity"``), which is 3× cheaper than cross-attention."""
-    return UNet2DModel(
-        sample_size=32,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        class_embed_type="identity",
-        time_embedding_dim=embedding_dim,
-        norm_num_groups=8,
-        attention_head_dim=16,
-    )
+def drop_captions(captions: Conditioning, drop: torch.Tensor, null: Conditioning) -> Conditioning:
+    """Caption dropout: the rows of ``captions`` where ``drop`` is set become the empty prompt's."""
+
+    def one(field: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+        return torch.where(drop.reshape(-1, *[1] * (field.ndim - 1)), empty.expand_as(field), field)
+
+    return Conditioning(**{k: one(v, getattr(null, k)) for k, v in captions._tensors().items()})
 
 
-def drop_captions(emb: torch.Tensor, drop: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
-    """Caption dropout: the rows of ``emb`` where ``drop`` is set become the empty prompt's embedding."""
-    return torch.where(drop[:, None], null.expand_as(emb), emb)
+class CaptionEmbeddings:
+    """Encoded captions held in memory, one row per distinct caption, and the empty caption's."""
+
+    def __init__(self, encoder: SentencePromptEncoder, captions: list[str], embed_batch: int = 256):
+        chunks = [encoder.encode(captions[i : i + embed_batch]) for i in range(0, len(captions), embed_batch)]
+        self.rows = Conditioning.cat(chunks)
+        self.null = encoder.null(1)
+
+    def take(self, index: torch.Tensor, drop: torch.Tensor) -> Conditioning:
+        """The captions at ``index``, those where ``drop`` is set replaced by the empty one."""
+        return drop_captions(self.rows[index], drop, self.null)
 
 
 class CaptionTable:
-    """Pooled embeddings of every training caption (10 classes × templates) and of "", computed once."""
+    """Every training caption (10 classes × templates) and "", encoded once."""
 
     def __init__(self, encoder: SentencePromptEncoder, templates=train_caption_templates, num_classes: int = 10):
         self.captions = [[caption_for(c, tpl) for tpl in templates] for c in range(num_classes)]
-        flat = [cap for row in self.captions for cap in row]
-        pooled = encoder.encode(flat).pooled
-        self.table = pooled.reshape(num_classes, len(templates), -1)
-        self.null = encoder.null(1).pooled[0]
+        self.num_templates = len(templates)
+        self.embeddings = CaptionEmbeddings(encoder, [cap for row in self.captions for cap in row])
 
-    def embed(self, labels: torch.Tensor, template_idx: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-        return drop_captions(self.table[labels, template_idx], drop, self.null)
+    def embed(self, labels: torch.Tensor, template_idx: torch.Tensor, drop: torch.Tensor) -> Conditioning:
+        return self.embeddings.take(labels * self.num_templates + template_idx, drop)
 
 
 # ---- where the images and captions come from ------------------------------------------------------
 
 
 class CaptionedImages(Protocol):
-    """Training images (N, 1, 32, 32) in [-1, 1] with caption embeddings, held in memory."""
+    """Training images (N, 1, 32, 32) in [-1, 1] with encoded captions, held in memory."""
 
     embedding_dim: int  # size of a pooled caption embedding
     config: dict  # what the run's config.json records about the source
 
     def __len__(self) -> int: ...
 
-    def batch(self, g: torch.Generator, batch_size: int, caption_dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0, cond) of one step, every draw taken from ``g`` (so a function of the step's seed)."""
+    def batch(self, g: torch.Generator, batch_size: int, caption_dropout: float) -> tuple[torch.Tensor, Conditioning]:
+        """(x0, captions) of one step, every draw taken from ``g`` (so a function of the step's seed)."""
         ...
 
 
@@ -120,10 +111,10 @@ class FashionMnistIdx:
     def __len__(self) -> int:
         return len(self.x)
 
-    def batch(self, g: torch.Generator, batch_size: int, caption_dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, g: torch.Generator, batch_size: int, caption_dropout: float) -> tuple[torch.Tensor, Conditioning]:
         # The order of the draws is the checkpoints' contract: changing it breaks exact resumption.
         idx = torch.randint(len(self.x), (batch_size,), generator=g)
-        tpl = torch.randint(self.captions.table.shape[1], (batch_size,), generator=g)
+        tpl = torch.randint(self.captions.num_templates, (batch_size,), generator=g)
         drop = torch.rand(batch_size, generator=g) < caption_dropout
         return self.x[idx], self.captions.embed(self.labels[idx], tpl, drop)
 
@@ -170,19 +161,17 @@ class ShardCaptions:
         self.x = torch.from_numpy(np.stack(images))
         self.caption_idx = torch.tensor(index)
         self.labels = torch.tensor(labels)  # -1 where the shards hold none
-        chunks = [self.captions[i : i + embed_batch] for i in range(0, len(self.captions), embed_batch)]
-        self.table = torch.cat([encoder.encode(chunk).pooled for chunk in chunks])
-        self.null = encoder.null(1).pooled[0]
+        self.embeddings = CaptionEmbeddings(encoder, self.captions, embed_batch)
         self.embedding_dim = encoder.pooled_dim
         self.config = {"data": display_uri(uri), "images": len(images), "captions": len(position), "skipped": skipped}
 
     def __len__(self) -> int:
         return len(self.x)
 
-    def batch(self, g: torch.Generator, batch_size: int, caption_dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, g: torch.Generator, batch_size: int, caption_dropout: float) -> tuple[torch.Tensor, Conditioning]:
         idx = torch.randint(len(self.x), (batch_size,), generator=g)
         drop = torch.rand(batch_size, generator=g) < caption_dropout
-        return self.x[idx], drop_captions(self.table[self.caption_idx[idx]], drop, self.null)
+        return self.x[idx], self.embeddings.take(self.caption_idx[idx], drop)
 
 
 def _save_checkpoint(obj, path: Path) -> None:
@@ -203,17 +192,22 @@ def train(
     bf16: bool = True,
     data: CaptionedImages | None = None,
     on_checkpoint: Callable[[dict], None] | None = None,
+    network: TeacherNetworkSpec | None = None,
 ) -> dict:
     """Train (or resume) to ``steps``; returns the final metrics. Checkpoint: out/checkpoint.pt.
 
-    ``data`` defaults to ``FashionMnistIdx`` over ``idx_dir``; ``on_checkpoint`` is called with each
-    new entry of the history (step, mean loss since the last checkpoint, s/step) once it is saved.
+    ``network`` defaults to the benchmark's UNet; ``data`` to ``FashionMnistIdx`` over ``idx_dir``,
+    its captions encoded as the network reads them (``minilm_encoder``). ``on_checkpoint`` is called
+    with each new entry of the history (step, mean loss since the last checkpoint, s/step) once it is
+    saved. A run folder resumes only with the network it was started with.
     """
     out.mkdir(parents=True, exist_ok=True)
-    data = data if data is not None else FashionMnistIdx(minilm_encoder(), idx_dir)
-    schedule = NoiseSchedule.from_scheduler_config(SCHEDULER_CONFIG)
+    network = network or TeacherNetworkSpec()
+    arch = teacher_network(network)
+    data = data if data is not None else FashionMnistIdx(minilm_encoder(arch.text_tokens), idx_dir)
+    schedule = arch.schedule()
     torch.manual_seed(seed)  # the initial weights too are a function of the seed
-    model = fashion_mnist_unet(data.embedding_dim)
+    model = arch.build(data.embedding_dim)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
@@ -221,6 +215,12 @@ def train(
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
+        started_with = network_of(state["config"])
+        if started_with != network:
+            raise ValueError(
+                f"{out} holds a run of the {started_with.architecture} network {started_with.model_dump()}, not of "
+                f"{network.model_dump()}: resuming would not fit its weights; give another run folder"
+            )
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -236,8 +236,9 @@ def train(
         "caption_dropout": caption_dropout,
         "seed": seed,
         "bf16": bf16,
-        "scheduler": SCHEDULER_CONFIG,
-        "unet_parameters": sum(p.numel() for p in model.parameters()),
+        "scheduler": dict(arch.scheduler().config),
+        "network": network.model_dump(),
+        "parameters": sum(p.numel() for p in model.parameters()),
         **data.config,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -245,13 +246,13 @@ def train(
     start, losses = time.perf_counter(), []
     while step < steps:
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # the step's randomness: f(seed, step)
-        x0, cond = data.batch(g, batch_size, caption_dropout)
-        t = torch.randint(schedule.num_train_timesteps, (batch_size,), generator=g)
+        x0, captions = data.batch(g, batch_size, caption_dropout)
+        t = arch.draw_t(g, batch_size, schedule)
         eps = torch.randn(x0.shape, generator=g)
         x_t = schedule.add_noise(x0, eps, t)
-        target = schedule.from_x0(x0, x_t, t)
+        target = schedule.from_x0(x0, x_t, t)  # v for the UNet, the velocity ε − x0 for the MMDiT
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            pred = model(x_t, t, class_labels=cond).sample
+            pred = arch.predict(model, x_t, t, schedule, arch.conditioning(captions))
         loss = (pred.float() - target).square().mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; last checkpoint kept")
@@ -290,17 +291,20 @@ def train(
     return history[-1] if history else {}
 
 
-def minilm_encoder() -> SentencePromptEncoder:
-    """all-MiniLM-L6-v2 read the sentence-transformers way (mean-pooled, normalised)."""
+def minilm_encoder(text_tokens: int | None = None) -> SentencePromptEncoder:
+    """all-MiniLM-L6-v2 read the sentence-transformers way (mean-pooled, normalised); with
+    ``text_tokens``, also its token states padded to that many (what the MMDiT's text stream reads)."""
     path = package_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path, **({"model_max_length": text_tokens} if text_tokens else {}))
     return SentencePromptEncoder(
-        AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path), as_class_labels=True, with_tokens=False
+        tokenizer, AutoModel.from_pretrained(path), as_class_labels=text_tokens is None, with_tokens=bool(text_tokens)
     )
 
 
 def export(out: Path, folder: Path, weights: str = "ema") -> Path:
-    """Write the teacher as a diffusers folder: unet/, scheduler/, and text_encoder.json naming
-    the package that carries the text encoder (too large to ship).
+    """Write the teacher as a diffusers folder: unet/ (or transformer/), scheduler/, and
+    text_encoder.json naming the package that carries the text encoder (too large to ship) and, for
+    a network that reads tokens, how many it pads the caption to.
 
     ``weights``: "ema" (the exponential moving average) or "model" (the trained weights). The EMA
     starts from the initial weights without warm-up, so after t steps it still holds 0.999^t of
@@ -309,14 +313,17 @@ def export(out: Path, folder: Path, weights: str = "ema") -> Path:
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     state = torch.load(out / "checkpoint.pt", weights_only=False)
-    model = fashion_mnist_unet()
+    arch = teacher_network(network_of(state["config"]))
+    model = arch.build(minilm_encoder().pooled_dim)
     model.load_state_dict(state[weights])
     record = {"config": state["config"], "history": state["history"], "step": state["step"], "weights": weights}
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp / "unet")
-        DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(tmp / "scheduler")
+        model.save_pretrained(tmp / arch.folder)
+        arch.scheduler().save_pretrained(tmp / "scheduler")
         text_encoder = {"package": MINILM_PACKAGE, "subfolder": "model"}
+        if arch.text_tokens:
+            text_encoder["max_length"] = arch.text_tokens
         (tmp / "text_encoder.json").write_text(json.dumps(text_encoder, indent=2))
         (tmp / "training.json").write_text(json.dumps(record, indent=1))
 

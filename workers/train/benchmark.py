@@ -15,7 +15,7 @@ What it measures, on Fashion-MNIST shards written to a moto S3 server it starts 
    against 1 worker.
 
 The teacher is ``--teacher`` (e.g. ``jobs/fashion-mnist/teacher``) or, by default, the project's
-Fashion-MNIST teacher architecture (``workers.diffusion.train.fashion_mnist_unet``, 1.4M parameters,
+Fashion-MNIST teacher architecture (``workers.diffusion.networks.fashion_mnist_unet``, 1.4M parameters,
 32×32, MiniLM captions) with random weights: throughput does not depend on what it learned.
 """
 
@@ -77,7 +77,7 @@ def random_teacher(folder: Path) -> str:
     from diffusers import DDPMScheduler
 
     from workers.add.text_encoders import MINILM_PACKAGE
-    from workers.diffusion.train import SCHEDULER_CONFIG, fashion_mnist_unet
+    from workers.diffusion.networks import SCHEDULER_CONFIG, fashion_mnist_unet
 
     fashion_mnist_unet().save_pretrained(folder / "unet")
     DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")

@@ -28,10 +28,13 @@ class TeacherFolder:
     index: dict = field(default_factory=dict)  # model_index.json, empty without one
     packaged_text_encoder: str | None = None  # a transformers folder named by text_encoder.json
     dtype: torch.dtype = torch.float32
+    packaged_max_length: int | None = None  # text_encoder.json's "max_length": the tokens the teacher reads
 
     def load(self, cls, name: str, **kwargs):
         """``cls.from_pretrained`` of the subfolder ``name``, in the folder's dtype for models."""
         if self.packaged_text_encoder is not None and name in ("text_encoder", "tokenizer"):
+            if name == "tokenizer" and self.packaged_max_length:
+                kwargs = {"model_max_length": self.packaged_max_length, **kwargs}
             return cls.from_pretrained(self.packaged_text_encoder, local_files_only=True, **kwargs)
         return cls.from_pretrained(self.source, subfolder=name, local_files_only=self.local, **kwargs)
 

@@ -1,15 +1,20 @@
-"""SD3 / SD3.5: ``SD3Transformer2DModel`` (MMDiT), CLIP-L + CLIP-G + T5, a shifted AutoencoderKL."""
+"""SD3 / SD3.5: ``SD3Transformer2DModel`` (MMDiT), CLIP-L + CLIP-G + T5, a shifted AutoencoderKL.
+
+The same transformer with one sentence encoder (any non-CLIP transformers encoder, e.g. the
+benchmark's all-MiniLM-L6-v2: its token states feed the text stream, their mean the pooled
+projection) and no VAE is the benchmark's pixel MMDiT teacher (``workers/diffusion/networks.py``).
+"""
 
 from __future__ import annotations
 
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 from torch import Tensor, nn
-from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+from transformers import AutoModel, AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
 from workers.add.codec import LatentCodec
 from workers.add.conditioning import Conditioning
 from workers.add.families.base import TeacherFolder, TeacherParts, TransformerFamily, joint_image_stream
-from workers.add.text_encoders import SD3PromptEncoder
+from workers.add.text_encoders import SD3PromptEncoder, SentencePromptEncoder
 
 # the joint attention's projections: image stream (to_*), text stream (add_*), SD3.5's second attention
 SD3_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -23,6 +28,10 @@ class SD3Family(TransformerFamily):
     def load(
         self, folder: TeacherFolder, config: dict, *, resolution: int | None, guidance: float | None
     ) -> TeacherParts:
+        if not folder.index and "text_encoder_2" not in folder.components and "text_encoder" in folder.components:
+            # the project's own layout (no model_index.json), one encoder: the benchmark's pixel MMDiT
+            if not folder.model_type("text_encoder").startswith("clip"):
+                return self._load_sentence_encoded(folder, config)
         why = "an SD3 transformer (CLIP-L, CLIP-G and T5)"
         folder.need("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae", why=why)
         folder.expect_model_type("text_encoder", "clip_text_model", why)
@@ -48,6 +57,21 @@ class SD3Family(TransformerFamily):
                 f"pooled_projection_dim is {config['pooled_projection_dim']}"
             )
         codec = LatentCodec(folder.load_model(AutoencoderKL, "vae"))
+        return TeacherParts(folder.load_model(SD3Transformer2DModel, "transformer"), encoder, codec)
+
+    def _load_sentence_encoded(self, folder: TeacherFolder, config: dict) -> TeacherParts:
+        """One sentence encoder for both the text stream and the pooled projection; a VAE if the folder
+        has one, else pixel space."""
+        folder.need("tokenizer", why="an SD3 transformer with a sentence encoder")
+        tokenizer, model = folder.load(AutoTokenizer, "tokenizer"), folder.load_model(AutoModel, "text_encoder")
+        encoder = SentencePromptEncoder(tokenizer, model)
+        for key in ("joint_attention_dim", "pooled_projection_dim"):
+            if config[key] != encoder.pooled_dim:
+                raise ValueError(
+                    f"{folder.source}: the text encoder's states have {encoder.pooled_dim} channels, but the "
+                    f"transformer's {key} is {config[key]}"
+                )
+        codec = LatentCodec(folder.load_model(AutoencoderKL, "vae")) if "vae" in folder.components else None
         return TeacherParts(folder.load_model(SD3Transformer2DModel, "transformer"), encoder, codec)
 
     def model_output(self, net: nn.Module, x_t: Tensor, timestep: Tensor, cond: Conditioning | None) -> Tensor:
