@@ -308,3 +308,21 @@ def test_a_trained_pixel_mmdit_teacher_distils_exports_and_samples_as_the_studen
         a = sample_student(student, c1, (1, 1, 32, 32), steps, torch.Generator().manual_seed(3))
         b = sample_student(reloaded, c2, (1, 1, 32, 32), steps, torch.Generator().manual_seed(3))
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_the_shipped_flow_teacher_is_the_one_its_job_trains():
+    """jobs/fashion-mnist/flow-teacher is what jobs/fashion-mnist-flow-teacher.yaml trained and exported:
+    the same network, steps and settings, loaded as a pixel MMDiT with a flow schedule."""
+    spec = load_teacher_job(ROOT / "jobs" / "fashion-mnist-flow-teacher.yaml")
+    folder = ROOT / "jobs" / "fashion-mnist" / "flow-teacher"
+    shipped = json.loads((folder / "training.json").read_text())
+    c, t = shipped["config"], spec.train
+    assert c["network"] == spec.network.model_dump() and spec.network.architecture == "sd3"
+    assert t.steps == shipped["step"] and spec.output.weights == shipped["weights"] and c["data"] == spec.data.uri
+    assert (t.batch_size, t.lr, t.warmup, t.ema_decay) == (c["batch_size"], c["lr"], c["warmup"], c["ema_decay"])
+    assert (t.caption_dropout, t.seed, t.bf16) == (c["caption_dropout"], c["seed"], c["bf16"])
+    assert spec.output.export == "jobs/fashion-mnist/flow-teacher"
+    teacher = load_teacher(str(folder))
+    assert type(teacher.unet).__name__ == "SD3Transformer2DModel" and teacher.schedule.is_flow
+    assert teacher.unet.config.num_layers == spec.network.depth and teacher.prompt_encoder.max_length == 32
+    assert load_job(ROOT / "jobs" / "fashion-mnist-flow.yaml").teacher.source == spec.output.export
