@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from workers.add.conditioning import Conditioning
 from workers.add.families import family_of
-from workers.add.schedule import FlowMatchSchedule, NoiseSchedule
+from workers.add.schedule import NoiseSchedule, schedule_from_scheduler_config
 from workers.diffusion.config import RESOLUTION, TeacherNetworkSpec
 
 # Cosine schedule, v-prediction: what BENCHMARK.md measured; ᾱ_T ≈ 0 without rescaling.
@@ -66,7 +66,8 @@ class TeacherNetwork:
         raise NotImplementedError
 
     def schedule(self) -> NoiseSchedule:
-        return NoiseSchedule.from_scheduler_config(dict(self.scheduler().config))
+        """The schedule its scheduler config describes, as ``load_teacher`` will read it."""
+        return schedule_from_scheduler_config(dict(self.scheduler().config))
 
     def draw_t(self, g: torch.Generator, n: int, schedule: NoiseSchedule) -> Tensor:
         """Training timestep indices; uniform over the grid unless the architecture says otherwise."""
@@ -121,9 +122,6 @@ class PixelMMDiT(TeacherNetwork):
 
     def scheduler(self) -> FlowMatchEulerDiscreteScheduler:
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=self.spec.shift)
-
-    def schedule(self) -> FlowMatchSchedule:
-        return FlowMatchSchedule(1000, shift=self.spec.shift)
 
     def draw_t(self, g: torch.Generator, n: int, schedule: NoiseSchedule) -> Tensor:
         """u ~ logit-normal(0, std) on the unshifted grid, as SD3's training draws it; the index then

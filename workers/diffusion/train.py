@@ -30,7 +30,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from workers.add.conditioning import Conditioning
 from workers.add.text_encoders import MINILM_PACKAGE, SentencePromptEncoder, package_model_path
@@ -314,7 +314,7 @@ def export(out: Path, folder: Path, weights: str = "ema") -> Path:
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     arch = teacher_network(network_of(state["config"]))
-    model = arch.build(minilm_encoder().pooled_dim)
+    model = arch.build(AutoConfig.from_pretrained(package_model_path()).hidden_size)  # the caption embedding's size
     model.load_state_dict(state[weights])
     record = {"config": state["config"], "history": state["history"], "step": state["step"], "weights": weights}
 
