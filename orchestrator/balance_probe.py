@@ -5,7 +5,9 @@ Every ``train.log_every`` steps it prints the heads' hinge loss against its chan
 real/fake AUC, λ_adv and the two gradients' ratio and cosine at x̂θ and at θ, and the heads' AUC per
 student timestep s on two held-out batches (``timestep_separability``: a fake made at a small s is
 nearly its real image, so the batch's mean AUC mixes fakes the heads can tell apart with fakes they
-cannot); ``frozen_student`` is the control that trains the heads alone against the initial student.
+cannot); ``freeze_at`` is the control that trains the heads alone against the student of that step (0:
+the initial student), ``fresh_heads`` with it restarts the heads there from their initial weights: whether
+heads that chased the student, or any heads, can tell its samples from real.
 At the end it scores the
 student's 1- and 4-step samples of the job's eval prompts with the job's eval features and scorer
 (FID, precision / recall, alignment) against ``eval.table.reference_uri``. It runs the update the
@@ -18,6 +20,7 @@ with each other, not with a full run's table.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 from pathlib import Path
@@ -35,11 +38,12 @@ from workers.eval.images import student_images
 from workers.eval.manifold import precision_recall
 from workers.eval.reference import reference_images
 from workers.train.ema import EMA
-from workers.train.models import build_models, build_objective, build_optimizers, make_batch
+from workers.train.models import build_models, build_objective, build_optimizers, make_batch, set_student_lr
 
 SHOWN = (
     "loss/D",
     "heads/auc_mean",
+    "lr/student",
     "balance/lambda_adv",
     "balance/ratio_x",
     "balance/ratio_theta",
@@ -92,19 +96,23 @@ def probe(
     device: str = "cpu",
     data: dict[str, list] | None = None,
     reference: torch.Tensor | None = None,
-    frozen_student: bool = False,
+    freeze_at: int | None = None,
+    fresh_heads: bool = False,
 ) -> dict:
     """Train ``steps`` ADD steps in-process; the balance figures per report and the final scores.
 
     ``data`` (image bytes and captions) replaces the first ``pool`` rows of ``data.uri``, and
     ``reference`` the eval features of the reference images, where a caller has them already.
-    ``frozen_student``: the control: θ is never updated, only the heads learn (as many updates per step)."""
+    ``freeze_at``: the control: from that step on θ is never updated, only the heads learn (as many updates
+    per step); ``fresh_heads``: the heads (and their optimizer) restart there from their initial weights."""
     t, d = spec.train, spec.data
     torch.manual_seed(t.seed)
     device = torch.device(device)
     models, objective = build_models(spec, device), build_objective(spec)
     opt_g, opt_d = build_optimizers(spec, models)
     ema = EMA(models.student, t.ema_decay) if t.ema_decay else None
+    heads = models.discriminator.heads
+    initial_heads = (copy.deepcopy(heads.state_dict()), copy.deepcopy(opt_d.state_dict())) if fresh_heads else None
     data, rng = data or _rows(spec, pool), np.random.default_rng(t.seed)
 
     def batch(rng=rng):
@@ -117,15 +125,21 @@ def probe(
     held = [batch(np.random.default_rng(10**6 + i)) for i in range(HELD_OUT_BATCHES)]
     reports, interval, started = [], [], time.time()
     for step in range(steps):
+        frozen = freeze_at is not None and step >= freeze_at
+        if initial_heads is not None and step == freeze_at:
+            heads.load_state_dict(initial_heads[0])
+            opt_d.load_state_dict(initial_heads[1])
         for update in range(1, t.discriminator_steps):  # the extra heads' updates, as the loop runs them
             b, g = batch(), torch.Generator().manual_seed(10**6 + 10 * step + update)
             discriminator_step(models, objective, b, student_sample(models, b, g), opt_d, step, g)
         b, g = batch(), torch.Generator().manual_seed(step)
         measure = (step + 1) % t.log_every == 0
-        if frozen_student:
+        if frozen:
             metrics, fake = {}, student_sample(models, b, g)
         else:
+            set_student_lr(spec, opt_g, step)
             metrics, fake = student_step(models, objective, b, opt_g, g, measure)
+            metrics["lr/student"] = opt_g.param_groups[0]["lr"]
         metrics |= discriminator_step(models, objective, b, fake, opt_d, step, g)
         if ema is not None:
             ema.update(models.student)

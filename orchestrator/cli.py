@@ -1260,7 +1260,11 @@ def toy(steps, seed, out, schedule, shift):
 @click.option("--device", default="cpu", show_default=True, help="torch device the step runs on (e.g. cuda)")
 @click.option("--frozen-student", is_flag=True,
               help="the control: only the heads learn, against the initial student (how fast can they learn?)")
-def balance_probe(job, overrides, steps, images, label, out, threads, device, frozen_student):
+@click.option("--freeze-student-at", "freeze_at", type=click.IntRange(min=0), default=None,
+              help="the same control from step K on: the student of step K is frozen, the heads go on learning")
+@click.option("--fresh-heads", is_flag=True,
+              help="with --freeze-student-at: the heads restart there from their initial weights")
+def balance_probe(job, overrides, steps, images, label, out, threads, device, frozen_student, freeze_at, fresh_heads):
     """Run a job's ADD step in this process (no Ray, no MLflow) for a few hundred steps and print how the
     two losses pull on θ and whether the heads learn, then the student's 1- and 4-step scores.
 
@@ -1273,15 +1277,24 @@ def balance_probe(job, overrides, steps, images, label, out, threads, device, fr
       addctl balance-probe jobs/fashion-mnist.yaml --set loss.balance=adaptive --set loss.adv_ratio=0.3
       addctl balance-probe jobs/fashion-mnist.yaml --set discriminator.minibatch_std=8 --device cuda
       addctl balance-probe jobs/fashion-mnist.yaml --frozen-student --steps 50
+      addctl balance-probe jobs/fashion-mnist.yaml --freeze-student-at 100 --fresh-heads --steps 180
     """
     from orchestrator.balance_probe import probe, write
 
+    if frozen_student and freeze_at not in (None, 0):
+        raise click.UsageError("--frozen-student freezes the initial student: leave out --freeze-student-at")
+    if fresh_heads and freeze_at is None:
+        raise click.UsageError("--fresh-heads restarts the heads where the student is frozen: add --freeze-student-at")
+    freeze_at = 0 if frozen_student else freeze_at
     spec = _load(job, overrides)
     torch_threads(threads)
     log = lambda line: click.echo(line, err=True)  # noqa: E731
-    result = probe(spec, steps, images=images, log=log, device=device, frozen_student=frozen_student)
-    name = label or " ".join([*overrides, *(["frozen student"] if frozen_student else [])]) or "the job as written"
-    result = {"label": name, "job": job, "frozen_student": frozen_student, **result}
+    result = probe(spec, steps, images=images, log=log, device=device, freeze_at=freeze_at, fresh_heads=fresh_heads)
+    control = [] if freeze_at is None else ["frozen student" + (f" from step {freeze_at}" if freeze_at else "")]
+    control += ["fresh heads"] if fresh_heads else []
+    name = label or " ".join([*overrides, *control]) or "the job as written"
+    result = {"label": name, "job": job, "frozen_student": freeze_at == 0, "freeze_student_at": freeze_at,
+              "fresh_heads": fresh_heads, **result}
     write(result, out)
     click.echo(json.dumps({k: v for k, v in result.items() if k != "reports"}, indent=2))
 

@@ -201,3 +201,52 @@ def test_balance_probe_frozen_student_trains_the_heads_alone(tmp_path):
     assert frozen["fid 1 step"] == pytest.approx(barely_trained["fid 1 step"], rel=1e-3)
     per_s = [k for k in frozen["reports"][-1] if k.startswith("loss/D s=")]
     assert per_s and any(frozen["reports"][-1][k] != frozen["reports"][0][k] for k in per_s)
+
+
+def test_balance_probe_freezes_a_trained_student_and_restarts_the_heads_on_request(tmp_path):
+    """``--freeze-student-at K``: the student of step K is kept (it scores as a probe stopped after K steps)
+    while the heads go on learning; ``--fresh-heads`` restarts them there from their initial weights, so
+    the reports agree with the kept heads' up to step K and differ after it."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+    from tests.mlflow_server import tiny_job
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(tiny_job(tmp_path, f"sqlite:///{tmp_path}/m.db", "probe")))
+    out = tmp_path / "probes.jsonl"
+    common = ["balance-probe", str(job), "--images", "100", "--out", str(out), "--threads", "1"]
+    runs = (
+        ["--steps", "2"],
+        ["--steps", "4", "--freeze-student-at", "2"],
+        ["--steps", "4", "--freeze-student-at", "2", "--fresh-heads"],
+    )
+    for args in runs:
+        result = CliRunner().invoke(main, [*common, *args])
+        assert result.exit_code == 0, result.output
+    stopped, kept, fresh = (json.loads(line) for line in out.read_text().splitlines())
+    assert (kept["label"], fresh["label"]) == ("frozen student from step 2", "frozen student from step 2 fresh heads")
+    assert kept["fid 1 step"] == pytest.approx(stopped["fid 1 step"], rel=1e-6)
+    assert fresh["fid 1 step"] == pytest.approx(stopped["fid 1 step"], rel=1e-6)
+    # steps 3 and 4 train the heads alone: no student metrics there
+    assert all("balance/ratio_theta" in r for r in kept["reports"][:2])
+    assert not any("balance/ratio_theta" in r for r in kept["reports"][2:])
+    key = "loss/D s=999" if "loss/D s=999" in kept["reports"][0] else next(
+        k for k in kept["reports"][0] if k.startswith("loss/D s=")
+    )
+    assert [r[key] for r in kept["reports"][:2]] == [r[key] for r in fresh["reports"][:2]]
+    assert kept["reports"][2][key] != fresh["reports"][2][key]
+
+
+def test_balance_probe_refuses_fresh_heads_without_a_frozen_student(tmp_path):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    job = tmp_path / "job.yaml"
+    job.write_text("name: x\n")
+    result = CliRunner().invoke(main, ["balance-probe", str(job), "--fresh-heads"])
+    assert result.exit_code == 2 and "--freeze-student-at" in result.output

@@ -81,6 +81,8 @@ def make_spec(assets, *, workers: int = 2, accum: int = 1, data: str | None = No
                 "log_every": 1,
                 "checkpoint_every": 3,
                 "lr_student": 1e-4,
+                "lr_student_final": 2e-5,  # θ's cosine decay over 4 steps, then held: resumes follow it
+                "lr_student_decay_steps": 4,
                 "lr_discriminator": 1e-4,
                 "ema_decay": 0.9,
                 "sample_every": 3,  # the samples swap the EMA into the sharded student and back
@@ -153,6 +155,10 @@ def test_fsdp_shards_the_student_and_matches_one_worker(reference):
     assert_same_weights(reference["two"]["unet"], reference["one"]["unet"], **TOL)
     for key in ("lr/student", "throughput/samples_per_s", "time/data_wait_fraction", "memory/rss_bytes_max"):
         assert key in first
+    # θ's learning rate of each step: 1e-4 at the first, a cosine down to 2e-5 at the fifth, held there
+    expected = [2e-5 + 8e-5 * 0.5 * (1 + np.cos(np.pi * min(s / 4, 1))) for s in range(STEPS)]
+    np.testing.assert_allclose([m["lr/student"] for m in two], expected, rtol=1e-9)
+    assert expected[0] == pytest.approx(1e-4) and expected[4] == expected[5] == pytest.approx(2e-5)
     # the balance on every report (log_every 1): θ's gradient split on the step's first micro-batch, the
     # gradients at x̂θ, the heads one by one against chance; the split leaves training as it was (weights above)
     heads = len([k for k in first if k.startswith("heads/") and k.endswith("/auc")])

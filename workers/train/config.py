@@ -26,7 +26,16 @@ class TrainSpec(Section):
     steps: int = Field(1000, ge=1, description="ADD iterations")
     batch_size: int = Field(32, ge=2, description="global batch (all workers); ≥ 2 per head for the hinge loss")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    lr_student: float = Field(1e-5, gt=0, description="AdamW learning rate of θ")
+    lr_student: float = Field(1e-5, gt=0, description="AdamW learning rate of θ (at step 0 when it decays)")
+    lr_student_final: float | None = Field(
+        None,
+        gt=0,
+        description="θ's learning rate after the decay (ours; None: constant): a cosine from lr_student down to "
+        "it over lr_student_decay_steps, then held, so the heads can catch up with a student that slows down",
+    )
+    lr_student_decay_steps: int | None = Field(
+        None, ge=1, description="steps of that decay (None: all of train.steps)"
+    )
     lr_discriminator: float = Field(2e-5, gt=0, description="AdamW learning rate of the heads φ")
     discriminator_steps: int = Field(
         1,
@@ -45,6 +54,12 @@ class TrainSpec(Section):
     keep_checkpoints: int | None = Field(3, ge=1, description="checkpoints kept in storage (None: all)")
     sample_every: int = Field(200, ge=1, description="log a sample grid every this many steps")
     sample_prompts: list[Text] = Field(default_factory=list, description="captions of the sample grids")
+
+    @model_validator(mode="after")
+    def _decay(self):
+        if self.lr_student_decay_steps is not None and self.lr_student_final is None:
+            raise ValueError("lr_student_decay_steps needs lr_student_final (the rate it decays to)")
+        return self
 
     @field_validator("adam_betas")
     @classmethod

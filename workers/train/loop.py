@@ -74,6 +74,7 @@ from workers.train.models import (
     export_copy,
     make_batch,
     set_hyperparameters,
+    set_student_lr,
 )
 from workers.train.stream import BatchStream
 
@@ -364,6 +365,7 @@ class ADDLoop:
         norms = {"grad_norm/student": norm_g, "grad_norm/discriminator": norm_d}
         values = {k: float(np.mean([row[j] for row in per_rank])) for j, k in enumerate(keys)} | norms
         self._check_finite(step + 1, keys, per_rank, norms)
+        set_student_lr(self.spec, self.opt_g, step)
         theta.step()
         heads.step()
         if self.ema is not None:

@@ -6,6 +6,8 @@ identical and the sharded ones (θ, ψ) hold the same full weights before FSDP s
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -88,6 +90,24 @@ def build_optimizers(spec: TrainJob, models: ADDModels) -> tuple[torch.optim.Opt
     opt_g = torch.optim.AdamW(models.student.trainable_parameters(), lr=t.lr_student, **kwargs)
     opt_d = torch.optim.AdamW(models.discriminator.trainable_parameters(), lr=t.lr_discriminator, **kwargs)
     return opt_g, opt_d
+
+
+def student_lr(spec: TrainJob, step: int) -> float:
+    """θ's learning rate at ``step`` (0-based): ``lr_student``, or its cosine decay to ``lr_student_final``
+    over ``lr_student_decay_steps`` (default: the whole run), held there afterwards."""
+    t = spec.train
+    if t.lr_student_final is None:
+        return t.lr_student
+    span = t.lr_student_decay_steps or t.steps
+    progress = min(step / span, 1.0)
+    return t.lr_student_final + (t.lr_student - t.lr_student_final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_student_lr(spec: TrainJob, opt_g: torch.optim.Optimizer, step: int) -> None:
+    """Put θ's learning rate of ``step`` into its optimizer (the schedule is a function of the step alone,
+    so a resumed run follows it exactly)."""
+    for group in opt_g.param_groups:
+        group["lr"] = student_lr(spec, step)
 
 
 def set_hyperparameters(spec: TrainJob, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer) -> None:
