@@ -155,7 +155,8 @@ def probe(
                 + f"  held-out AUC by s: {aucs}")  # fmt: skip
     result = {"steps": steps, "train_s": time.time() - started, "reports": reports}
     late = [r for r in reports if r["step"] > steps // 2] or reports
-    result |= {f"{k} (second half)": float(np.mean([r[k] for r in late])) for k in late[0] if k != "step"}
+    keys = dict.fromkeys(k for r in late for k in r if k != "step")  # a frozen student's reports lack θ's
+    result |= {f"{k} (second half)": float(np.mean([r[k] for r in late if k in r])) for k in keys}
     return result | _scores(spec, models, ema, images, reference)
 
 

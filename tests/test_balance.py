@@ -220,25 +220,25 @@ def test_balance_probe_freezes_a_trained_student_and_restarts_the_heads_on_reque
     out = tmp_path / "probes.jsonl"
     common = ["balance-probe", str(job), "--images", "100", "--out", str(out), "--threads", "1"]
     runs = (
-        ["--steps", "2"],
-        ["--steps", "4", "--freeze-student-at", "2"],
-        ["--steps", "4", "--freeze-student-at", "2", "--fresh-heads"],
+        ["--steps", "3"],
+        ["--steps", "4", "--freeze-student-at", "3"],  # the second half mixes student steps and frozen ones
+        ["--steps", "4", "--freeze-student-at", "3", "--fresh-heads"],
     )
     for args in runs:
         result = CliRunner().invoke(main, [*common, *args])
         assert result.exit_code == 0, result.output
     stopped, kept, fresh = (json.loads(line) for line in out.read_text().splitlines())
-    assert (kept["label"], fresh["label"]) == ("frozen student from step 2", "frozen student from step 2 fresh heads")
+    assert (kept["label"], fresh["label"]) == ("frozen student from step 3", "frozen student from step 3 fresh heads")
     assert kept["fid 1 step"] == pytest.approx(stopped["fid 1 step"], rel=1e-6)
     assert fresh["fid 1 step"] == pytest.approx(stopped["fid 1 step"], rel=1e-6)
-    # steps 3 and 4 train the heads alone: no student metrics there
-    assert all("balance/ratio_theta" in r for r in kept["reports"][:2])
-    assert not any("balance/ratio_theta" in r for r in kept["reports"][2:])
+    # step 4 trains the heads alone: no student metrics there
+    assert all("balance/ratio_theta" in r for r in kept["reports"][:3])
+    assert "balance/ratio_theta" not in kept["reports"][3] and "balance/ratio_theta (second half)" in kept
     key = "loss/D s=999" if "loss/D s=999" in kept["reports"][0] else next(
         k for k in kept["reports"][0] if k.startswith("loss/D s=")
     )
-    assert [r[key] for r in kept["reports"][:2]] == [r[key] for r in fresh["reports"][:2]]
-    assert kept["reports"][2][key] != fresh["reports"][2][key]
+    assert [r[key] for r in kept["reports"][:3]] == [r[key] for r in fresh["reports"][:3]]
+    assert kept["reports"][3][key] != fresh["reports"][3][key]
 
 
 def test_balance_probe_refuses_fresh_heads_without_a_frozen_student(tmp_path):
