@@ -31,7 +31,7 @@ class TrainSpec(Section):
         None,
         gt=0,
         description="θ's learning rate after the decay (ours; None: constant): a cosine from lr_student down to "
-        "it over lr_student_decay_steps, then held, so the heads can catch up with a student that slows down",
+        "it over lr_student_decay_steps, then held (it did not let the heads catch up: docs/balance.md)",
     )
     lr_student_decay_steps: int | None = Field(
         None, ge=1, description="steps of that decay (None: all of train.steps)"
